@@ -1,0 +1,3 @@
+from raceguard.cli import main
+
+main(prog_name="raceguard")

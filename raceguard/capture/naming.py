@@ -1,0 +1,194 @@
+"""Names a person would write for raced-on memory and for locks, resolved only when reported.
+
+Roots are found without user code changes: module-level globals of the target's ``__main__``
+(and one attribute level deeper, for ``server.model``), then the locals of the user-code frames
+of every live thread, then every ``nn.Module`` / ``Optimizer`` whose ``__init__`` ran (named by
+class). Grads and optimizer state come and go, so nothing is cached between reports.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from .stacks import USER, classify_code, first_user_location
+
+KIND_RANK = {"parameter": 0, "buffer": 1, "grad": 2, "optimizer-state": 3, "tensor": 4}
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    kind: str
+    # The owner used in fingerprints ("model", "optimizer[Adam]", or the allocation site), so that
+    # which tensor of one bug happened to be detected first does not change the fingerprint.
+    root: str
+
+
+class StorageMeta:
+    """What the capture layer remembers about a storage, for naming it later."""
+
+    __slots__ = ("ref", "dtype", "shape", "site", "seen_only")
+
+    def __init__(self, ref: Any, dtype: Any, shape: Any, site: Any, seen_only: bool = False) -> None:
+        self.ref = ref
+        self.dtype = dtype
+        self.shape = shape
+        self.site = site
+        # True when the allocation itself was not seen (tensor made outside any aten op).
+        self.seen_only = seen_only
+
+
+def describe_tensor(meta: StorageMeta) -> str:
+    dtype = str(meta.dtype).replace("torch.", "")
+    shape = ", ".join(str(int(s)) for s in meta.shape)
+    where = first_user_location(meta.site) if meta.site else None
+    if meta.seen_only:
+        return f"tensor {dtype}[{shape}] first used at {where or 'an unknown site'}"
+    return f"tensor {dtype}[{shape}] allocated at {where or 'an unknown site'}"
+
+
+class Namer:
+    def __init__(self, main_globals: Callable[[], dict | None]) -> None:
+        self._main_globals = main_globals
+        self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        self.optimizers: list[weakref.ref] = []  # creation order matters for labels
+
+    # -- discovery -------------------------------------------------------------------------
+    def _named_objects(self) -> Iterator[tuple[str, Any]]:
+        """(name, object) pairs from globals and live user frames, best names first."""
+        g = self._main_globals() or {}
+        yield from _scan_namespace(g)
+        for frame in _user_frames():
+            yield from _scan_namespace(frame.f_locals)
+
+    def roots(self) -> tuple[list[tuple[str, torch.nn.Module]], list[tuple[str, Any]]]:
+        modules: list[tuple[str, torch.nn.Module]] = []
+        optimizers: list[tuple[str, Any]] = []
+        seen: set[int] = set()
+        for name, obj in self._named_objects():
+            if id(obj) in seen:
+                continue
+            if isinstance(obj, torch.nn.Module):
+                seen.add(id(obj))
+                modules.append((name, obj))
+            elif isinstance(obj, torch.optim.Optimizer):
+                seen.add(id(obj))
+                optimizers.append((name, obj))
+        covered = set(seen)
+        for _, m in modules:
+            covered.update(id(sub) for sub in m.modules())
+        tracked = list(self.modules)
+        children = {id(c) for m in tracked for c in m.children()}
+        for m in tracked:
+            if id(m) not in covered and id(m) not in children:
+                modules.append((type(m).__name__, m))
+                covered.update(id(sub) for sub in m.modules())
+        for ref in self.optimizers:
+            opt = ref()
+            if opt is not None and id(opt) not in seen:
+                optimizers.append(("", opt))
+                seen.add(id(opt))
+        return modules, optimizers
+
+    def optimizer_label(self, opt: Any) -> str:
+        cls = type(opt).__name__
+        same = [r() for r in self.optimizers if type(r()) is type(opt)]
+        same = [o for o in same if o is not None]
+        if len(same) > 1 and opt in same:
+            return f"optimizer[{cls}#{same.index(opt) + 1}]"
+        return f"optimizer[{cls}]"
+
+    # -- tensors ---------------------------------------------------------------------------
+    def candidates(self) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+        """(name, kind, root, tensor) for every named tensor."""
+        modules, optimizers = self.roots()
+        param_names: dict[int, str] = {}
+        for root, m in modules:
+            for pname, p in m.named_parameters(prefix=root, remove_duplicate=False):
+                param_names.setdefault(id(p), pname)
+                yield pname, "parameter", root, p
+                g = p.grad
+                if g is not None:
+                    yield pname + ".grad", "grad", root, g
+            for bname, b in m.named_buffers(prefix=root, remove_duplicate=False):
+                yield bname, "buffer", root, b
+        for _, opt in optimizers:
+            label = self.optimizer_label(opt)
+            index = 0
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    pname = param_names.get(id(p)) or f"param{index}"
+                    index += 1
+                    if id(p) not in param_names:
+                        yield f"{label}.{pname}", "parameter", label, p
+                        if p.grad is not None:
+                            yield f"{label}.{pname}.grad", "grad", label, p.grad
+                    state = opt.state.get(p)
+                    if not state:
+                        continue
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor):
+                            yield f"{label}.state[{pname}].{key}", "optimizer-state", label, value
+
+    def name_storage(self, storage: Any, lo: int, hi: int, meta: StorageMeta) -> Resource:
+        best: tuple | None = None
+        cdata = storage._cdata
+        for name, kind, root, t in self.candidates():
+            try:
+                if t.untyped_storage()._cdata != cdata:
+                    continue
+            except Exception:
+                continue
+            es = t.element_size()
+            t_lo = t.storage_offset() * es
+            t_hi = t_lo + max(t.numel(), 1) * es
+            if t_hi <= lo or hi <= t_lo:
+                continue
+            exact = 0 if (t_lo, t_hi) == (lo, hi) else 1 if t_lo <= lo and hi <= t_hi else 2
+            rank = (exact, KIND_RANK.get(kind, 9))
+            if best is None or rank < best[0]:
+                best = (rank, name, kind, root)
+        if best is not None:
+            return Resource(best[1], best[2], best[3])
+        name = describe_tensor(meta)
+        return Resource(name, "tensor", name)
+
+    # -- locks -----------------------------------------------------------------------------
+    def name_object(self, obj: Any) -> str | None:
+        for name, candidate in self._named_objects():
+            if candidate is obj:
+                return name
+        return None
+
+
+def _scan_namespace(ns: dict) -> Iterator[tuple[str, Any]]:
+    """Variables of a namespace, then one attribute level deeper (``server.model``)."""
+    items = [(k, v) for k, v in list(ns.items()) if not k.startswith("__")]
+    for k, v in items:
+        yield k, v
+    for k, v in items:
+        if isinstance(v, (types.ModuleType, type, types.FunctionType, torch.Tensor, torch.nn.Module)):
+            continue
+        try:
+            attrs = vars(v)
+        except TypeError:
+            continue
+        for ak, av in list(attrs.items()):
+            if not ak.startswith("__"):
+                yield f"{k}.{ak}", av
+
+
+def _user_frames() -> Iterable[Any]:
+    me = sys._getframe()
+    for frame in sys._current_frames().values():
+        f = frame
+        while f is not None:
+            if f is not me and classify_code(f.f_code) == USER and f.f_code.co_name != "<module>":
+                yield f
+            f = f.f_back

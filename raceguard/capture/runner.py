@@ -1,0 +1,103 @@
+"""Run a script or a module as ``__main__`` exactly as ``python SCRIPT ARGS`` / ``python -m MODULE
+ARGS`` would: ``sys.argv``, ``sys.path[0]``, ``__file__``, ``__spec__``, the exit code, and the
+traceback printed for an uncaught exception.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.machinery
+import os
+import runpy
+import sys
+import threading
+import types
+from typing import Any
+
+
+class UsageError(Exception):
+    """The target cannot be started at all (missing file, syntax error, unknown module)."""
+
+
+def prepare_script(path: str) -> Any:
+    """Compile the script; a missing or unreadable file or a syntax error is a usage error."""
+    if not os.path.exists(path):
+        raise UsageError(f"can't open file '{path}': No such file or directory")
+    if os.path.isdir(path):
+        raise UsageError(f"'{path}' is a directory, not a Python script")
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        raise UsageError(f"can't open file '{path}': {exc.strerror}") from None
+    try:
+        return compile(source, os.path.abspath(path), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise UsageError(f"syntax error in {where}: {exc.msg}") from None
+    except ValueError as exc:  # e.g. source with NUL bytes
+        raise UsageError(f"cannot compile {path}: {exc}") from None
+
+
+def check_module(name: str) -> None:
+    try:
+        runpy._get_module_details(name)  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise UsageError(str(exc) or f"No module named {name}") from None
+    except SyntaxError as exc:
+        raise UsageError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}") from None
+
+
+def run_script(path: str, code: Any, args: tuple[str, ...]) -> None:
+    abspath = os.path.abspath(path)
+    module = types.ModuleType("__main__")
+    module.__dict__.update(
+        {
+            "__file__": abspath,
+            "__builtins__": builtins,
+            "__spec__": None,
+            "__cached__": None,
+            "__package__": None,
+            "__loader__": importlib.machinery.SourceFileLoader("__main__", abspath),
+        }
+    )
+    sys.modules["__main__"] = module
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(abspath)
+    exec(code, module.__dict__)
+
+
+def run_module(name: str, args: tuple[str, ...]) -> None:
+    sys.argv = ["-m", *args]
+    sys.path[0] = os.getcwd()
+    runpy._run_module_as_main(name, alter_argv=True)  # type: ignore[attr-defined]
+
+
+def exit_code_of(exc: SystemExit) -> int:
+    """What the interpreter would exit with for ``sys.exit(exc.code)``."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        sys.stderr.write(f"{code}\n")
+    except Exception:
+        pass
+    return 1
+
+
+def print_uncaught(exc: BaseException) -> None:
+    """Print an uncaught exception like the interpreter does, without raceguard's frames."""
+    tb = exc.__traceback__
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(here):
+        tb = tb.tb_next
+    sys.excepthook(type(exc), exc, tb)
+
+
+def wait_for_threads() -> None:
+    """Like interpreter shutdown: wait for every non-daemon thread before exiting."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()

@@ -1,0 +1,405 @@
+"""One detection run: wires captured events into the engines and turns their answers into findings.
+
+The session owns the happens-before engine, the shadow memory of every storage, the per-thread
+state, and the sink findings go to (a pipe to the supervising process under ``raceguard check``,
+a list under the Python API). Instrumented primitives (:mod:`.sync`) and the dispatch mode
+(:mod:`.torch_ops`) call into the module-level :data:`ACTIVE` session.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import Any, Callable
+
+from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
+from ..report.finding import Access, Finding, compute_fingerprint
+from .naming import Namer, Resource, StorageMeta
+from .stacks import current_site, render_site, site_of_traceback, user_key
+from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, tensor_args
+
+Sink = Callable[[dict], None]
+
+# The session instrumented primitives report to; None when nothing is being watched.
+ACTIVE: "Session | None" = None
+
+_get_ident = _thread.get_ident
+
+
+class ThreadState:
+    """Per-thread capture state: its timeline and the instrumented locks it holds."""
+
+    __slots__ = ("tid", "thread_ref", "last_name", "held", "locks", "mode", "__weakref__")
+
+    def __init__(self, tid: int, thread: threading.Thread | None) -> None:
+        self.tid = tid
+        self.thread_ref = weakref.ref(thread) if thread is not None else None
+        self.last_name = thread.name if thread is not None else f"thread-{tid}"
+        self.held: list[Any] = []  # lock objects, outermost first
+        self.locks: tuple = ()  # immutable snapshot of `held`, shared by access records
+        self.mode: AccessMode | None = None
+
+    @property
+    def name(self) -> str:
+        t = self.thread_ref() if self.thread_ref is not None else None
+        if t is not None:
+            self.last_name = t.name
+        return self.last_name
+
+
+class OpInfo:
+    """Payload of an access record: enough to rebuild the report line later."""
+
+    __slots__ = ("site", "op", "locks")
+
+    def __init__(self, site: tuple, op: str, locks: tuple) -> None:
+        self.site = site
+        self.op = op
+        self.locks = locks
+
+
+class Session:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        main_globals: Callable[[], dict | None] = lambda: None,
+        max_reports: int | None = None,
+    ) -> None:
+        self.sink = sink
+        self.hb = HappensBefore()
+        # Reentrant: a __del__ run by the garbage collector inside our bookkeeping may release an
+        # instrumented lock on the same thread.
+        self.lock = _thread.RLock()
+        self.shadows: dict[int, ShadowStorage] = {}
+        self._next_sweep = 4096
+        self.states: dict[int, ThreadState] = {}
+        self.timelines: list[ThreadState] = []
+        self.namer = Namer(main_globals)
+        self.max_reports = max_reports
+        self.ops = 0
+        self.started = time.monotonic()
+        self._race_groups: dict[tuple, dict] = {}
+        self._reported = 0
+        self.dropped = 0
+        self._emit_lock = _thread.allocate_lock()
+
+    # -- threads ---------------------------------------------------------------------------
+    def current(self) -> ThreadState:
+        state = self.states.get(_get_ident())
+        if state is None:
+            state = self.adopt_thread(threading.current_thread(), None)
+        return state
+
+    def adopt_thread(self, thread: threading.Thread | None, tid: int | None) -> ThreadState:
+        """Register the calling OS thread; ``tid`` is the timeline forked for it at ``start()``."""
+        with self.lock:
+            if tid is None:
+                tid = self.hb.new_timeline(None)
+            state = ThreadState(tid, thread)
+            while len(self.timelines) <= tid:
+                self.timelines.append(None)  # type: ignore[arg-type]
+            self.timelines[tid] = state
+            self.states[_get_ident()] = state
+        return state
+
+    def fork(self) -> int:
+        """A timeline for a thread about to start, ordered after everything its parent did."""
+        parent = self.current()
+        with self.lock:
+            return self.hb.new_timeline(parent.tid)
+
+    def enter_thread(self, thread: threading.Thread | None, tid: int | None) -> ThreadState:
+        state = self.adopt_thread(thread, tid)
+        state.mode = AccessMode(self.on_op, state)
+        state.mode.__enter__()
+        return state
+
+    def leave_thread(self, state: ThreadState, end_var: SyncVar | None) -> None:
+        if state.mode is not None:
+            try:
+                state.mode.__exit__(None, None, None)
+            except Exception:
+                pass
+            state.mode = None
+        with self.lock:
+            if end_var is not None:
+                self.hb.release(state.tid, end_var)
+            state.last_name = state.name
+            self.states.pop(_get_ident(), None)
+
+    # -- synchronisation -------------------------------------------------------------------
+    def release(self, var: SyncVar) -> None:
+        state = self.current()
+        with self.lock:
+            self.hb.release(state.tid, var)
+
+    def acquire(self, var: SyncVar) -> None:
+        state = self.current()
+        with self.lock:
+            self.hb.acquire(state.tid, var)
+
+    def lock_acquired(self, lock: Any, var: SyncVar) -> None:
+        state = self.current()
+        with self.lock:
+            self.hb.acquire(state.tid, var)
+            state.held.append(lock)
+            state.locks = tuple(state.held)
+
+    def lock_released(self, lock: Any, var: SyncVar) -> None:
+        state = self.current()
+        with self.lock:
+            self.hb.release(state.tid, var)
+            owner = state
+            if lock not in state.held:  # a Lock released by another thread than its owner
+                owner = next((s for s in self.states.values() if lock in s.held), state)
+            if lock in owner.held:
+                held = owner.held
+                for i in range(len(held) - 1, -1, -1):
+                    if held[i] is lock:
+                        del held[i]
+                        break
+                owner.locks = tuple(held)
+
+    # -- tensor ops (hot path) -------------------------------------------------------------
+    def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:
+        plan = plan_for(func)
+        site = current_site(2)
+        info = OpInfo(site, plan.name, state.locks)
+        hb = self.hb
+        shadows = self.shadows
+        races: list[Race] = []
+        inputs: set[int] = set()
+        if plan.metadata_only:
+            accessed = ()
+        else:
+            accessed = tensor_args(plan, args, kwargs)
+        with self.lock:
+            self.ops += 1
+            if plan.fresh_input:
+                for t, _ in accessed:
+                    self._fresh(t, info, state.tid, inputs)
+            else:
+                read_rec = write_rec = None
+                for t, is_write in accessed:
+                    try:
+                        st = t.untyped_storage()
+                    except Exception:  # sparse, nested, meta: no plain storage to track
+                        continue
+                    cd = st._cdata
+                    inputs.add(cd)
+                    sh = shadows.get(cd)
+                    if sh is None or sh.meta.ref() is not st:
+                        sh = shadows[cd] = ShadowStorage(
+                            StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
+                        )
+                    if is_write:
+                        rec = write_rec or hb.record(state.tid, True, info)
+                        write_rec = rec
+                    else:
+                        rec = read_rec or hb.record(state.tid, False, info)
+                        read_rec = rec
+                    hb.access(sh, byte_ranges(t), rec, races)
+        out = func(*args, **kwargs)
+        outs = output_tensors(out)
+        if outs:
+            with self.lock:
+                for o in outs:
+                    self._fresh(o, info, state.tid, inputs)
+        if races:
+            self.report_races(races)
+        return out
+
+    def _fresh(self, t: Any, info: OpInfo, tid: int, inputs: set[int]) -> None:
+        """Register an output in storage no input had: new memory, written by this op."""
+        try:
+            st = t.untyped_storage()
+        except Exception:
+            return
+        cd = st._cdata
+        if cd in inputs:
+            return
+        sh = self.shadows.get(cd)
+        if sh is not None and sh.meta.ref() is st:
+            return
+        sh = ShadowStorage(StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site))
+        sh.reset(self.hb.record(tid, True, info), 0, st.nbytes())
+        self.shadows[cd] = sh
+        inputs.add(cd)
+        if len(self.shadows) > self._next_sweep:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        dead = [cd for cd, sh in self.shadows.items() if sh.meta.ref() is None]
+        for cd in dead:
+            del self.shadows[cd]
+        self._next_sweep = max(4096, 2 * len(self.shadows))
+
+    # -- findings --------------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        with self._emit_lock:
+            self.sink(event)
+
+    def _room_for_report(self) -> bool:
+        if self.max_reports is not None and self._reported >= self.max_reports:
+            self.dropped += 1
+            return False
+        self._reported += 1
+        return True
+
+    def report_races(self, races: list[Race]) -> None:
+        for race in races:
+            try:
+                self._report_race(race)
+            except Exception as exc:  # never let reporting break the target
+                self._internal_error("naming a data race", exc)
+
+    def _report_race(self, race: Race) -> None:
+        e, l = race.earlier, race.later
+        pair = tuple(sorted([(user_key(e.info.site), e.is_write), (user_key(l.info.site), l.is_write)]))
+        storage = race.shadow.meta.ref()
+        with self.lock:
+            group = self._race_groups.get(pair)
+            if group is not None and (id(race.shadow) in group["shadows"] or len(group["shadows"]) > 64):
+                return
+            if group is None:
+                group = self._race_groups[pair] = {"shadows": set(), "resources": set(), "fingerprint": None}
+            group["shadows"].add(id(race.shadow))
+        if storage is None:
+            return
+        resource = self.namer.name_storage(storage, race.lo, race.hi, race.shadow.meta)
+        if group["fingerprint"] is not None:
+            if resource.name not in group["resources"]:
+                group["resources"].add(resource.name)
+                self.emit({"type": "also_on", "fingerprint": group["fingerprint"], "resource": resource.name})
+            return
+        finding = self._race_finding(race, resource)
+        group["fingerprint"] = finding.fingerprint
+        group["resources"].add(resource.name)
+        if self._room_for_report():
+            self.emit({"type": "finding", "finding": finding.to_dict()})
+
+    def _access(self, rec: Any) -> Access:
+        state = self.timelines[rec.timeline]
+        name = state.name if state is not None else f"thread-{rec.timeline}"
+        return Access(
+            thread=name,
+            timeline=f"thread:{name}",
+            mode="write" if rec.is_write else "read",
+            op=rec.info.op,
+            locks_held=[self.lock_name(lk) for lk in rec.info.locks],
+            stack=render_site(rec.info.site),
+        )
+
+    def _race_finding(self, race: Race, resource: Resource) -> Finding:
+        first, second = self._access(race.earlier), self._access(race.later)
+        kind_word = resource.kind.replace("-", " ")
+        what = resource.name if resource.kind == "tensor" else f"{kind_word} {resource.name}"
+        message = (
+            f"data race on {what}: {first.mode} by '{first.thread}' vs {second.mode} by '{second.thread}'"
+        )
+        why = (
+            f"'{second.thread}' had seen '{first.thread}' only up to its epoch {race.seen_epoch}, "
+            f"but the {first.mode} happened in epoch {race.earlier.epoch}: no lock, join, event, "
+            f"queue, barrier or future orders the two accesses"
+        )
+        if first.locks_held or second.locks_held:
+            common = set(first.locks_held) & set(second.locks_held)
+            if not common:
+                why += " (they hold different locks)"
+        hint = _race_hint(first, second, resource)
+        fingerprint = compute_fingerprint("data-race", resource.root, [first, second])
+        return Finding(
+            kind="data-race",
+            resource=resource.name,
+            resource_kind=resource.kind,
+            message=message,
+            accesses=[first, second],
+            fingerprint=fingerprint,
+            hint=hint,
+            details={"why": why, "bytes": [race.lo, race.hi]},
+        )
+
+    def lock_name(self, lock: Any) -> str:
+        site = getattr(lock, "_rg_site", None)
+        where = _site_location(site)
+        try:
+            name = self.namer.name_object(lock)
+        except Exception:
+            name = None
+        label = name or getattr(lock, "_rg_kind", type(lock).__name__)
+        return f"{label} ({where})" if where else label
+
+    def thread_exception(self, args: Any) -> None:
+        """threading.excepthook: an exception escaped a thread and Python only prints it."""
+        try:
+            thread = args.thread
+            name = thread.name if thread is not None else "<unknown thread>"
+            state = self.states.get(getattr(thread, "ident", None) or _get_ident())
+            site = site_of_traceback(args.exc_traceback)
+            exc_text = "".join(traceback.format_exception_only(args.exc_type, args.exc_value)).strip()
+            tb_text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+            access = Access(
+                thread=name,
+                timeline=f"thread:{name}",
+                mode="raise",
+                op=None,
+                locks_held=[self.lock_name(lk) for lk in (state.locks if state else ())],
+                stack=render_site(site),
+            )
+            finding = Finding(
+                kind="thread-exception",
+                resource=f"thread '{name}'",
+                resource_kind="thread",
+                message=f"exception escaped thread '{name}': {exc_text}",
+                accesses=[access],
+                fingerprint=compute_fingerprint("thread-exception", args.exc_type.__name__, [access]),
+                hint="catch and report exceptions inside the thread, or run the work through an "
+                "executor and call future.result() so the failure reaches the caller",
+                details={"traceback": tb_text, "exception": exc_text},
+            )
+            if self._room_for_report():
+                self.emit({"type": "finding", "finding": finding.to_dict()})
+        except Exception as exc:
+            self._internal_error("reporting a thread exception", exc)
+
+    def _internal_error(self, what: str, exc: BaseException) -> None:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.emit({"type": "internal-error", "message": f"raceguard failed while {what}: {exc!r}", "traceback": text})
+
+    def stats(self) -> dict:
+        return {
+            "threads": sum(1 for s in self.timelines if s is not None),
+            "ops": self.ops,
+            "dropped_reports": self.dropped,
+        }
+
+
+def _site_location(site: Any) -> str | None:
+    if not site:
+        return None
+    for frame in render_site(site):
+        if frame.user:
+            return f"{os.path.basename(frame.file)}:{frame.line}"
+    return None
+
+
+def _race_hint(first: Access, second: Access, resource: Resource) -> str:
+    if first.locks_held and second.locks_held:
+        return "the two accesses hold different locks: protect this tensor with one lock in both places"
+    if resource.kind in ("parameter", "optimizer-state", "grad"):
+        return (
+            "take one lock around the training step and around every reader of the model, or "
+            "publish a snapshot (clone under that lock) instead of reading live tensors"
+        )
+    if resource.kind == "buffer":
+        return (
+            "buffers are written by forward in train mode: call model.eval() before sharing the "
+            "model, or serialise forward calls with a lock"
+        )
+    return "order the two accesses: guard both with one lock, or hand the tensor over through a queue or event"

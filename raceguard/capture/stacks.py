@@ -1,0 +1,186 @@
+"""Cheap call-site keys on the hot path, full stacks only when something is reported.
+
+A *site* is a flat tuple ``(code0, lasti0, code1, lasti1, ...)`` of the frames that matter,
+innermost first. Taking one costs a walk over ``f_back`` and one dict lookup per frame
+(the user/library/hidden classification is cached per code object); line numbers, file names
+and the user-frames-first order are computed only by :func:`render_site` for a report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from typing import Any
+
+from ..report.finding import Frame
+
+Site = tuple  # (code, lasti, code, lasti, ...)
+
+HIDDEN, USER, LIBRARY = 0, 1, 2
+MAX_FRAMES = 40
+
+_RACEGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    paths = set()
+    for scheme_key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(scheme_key)
+        if p:
+            paths.add(os.path.realpath(p) + os.sep)
+            paths.add(os.path.abspath(p) + os.sep)
+    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix):
+        lib = os.path.join(p, "lib")
+        paths.add(os.path.abspath(lib) + os.sep)
+    return tuple(sorted(paths))
+
+
+_LIBRARY_PREFIXES = _library_prefixes()
+# Frames a report never shows: raceguard itself and the threading module's plumbing.
+_HIDDEN_FILES = {os.path.abspath(__import__("threading").__file__)}
+
+
+def classify_filename(filename: str) -> int:
+    if not filename or filename.startswith("<"):
+        # <frozen runpy>, <string>, <stdin>: user code only when it is the target's -c text.
+        return LIBRARY if filename.startswith("<frozen") else USER
+    path = os.path.abspath(filename)
+    if path.startswith(_RACEGUARD_DIR) or path in _HIDDEN_FILES:
+        return HIDDEN
+    if "site-packages" in path or "dist-packages" in path:
+        return LIBRARY
+    if path.startswith(_LIBRARY_PREFIXES):
+        return LIBRARY
+    return USER
+
+
+_code_class: dict[Any, int] = {}
+
+
+def classify_code(code: Any) -> int:
+    kind = _code_class.get(code)
+    if kind is None:
+        kind = _code_class[code] = classify_filename(code.co_filename)
+    return kind
+
+
+def is_user_code(code: Any) -> bool:
+    return classify_code(code) == USER
+
+
+def current_site(skip: int = 1) -> Site:
+    """The site of the caller, ``skip`` frames up from this function's caller."""
+    f = sys._getframe(skip + 1)
+    out: list = []
+    n = 0
+    cls = _code_class
+    while f is not None and n < MAX_FRAMES:
+        code = f.f_code
+        kind = cls.get(code)
+        if kind is None:
+            kind = classify_code(code)
+        if kind:
+            out.append(code)
+            out.append(f.f_lasti)
+            n += 1
+        f = f.f_back
+    return tuple(out)
+
+
+def site_of_frame(f: Any) -> Site:
+    out: list = []
+    n = 0
+    while f is not None and n < MAX_FRAMES:
+        code = f.f_code
+        if classify_code(code):
+            out.append(code)
+            out.append(f.f_lasti)
+            n += 1
+        f = f.f_back
+    return tuple(out)
+
+
+def site_of_traceback(tb: Any) -> Site:
+    """Innermost-first site of a traceback (for exceptions escaping threads)."""
+    entries = []
+    while tb is not None:
+        entries.append((tb.tb_frame.f_code, tb.tb_lasti))
+        tb = tb.tb_next
+    out: list = []
+    for code, lasti in reversed(entries):
+        if classify_code(code):
+            out.append(code)
+            out.append(lasti)
+    return tuple(out[: 2 * MAX_FRAMES])
+
+
+_line_cache: dict[tuple, int] = {}
+
+
+def _line_of(code: Any, lasti: int) -> int:
+    key = (code, lasti)
+    line = _line_cache.get(key)
+    if line is None:
+        line = code.co_firstlineno
+        for start, end, lineno in code.co_lines():
+            if start <= lasti < end:
+                if lineno is not None:
+                    line = lineno
+                break
+        _line_cache[key] = line
+    return line
+
+
+def display_path(filename: str) -> str:
+    """Paths under the working directory are shown relative to it, like a person would type them."""
+    if filename.startswith("<"):
+        return filename
+    for marker in ("site-packages", "dist-packages"):
+        head, sep, tail = filename.rpartition(os.sep + marker + os.sep)
+        if sep:  # torch/optim/sgd.py reads better than the full interpreter path
+            return tail
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return filename if rel.startswith("..") else rel
+
+
+def render_site(site: Site) -> list[Frame]:
+    """Frames of a site, user frames first (innermost first within each group)."""
+    user: list[Frame] = []
+    library: list[Frame] = []
+    for i in range(0, len(site), 2):
+        code, lasti = site[i], site[i + 1]
+        kind = classify_code(code)
+        if kind == HIDDEN:
+            continue
+        frame = Frame(
+            file=display_path(code.co_filename),
+            line=_line_of(code, lasti),
+            function=code.co_name,
+            user=kind == USER,
+        )
+        (user if kind == USER else library).append(frame)
+    return user + library
+
+
+def user_key(site: Site) -> tuple:
+    """The user-code part of a site as (file, line, function) triples: "the same place" across
+    iterations and threads. Falls back to the innermost frame when no user frame exists."""
+    out = []
+    for i in range(0, len(site), 2):
+        code = site[i]
+        if classify_code(code) == USER:
+            out.append((code.co_filename, _line_of(code, site[i + 1]), code.co_name))
+    if not out and site:
+        out.append((site[0].co_filename, _line_of(site[0], site[1]), site[0].co_name))
+    return tuple(out)
+
+
+def first_user_location(site: Site) -> str | None:
+    for frame in render_site(site):
+        if frame.user:
+            return f"{os.path.basename(frame.file)}:{frame.line}"
+    return None

@@ -1,0 +1,211 @@
+"""Tensor-memory accesses of aten ops, seen through a TorchDispatchMode entered in every thread.
+
+For each op overload an :class:`OpPlan` is built once from its schema (which arguments are
+tensors, which are written, which are only aliased by a view) and corrected by a small table of
+ops whose schema is not the whole truth. At run time the mode turns each tensor argument into
+``(storage, byte ranges, read|write)`` and hands them to the session, runs the op, and registers
+outputs that live in new storage as fresh allocations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that touch only metadata of their tensor arguments (or nothing at all).
+METADATA_ONLY = frozenset(
+    {
+        "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like",
+        "aten::rand_like", "aten::randn_like", "aten::randint_like", "aten::new_empty",
+        "aten::new_empty_strided", "aten::new_zeros", "aten::new_ones", "aten::new_full",
+        "aten::size", "aten::stride", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
+        "aten::sym_storage_offset", "aten::is_same_size", "aten::_has_compatible_shallow_copy_type",
+        "aten::_unsafe_view", "aten::_reshape_alias", "aten::resize_", "aten::set_",
+        "aten::record_stream", "aten::_nested_tensor_size", "aten::is_pinned",
+    }
+)
+# torch.tensor(...) / Adam's step: the schema says "aliases its input", but the input is a tensor
+# created outside any op just before: treat it as a fresh allocation.
+FRESH_INPUT = frozenset({"aten::lift_fresh", "aten::lift"})
+# Ops that write arguments their schema does not mark as written: (indices, condition arg index).
+# Batch norm in training mode updates running_mean/running_var in place.
+UNDECLARED_WRITES: dict[str, tuple[tuple[int, ...], int]] = {
+    "aten::native_batch_norm": ((3, 4), 5),
+    "aten::batch_norm": ((3, 4), 5),
+    "aten::_batch_norm_impl_index": ((3, 4), 5),
+    "aten::cudnn_batch_norm": ((3, 4), 5),
+    "aten::miopen_batch_norm": ((3, 4), 5),
+    "aten::instance_norm": ((3, 4), 5),
+}
+
+# Argument kinds
+_TENSOR, _LIST = 1, 2
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    index: int
+    name: str
+    kind: int  # _TENSOR or _LIST
+    is_write: bool
+    kwarg_only: bool
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    name: str
+    args: tuple[ArgSpec, ...]
+    metadata_only: bool
+    fresh_input: bool
+    undeclared: tuple[tuple[int, ...], int] | None
+
+
+def _tensor_kind(type_str: str) -> int:
+    if type_str in ("Tensor", "Optional[Tensor]"):
+        return _TENSOR
+    if type_str in ("List[Tensor]", "List[Optional[Tensor]]"):
+        return _LIST
+    return 0
+
+
+def build_plan(func: Any) -> OpPlan:
+    name = func.name()
+    base = name.split(".", 1)[0]
+    specs = []
+    schema = func._schema
+    for i, a in enumerate(schema.arguments):
+        kind = _tensor_kind(str(a.type))
+        if not kind:
+            continue
+        alias = a.alias_info
+        if alias is not None and not alias.is_write:
+            continue  # a view/alias source: the op reads no data through it
+        specs.append(ArgSpec(i, a.name, kind, bool(alias is not None and alias.is_write), bool(a.kwarg_only)))
+    return OpPlan(
+        name=name,
+        args=tuple(specs),
+        metadata_only=base in METADATA_ONLY,
+        fresh_input=base in FRESH_INPUT,
+        undeclared=UNDECLARED_WRITES.get(base),
+    )
+
+
+_plans: dict[Any, OpPlan] = {}
+
+
+def plan_for(func: Any) -> OpPlan:
+    plan = _plans.get(func)
+    if plan is None:
+        plan = _plans[func] = build_plan(func)
+    return plan
+
+
+# Non-contiguous tensors are split into contiguous runs up to this many; beyond, the byte hull.
+MAX_RUNS = 4096
+
+
+def byte_ranges(t: torch.Tensor) -> list[tuple[int, int]]:
+    """Storage-relative byte ranges the elements of ``t`` occupy (exact for strided views)."""
+    es = t.element_size()
+    numel = t.numel()
+    if numel == 0:
+        return []
+    off = t.storage_offset() * es
+    if t.is_contiguous():
+        return [(off, off + numel * es)]
+    sizes = t.shape
+    strides = t.stride()
+    # Dims of size 1 do not matter; sort the rest by stride, innermost first.
+    dims = sorted(((st, sz) for st, sz in zip(strides, sizes) if sz != 1), key=lambda d: abs(d[0]))
+    if any(st < 0 for st, _ in dims):
+        lo = off + sum(st * (sz - 1) for st, sz in dims if st < 0) * es
+        hi = off + (sum(st * (sz - 1) for st, sz in dims if st > 0) + 1) * es
+        return [(lo, hi)]
+    # Merge dims that are contiguous with the run inside them.
+    run = 1
+    k = 0
+    while k < len(dims) and dims[k][0] == run:
+        run *= dims[k][1]
+        k += 1
+    outer = dims[k:]
+    hull = (sum(st * (sz - 1) for st, sz in dims) + 1) * es
+    if not outer or any(st == 0 for st, _ in outer):
+        return [(off, off + hull)]
+    n_runs = 1
+    for _, sz in outer:
+        n_runs *= sz
+    if hull == numel * es:  # a permutation of a dense block: the hull is exact
+        return [(off, off + hull)]
+    if n_runs > MAX_RUNS:
+        return [(off, off + hull)]
+    starts = [0]
+    for st, sz in outer:
+        starts = [s + i * st for s in starts for i in range(sz)]
+    starts.sort()
+    ranges: list[tuple[int, int]] = []
+    run_bytes = run * es
+    for s in starts:
+        lo = off + s * es
+        hi = lo + run_bytes
+        if ranges and lo <= ranges[-1][1]:
+            if hi > ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], hi)
+        else:
+            ranges.append((lo, hi))
+    return ranges
+
+
+def tensor_args(plan: OpPlan, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, bool]]:
+    """(tensor, is_write) for every tensor argument whose data the op touches."""
+    out: list[tuple[torch.Tensor, bool]] = []
+    nargs = len(args)
+    for spec in plan.args:
+        if spec.index < nargs and not spec.kwarg_only:
+            value = args[spec.index]
+        else:
+            value = kwargs.get(spec.name)
+        if value is None:
+            continue
+        if spec.kind == _TENSOR:
+            out.append((value, spec.is_write))
+        else:
+            for v in value:
+                if v is not None:
+                    out.append((v, spec.is_write))
+    undeclared = plan.undeclared
+    if undeclared is not None:
+        indices, cond = undeclared
+        if cond < nargs and args[cond]:
+            for i in indices:
+                if i < nargs and args[i] is not None:
+                    out.append((args[i], True))
+    return out
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [o for o in out if isinstance(o, torch.Tensor)]
+    return []
+
+
+class AccessMode(TorchDispatchMode):
+    """Records every op of the thread that entered it. One instance per thread (see the sketch)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Otherwise torch wraps __torch_dispatch__ in torch._disable_dynamo, and the first op
+        # would import dynamo (about a second) in every target.
+        return False
+
+    def __init__(self, on_op: Callable, state: Any) -> None:
+        super().__init__()
+        self._on_op = on_op
+        self._state = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self._on_op(self._state, func, args, kwargs or {})

@@ -1,0 +1,82 @@
+"""``raceguard check``: run the target once under detection and build its report.
+
+Glue between the supervisor (which runs the target) and the report layer; the CLI only parses
+options and prints. Pure Python on this side: torch is imported only in the target's process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .report.document import Report
+from .report.filters import Baseline, Suppressions, apply_filters
+from .report.finding import Finding
+from .supervisor import RunResult, run_target
+
+
+@dataclass
+class CheckOptions:
+    script: str | None = None
+    module: str | None = None
+    args: tuple[str, ...] = ()
+    timeout: float | None = None
+    max_reports: int | None = None
+    suppressions: Suppressions | None = None
+    baseline: Baseline | None = None
+    on_finding: Callable[[Finding], None] | None = field(default=None, repr=False)
+
+    def target_argv(self) -> list[str]:
+        head = ["-m", self.module] if self.module else [self.script or ""]
+        return [*head, *self.args]
+
+
+class TargetUsageError(Exception):
+    """The target could not be started (missing file, syntax error, unknown module)."""
+
+
+def run_check(options: CheckOptions) -> Report:
+    result = run_target(
+        script=options.script,
+        module=options.module,
+        args=options.args,
+        timeout=options.timeout,
+        max_reports=options.max_reports,
+        on_finding=options.on_finding,
+    )
+    if result.usage_error is not None:
+        raise TargetUsageError(result.usage_error)
+    return build_report("check", options.target_argv(), result, options.suppressions, options.baseline)
+
+
+def build_report(
+    command: str,
+    target: list[str],
+    result: RunResult,
+    suppressions: Suppressions | None = None,
+    baseline: Baseline | None = None,
+) -> Report:
+    filtered = apply_filters(result.findings, suppressions, baseline)
+    stats = {
+        "threads": int(result.stats.get("threads", 0)),
+        "ops": int(result.stats.get("ops", 0)),
+        "schedules_run": 1,
+        "first_failure_at": None,
+        "wall_seconds": round(result.wall_seconds, 3),
+    }
+    if result.stats.get("dropped_reports"):
+        stats["dropped_reports"] = result.stats["dropped_reports"]
+    error = None
+    if result.internal_errors:
+        error = "; ".join(dict.fromkeys(result.internal_errors))
+    return Report(
+        command=command,
+        target=target,
+        findings=filtered.kept,
+        target_exit_code=result.target_exit_code,
+        stats=stats,
+        error=error,
+        target_outcome=result.outcome or None,
+        suppressed=filtered.suppressed,
+        fixed=filtered.fixed,
+    )

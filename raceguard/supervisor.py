@@ -1,0 +1,246 @@
+"""Runs the target in a child process and collects what it streams back.
+
+The race raceguard reports may kill the process it happens in (two threads corrupting the heap
+through ``zero_grad``/``backward`` segfault a few percent of runs), so the target never runs in
+this process: a child runs it (:mod:`raceguard.capture.child`) and streams findings over a pipe
+as they are made. This process imports neither torch nor the target; it only waits, enforces the
+timeout, turns Ctrl-C into "stop and report what was found", and says how the target ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .report.finding import Finding
+
+CHILD_ENV = "RACEGUARD_CHILD"
+# Grace periods: after Ctrl-C the child gets this long to unwind before it is interrupted again,
+# then killed; after a timeout, SIGTERM is followed by SIGKILL.
+INTERRUPT_GRACE = 2.0
+KILL_GRACE = 3.0
+
+
+@dataclass
+class RunResult:
+    findings: list[Finding] = field(default_factory=list)
+    target_exit_code: int | None = None
+    # {"kind": exit|signal|timeout|interrupted|exception|usage-error, "code", "signal", "detail"}
+    outcome: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    usage_error: str | None = None
+    internal_errors: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+class _Collector:
+    """Parses the child's JSON lines as they arrive."""
+
+    def __init__(self, on_finding: Callable[[Finding], None] | None) -> None:
+        self.result = RunResult()
+        self.by_fingerprint: dict[str, Finding] = {}
+        self.exit_message: dict | None = None
+        self.target_exception: str | None = None
+        self.on_finding = on_finding
+
+    def handle(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "finding":
+            finding = Finding.from_dict(event["finding"])
+            if finding.fingerprint in self.by_fingerprint:
+                return
+            self.by_fingerprint[finding.fingerprint] = finding
+            self.result.findings.append(finding)
+            if self.on_finding is not None:
+                self.on_finding(finding)
+        elif kind == "also_on":
+            finding = self.by_fingerprint.get(event["fingerprint"])
+            if finding is not None:
+                also = finding.details.setdefault("also_on", [])
+                if event["resource"] not in also and event["resource"] != finding.resource:
+                    also.append(event["resource"])
+        elif kind == "stats":
+            self.result.stats.update(event["stats"])
+        elif kind == "exit":
+            self.exit_message = event
+            self.result.stats.update(event.get("stats", {}))
+        elif kind == "usage-error":
+            self.result.usage_error = event["message"]
+        elif kind == "internal-error":
+            self.result.internal_errors.append(event.get("message", "unknown error"))
+        elif kind == "target-exception":
+            self.target_exception = event.get("exception")
+
+    def read(self, fd: int) -> None:
+        buffer = b""
+        with os.fdopen(fd, "rb", buffering=0) as stream:
+            while True:
+                chunk = stream.read(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        try:
+                            self.handle(json.loads(line))
+                        except (ValueError, KeyError, TypeError) as exc:
+                            self.result.internal_errors.append(f"unreadable message from the target process: {exc}")
+        # A partial last line means the child died mid-write: it carries nothing complete.
+
+
+def _bootstrap_code(package_parent: str) -> str:
+    # Binds no name in the target's __main__ namespace.
+    return (
+        f"__import__('sys').path.insert(0, {package_parent!r}); "
+        "__import__('raceguard.capture.child', fromlist=['main']).main()"
+    )
+
+
+def run_target(
+    *,
+    script: str | None = None,
+    module: str | None = None,
+    args: tuple[str, ...] = (),
+    timeout: float | None = None,
+    max_reports: int | None = None,
+    on_finding: Callable[[Finding], None] | None = None,
+    python: str | None = None,
+) -> RunResult:
+    """Run ``python SCRIPT ARGS`` (or ``-m MODULE``) under instrumentation and collect findings."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    read_fd, write_fd = os.pipe()
+    crash = tempfile.NamedTemporaryFile(prefix="raceguard-crash-", suffix=".log", delete=False)
+    crash.close()
+    config = {
+        "fd": write_fd,
+        "script": script,
+        "module": module,
+        "args": list(args),
+        "max_reports": max_reports,
+        "crash_log": crash.name,
+        "bootstrap_path": package_parent,
+    }
+    env = dict(os.environ)
+    env[CHILD_ENV] = json.dumps(config)
+    collector = _Collector(on_finding)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [python or sys.executable, "-c", _bootstrap_code(package_parent)],
+            pass_fds=(write_fd,),
+            env=env,
+        )
+    finally:
+        os.close(write_fd)
+    reader = threading.Thread(target=collector.read, args=(read_fd,), name="raceguard-reader", daemon=True)
+    reader.start()
+
+    interrupted = {"at": None}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if interrupted["at"] is None:
+            interrupted["at"] = time.monotonic()
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    timed_out = False
+    forwarded = killed = False
+    try:
+        deadline = started + timeout if timeout else None
+        while True:
+            try:
+                proc.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if interrupted["at"] is not None:
+                # A terminal Ctrl-C reaches the child too; forward one only if it did not end.
+                if not forwarded and now - interrupted["at"] > INTERRUPT_GRACE:
+                    _signal(proc, signal.SIGINT)
+                    forwarded = True
+                elif forwarded and not killed and now - interrupted["at"] > INTERRUPT_GRACE + KILL_GRACE:
+                    _signal(proc, signal.SIGKILL)
+                    killed = True
+            if deadline is not None and now > deadline and not timed_out:
+                timed_out = True
+                _signal(proc, signal.SIGTERM)
+                kill_at = now + KILL_GRACE
+            if timed_out and not killed and now > kill_at:
+                _signal(proc, signal.SIGKILL)
+                killed = True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    reader.join(timeout=5.0)
+    result = collector.result
+    result.wall_seconds = time.monotonic() - started
+    rc = proc.returncode
+    crash_text = _read_and_remove(crash.name)
+
+    if result.usage_error is not None:
+        result.outcome = {"kind": "usage-error", "code": 2, "signal": None, "detail": result.usage_error}
+        return result
+    exit_message = collector.exit_message
+    if timed_out:
+        result.outcome = {"kind": "timeout", "code": None, "signal": None, "detail": f"timed out after {timeout:g} s"}
+    elif interrupted["at"] is not None or (exit_message and exit_message.get("outcome") == "interrupted"):
+        result.target_exit_code = exit_message["code"] if exit_message else None
+        result.outcome = {"kind": "interrupted", "code": result.target_exit_code, "signal": None, "detail": "interrupted (Ctrl-C)"}
+    elif rc is not None and rc < 0:
+        name = _signal_name(-rc)
+        detail = f"killed by {name}"
+        if crash_text.strip():
+            detail += "\n" + crash_text.strip()[:8000]
+        result.outcome = {"kind": "signal", "code": None, "signal": name, "detail": detail}
+    elif exit_message is None:
+        result.target_exit_code = rc
+        result.outcome = {
+            "kind": "exit",
+            "code": rc,
+            "signal": None,
+            "detail": f"exited abruptly with code {rc} (os._exit or a native abort) before Python shut down",
+        }
+    else:
+        result.target_exit_code = exit_message["code"]
+        kind = "exception" if exit_message.get("outcome") == "exception" else "exit"
+        detail = collector.target_exception if kind == "exception" else None
+        result.outcome = {"kind": kind, "code": exit_message["code"], "signal": None, "detail": detail}
+    return result
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _read_and_remove(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

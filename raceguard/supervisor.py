@@ -197,6 +197,8 @@ def run_target(
     elif interrupted["at"] is not None or (exit_message and exit_message.get("outcome") == "interrupted"):
         result.target_exit_code = exit_message["code"] if exit_message else None
         result.outcome = {"kind": "interrupted", "code": result.target_exit_code, "signal": None, "detail": "interrupted (Ctrl-C)"}
+    elif exit_message is not None and exit_message.get("outcome") == "deadlock":
+        result.outcome = {"kind": "deadlock", "code": None, "signal": None, "detail": "deadlocked; stopped by raceguard"}
     elif rc is not None and rc < 0:
         name = _signal_name(-rc)
         detail = f"killed by {name}"

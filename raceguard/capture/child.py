@@ -15,6 +15,7 @@ import _thread
 import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -39,10 +40,50 @@ class PipeSink:
             self.broken = True  # the supervisor is gone; keep the target running unchanged
 
 
+# A state where every thread is blocked must persist this long, with no progress, to be reported.
+BLOCKED_GRACE = 2.0
+
+
 def _heartbeat(session: Any, sink: PipeSink, period: float) -> None:
+    """Statistics for the supervisor, and the watchdog for "every thread blocked forever"."""
+    blocked_since = None
+    progress = None
     while not sink.broken:
         time.sleep(period)
         sink({"type": "stats", "stats": session.stats()})
+        deadlock = session.check_all_blocked()
+        now = time.monotonic()
+        marker = (session.sync_events, session.ops)
+        if deadlock is None or marker != progress:
+            blocked_since = now if deadlock is not None else None
+            progress = marker
+            continue
+        if blocked_since is not None and now - blocked_since >= BLOCKED_GRACE:
+            session.report_deadlock(deadlock)
+            return
+
+
+def _end_run_after_deadlock(session: Any, sink: PipeSink) -> None:
+    """A deadlocked target never finishes: report, then end the process with exit code 1."""
+    sink({"type": "exit", "code": None, "outcome": "deadlock", "stats": session.stats()})
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1)
+
+
+def _flush_on_sigterm(session: Any) -> None:
+    """The supervisor's timeout sends SIGTERM: report lock-order cycles seen so far, then die
+    of SIGTERM exactly as without the handler."""
+
+    def handler(signum: int, frame: Any) -> None:
+        session.report_lock_cycles()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _track_constructions(session: Any) -> None:
@@ -74,8 +115,20 @@ def _track_constructions(session: Any) -> None:
     torch.optim.Optimizer.__init__ = init_optimizer  # type: ignore[method-assign]
 
 
+def _hide_bootstrap_frames() -> None:
+    """The ``python -c`` line that called us is raceguard's, not the target's: never report it."""
+    from .stacks import HIDDEN, _code_class
+
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename == "<string>":
+            _code_class[f.f_code] = HIDDEN
+        f = f.f_back
+
+
 def main() -> None:
     config = json.loads(os.environ.pop(ENV_VAR))
+    _hide_bootstrap_frames()
     bootstrap_path = config.get("bootstrap_path")
     if bootstrap_path and sys.path and sys.path[0] == bootstrap_path:
         del sys.path[0]
@@ -119,7 +172,9 @@ def main() -> None:
     import threading
 
     main_state = session.enter_thread(threading.main_thread(), None)
-    _thread.start_new_thread(_heartbeat, (session, sink, 1.0))
+    session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
+    _flush_on_sigterm(session)
+    _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
 
     exit_code = 0
     outcome = "exit"
@@ -138,11 +193,17 @@ def main() -> None:
             runner.print_uncaught(exc)
             exit_code, outcome = 1, "exception"
             sink({"type": "target-exception", "exception": f"{type(exc).__name__}: {exc}"})
+        # Like interpreter shutdown, wait for non-daemon threads; the main thread counts as
+        # blocked meanwhile, so threads that wait for each other forever are reported.
+        token = session.wait_begin(("wait", "interpreter exit (waiting for non-daemon threads)", 0), True)
         try:
             runner.wait_for_threads()
         except KeyboardInterrupt:
             exit_code, outcome = 130, "interrupted"
+        finally:
+            session.wait_end(token)
     finally:
+        session.report_lock_cycles()
         session.leave_thread(main_state, None)
         sink({"type": "exit", "code": exit_code, "outcome": outcome, "stats": session.stats()})
     try:

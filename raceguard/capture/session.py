@@ -18,6 +18,8 @@ import weakref
 from typing import Any, Callable
 
 from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
+from ..engine.lockgraph import HeldLock, LockGraph
+from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, compute_fingerprint
 from .naming import Namer, Resource, StorageMeta
 from .stacks import current_site, render_site, site_of_traceback, user_key
@@ -34,13 +36,14 @@ _get_ident = _thread.get_ident
 class ThreadState:
     """Per-thread capture state: its timeline and the instrumented locks it holds."""
 
-    __slots__ = ("tid", "thread_ref", "last_name", "held", "locks", "mode", "__weakref__")
+    __slots__ = ("tid", "thread_ref", "last_name", "held", "held_sites", "locks", "mode", "__weakref__")
 
     def __init__(self, tid: int, thread: threading.Thread | None) -> None:
         self.tid = tid
         self.thread_ref = weakref.ref(thread) if thread is not None else None
         self.last_name = thread.name if thread is not None else f"thread-{tid}"
         self.held: list[Any] = []  # lock objects, outermost first
+        self.held_sites: list[tuple] = []  # where each held lock was taken
         self.locks: tuple = ()  # immutable snapshot of `held`, shared by access records
         self.mode: AccessMode | None = None
 
@@ -88,6 +91,14 @@ class Session:
         self._reported = 0
         self.dropped = 0
         self._emit_lock = _thread.allocate_lock()
+        self.lockgraph = LockGraph()
+        self.waitfor = WaitForGraph()
+        self.lock_refs: dict[int, weakref.ref] = {}
+        self.sync_events = 0  # progress counter for the "everyone blocked" watchdog
+        # Called after a deadlock finding was emitted; the child process ends the run there.
+        self.on_deadlock: Callable[[], None] | None = None
+        self._deadlock_reported = False
+        self._cycles_reported: set[str] = set()
 
     # -- threads ---------------------------------------------------------------------------
     def current(self) -> ThreadState:
@@ -132,6 +143,8 @@ class Session:
                 self.hb.release(state.tid, end_var)
             state.last_name = state.name
             self.states.pop(_get_ident(), None)
+            self.waitfor.timeline_finished(state.tid)
+            self.sync_events += 1
 
     # -- synchronisation -------------------------------------------------------------------
     def release(self, var: SyncVar) -> None:
@@ -144,27 +157,110 @@ class Session:
         with self.lock:
             self.hb.acquire(state.tid, var)
 
-    def lock_acquired(self, lock: Any, var: SyncVar) -> None:
+    def lock_acquired(self, lock: Any) -> None:
+        """An instrumented lock was taken: happens-before, lock order, ownership."""
         state = self.current()
+        site = current_site(2)
+        key = lock._rg_key
         with self.lock:
-            self.hb.acquire(state.tid, var)
+            self.sync_events += 1
+            self.hb.acquire(state.tid, lock._rg_var)
+            if state.held:
+                held = [HeldLock(h._rg_key, hs) for h, hs in zip(state.held, state.held_sites)]
+                self.lockgraph.on_acquire(state.tid, key, held, site)
+            else:
+                self.lockgraph.on_acquire(state.tid, key, (), site)
             state.held.append(lock)
+            state.held_sites.append(site)
             state.locks = tuple(state.held)
+            if key not in self.lock_refs:
+                self.lock_refs[key] = weakref.ref(lock)
+            self.waitfor.set_owner(key, state.tid, reentrant=lock._rg_reentrant)
 
-    def lock_released(self, lock: Any, var: SyncVar) -> None:
+    def lock_released(self, lock: Any) -> None:
         state = self.current()
         with self.lock:
-            self.hb.release(state.tid, var)
+            self.sync_events += 1
+            self.hb.release(state.tid, lock._rg_var)
             owner = state
             if lock not in state.held:  # a Lock released by another thread than its owner
                 owner = next((s for s in self.states.values() if lock in s.held), state)
-            if lock in owner.held:
-                held = owner.held
-                for i in range(len(held) - 1, -1, -1):
-                    if held[i] is lock:
-                        del held[i]
-                        break
-                owner.locks = tuple(held)
+            held = owner.held
+            for i in range(len(held) - 1, -1, -1):
+                if held[i] is lock:
+                    del held[i]
+                    del owner.held_sites[i]
+                    break
+            owner.locks = tuple(held)
+            self.waitfor.set_owner(lock._rg_key, None)
+
+    # -- blocking waits (deadlock detection) -----------------------------------------------
+    def wait_begin(self, resource: Any, forever: bool) -> ThreadState | None:
+        """The calling thread is about to block on ``resource`` (a lock key, a ThreadJoin or an
+        anonymous key). Only waits without a timeout can be part of a deadlock."""
+        if not forever:
+            return None
+        state = self.current()
+        site = current_site(2)
+        with self.lock:
+            self.sync_events += 1
+            if isinstance(resource, ThreadJoin):
+                deadlock = self.waitfor.block_on_timeline(state.tid, resource.timeline, site)
+            else:
+                deadlock = self.waitfor.block(state.tid, resource, site)
+        if deadlock is not None:
+            self.report_deadlock(deadlock)
+        return state
+
+    def wait_end(self, state: ThreadState | None) -> None:
+        if state is not None:
+            with self.lock:
+                self.sync_events += 1
+                self.waitfor.unblock(state.tid)
+
+    def check_all_blocked(self) -> Deadlock | None:
+        with self.lock:
+            live = [s.tid for s in self.states.values()]
+            return self.waitfor.all_blocked(live)
+
+    def report_deadlock(self, deadlock: Deadlock) -> None:
+        from .lockreport import deadlock_finding
+
+        with self.lock:
+            if self._deadlock_reported:
+                return
+            self._deadlock_reported = True
+        try:
+            finding = deadlock_finding(self, deadlock)
+            self.emit({"type": "finding", "finding": finding.to_dict()})
+            self.report_lock_cycles()
+        except Exception as exc:
+            self._internal_error("reporting a deadlock", exc)
+        if self.on_deadlock is not None:
+            self.on_deadlock()
+
+    def report_lock_cycles(self) -> None:
+        """Emit every feasible lock-order cycle seen so far (once each)."""
+        from .lockreport import cycle_finding
+
+        try:
+            for cycle in self.lockgraph.cycles():
+                finding = cycle_finding(self, cycle)
+                if finding.fingerprint in self._cycles_reported:
+                    continue
+                self._cycles_reported.add(finding.fingerprint)
+                if self._room_for_report():
+                    self.emit({"type": "finding", "finding": finding.to_dict()})
+        except Exception as exc:
+            self._internal_error("reporting lock-order cycles", exc)
+
+    def thread_name(self, tid: int) -> str:
+        state = self.timelines[tid] if tid < len(self.timelines) else None
+        return state.name if state is not None else f"thread-{tid}"
+
+    def lock_by_key(self, key: Any) -> Any:
+        ref = self.lock_refs.get(key)
+        return ref() if ref is not None else None
 
     # -- tensor ops (hot path) -------------------------------------------------------------
     def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:

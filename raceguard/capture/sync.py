@@ -31,6 +31,7 @@ from __future__ import annotations
 import _queue
 import _thread
 import collections
+import itertools
 import concurrent.futures
 import concurrent.futures._base as futures_base
 import concurrent.futures.thread as futures_thread
@@ -59,23 +60,40 @@ def _caller_is_user(depth: int = 2) -> bool:
 
 
 # -- locks -----------------------------------------------------------------------------------
+_lock_keys = itertools.count(1)
+
+
+def _forever(blocking: bool, timeout: float | None) -> bool:
+    return bool(blocking) and (timeout is None or timeout < 0)
+
+
 class TrackedLock:
     """``threading.Lock()`` as seen by the target."""
 
-    __slots__ = ("_lock", "_rg_var", "_rg_site", "_rg_kind", "__weakref__")
+    __slots__ = ("_lock", "_rg_var", "_rg_site", "_rg_kind", "_rg_key", "__weakref__")
+    _rg_reentrant = False
 
     def __init__(self, site: tuple | None = None) -> None:
         self._lock = _orig["allocate_lock"]()
         self._rg_var = SyncVar()
         self._rg_site = site
         self._rg_kind = "Lock"
+        self._rg_key = next(_lock_keys)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        ok = self._lock.acquire(blocking, timeout)
+        s = _active()
+        if s is None:
+            return self._lock.acquire(blocking, timeout)
+        # Uncontended fast path; a contended wait is announced first, for deadlock detection.
+        ok = self._lock.acquire(False)
+        if not ok and blocking:
+            token = s.wait_begin(self._rg_key, _forever(blocking, timeout))
+            try:
+                ok = self._lock.acquire(blocking, timeout)
+            finally:
+                s.wait_end(token)
         if ok:
-            s = _active()
-            if s is not None:
-                s.lock_acquired(self, self._rg_var)
+            s.lock_acquired(self)
         return ok
 
     acquire_lock = acquire
@@ -86,7 +104,7 @@ class TrackedLock:
     def release(self) -> None:
         s = _active()
         if s is not None and self._lock.locked():
-            s.lock_released(self, self._rg_var)
+            s.lock_released(self)
         self._lock.release()
 
     release_lock = release
@@ -112,32 +130,44 @@ class TrackedLock:
 class TrackedRLock:
     """``threading.RLock()`` as seen by the target. Edges only on the outermost acquire/release."""
 
-    __slots__ = ("_lock", "_rg_var", "_rg_site", "_rg_kind", "_depth", "__weakref__")
+    __slots__ = ("_lock", "_rg_var", "_rg_site", "_rg_kind", "_rg_key", "_depth", "__weakref__")
+    _rg_reentrant = True
 
     def __init__(self, site: tuple | None = None) -> None:
         self._lock = _orig["RLock_cls"]()
         self._rg_var = SyncVar()
         self._rg_site = site
         self._rg_kind = "RLock"
+        self._rg_key = next(_lock_keys)
         self._depth = 0  # only touched by the owner while it holds the lock
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        ok = self._lock.acquire(blocking, timeout)
+        s = _active()
+        if s is None:
+            ok = self._lock.acquire(blocking, timeout)
+            if ok:
+                self._depth += 1
+            return ok
+        ok = self._lock.acquire(False)
+        if not ok and blocking:
+            token = s.wait_begin(self._rg_key, _forever(blocking, timeout))
+            try:
+                ok = self._lock.acquire(blocking, timeout)
+            finally:
+                s.wait_end(token)
         if ok:
             self._depth += 1
             if self._depth == 1:
-                s = _active()
-                if s is not None:
-                    s.lock_acquired(self, self._rg_var)
+                s.lock_acquired(self)
         return ok
 
     __enter__ = acquire
 
     def release(self) -> None:
-        if self._lock._is_owned() and self._depth == 1:
+        if self._depth == 1 and self._lock._is_owned():
             s = _active()
             if s is not None:
-                s.lock_released(self, self._rg_var)
+                s.lock_released(self)
         self._lock.release()  # raises like the original when not owned
         self._depth -= 1
 
@@ -148,18 +178,25 @@ class TrackedRLock:
     def _release_save(self) -> Any:
         s = _active()
         if s is not None and self._lock._is_owned():
-            s.lock_released(self, self._rg_var)
+            s.lock_released(self)
         state = self._lock._release_save()
         depth, self._depth = self._depth, 0
         return (state, depth)
 
     def _acquire_restore(self, saved: Any) -> None:
         state, depth = saved
-        self._lock._acquire_restore(state)
-        self._depth = depth
         s = _active()
-        if s is not None:
-            s.lock_acquired(self, self._rg_var)
+        if s is None:
+            self._lock._acquire_restore(state)
+            self._depth = depth
+            return
+        token = s.wait_begin(self._rg_key, True)
+        try:
+            self._lock._acquire_restore(state)
+        finally:
+            s.wait_end(token)
+        self._depth = depth
+        s.lock_acquired(self)
 
     def _is_owned(self) -> bool:
         return self._lock._is_owned()
@@ -191,6 +228,18 @@ def _rewrite_address(text: str, obj: Any) -> str:
     return f"{head} at {id(obj):#x}>" if sep else text
 
 
+def _blocking(kind: str, obj: Any, forever: bool, call: Any, *args: Any) -> Any:
+    """Run a blocking call, announced as an anonymous wait so "everyone blocked" is detected."""
+    s = _active()
+    if s is None or not forever:
+        return call(*args)
+    token = s.wait_begin(("wait", kind, id(obj)), True)
+    try:
+        return call(*args)
+    finally:
+        s.wait_end(token)
+
+
 def Lock() -> Any:  # noqa: N802 - replaces threading.Lock
     if _caller_is_user():
         return TrackedLock(current_site(1))
@@ -206,18 +255,26 @@ def RLock(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - replaces threading.
 # -- condition, semaphores, events, barriers -------------------------------------------------
 class Condition(threading.Condition):
     def __init__(self, lock: Any = None) -> None:
+        self._rg_user = _caller_is_user()
         if lock is None:
-            if _caller_is_user():
+            if self._rg_user:
                 lock = TrackedRLock(current_site(1))
                 lock._rg_kind = "Condition"
             else:
                 lock = _orig["RLock"]()
         super().__init__(lock)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._rg_user:  # Event, Queue, Semaphore, Barrier announce their own waits
+            return super().wait(timeout)
+        return _blocking("Condition.wait()", self, timeout is None, super().wait, timeout)
+
 
 class _SemaphoreEdges:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        ok = super().acquire(blocking, timeout)  # type: ignore[misc]
+        ok = _blocking(
+            "Semaphore.acquire()", self, bool(blocking) and timeout is None, super().acquire, blocking, timeout  # type: ignore[misc]
+        )
         if ok:
             s = _active()
             if s is not None:
@@ -266,7 +323,7 @@ class Event(threading.Event):
     isSet = is_set
 
     def wait(self, timeout: float | None = None) -> bool:
-        flag = super().wait(timeout)
+        flag = _blocking("Event.wait()", self, timeout is None, super().wait, timeout)
         if flag:
             s = _active()
             if s is not None:
@@ -292,7 +349,8 @@ class Barrier(threading.Barrier):
                 self._rg_generations.pop(generation - 3, None)
         if s is not None:
             s.release(var)
-        index = super().wait(timeout)
+        effective = self._timeout if timeout is None else timeout
+        index = _blocking("Barrier.wait()", self, effective is None, super().wait, timeout)
         if s is not None:
             s.acquire(var)
         return index
@@ -357,13 +415,13 @@ class Queue(_ItemEdges, queue.Queue):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         var = self._rg_before_put(item)
         try:
-            super().put(item, block, timeout)
+            _blocking("Queue.put()", self, bool(block) and timeout is None and self.maxsize > 0, super().put, item, block, timeout)
         except BaseException:
             self._rg_put_failed(item, var)
             raise
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        item = super().get(block, timeout)
+        item = _blocking("Queue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
         return item
 
@@ -374,7 +432,7 @@ class Queue(_ItemEdges, queue.Queue):
         super().task_done()
 
     def join(self) -> None:
-        super().join()
+        _blocking("Queue.join()", self, True, super().join)
         s = _active()
         if s is not None:
             s.acquire(self._rg_join_var)
@@ -401,7 +459,7 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
         self.put(item, False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        item = super().get(block, timeout)
+        item = _blocking("SimpleQueue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
         return item
 
@@ -430,8 +488,18 @@ def _thread_bootstrap_inner(self: threading.Thread) -> None:
 
 
 def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
-    _orig["Thread.join"](self, timeout)
     s = _active()
+    tid = getattr(self, "_rg_tid", None)
+    if s is not None and tid is not None and timeout is None and self._started.is_set() and self.is_alive():
+        from ..engine.waitfor import ThreadJoin
+
+        token = s.wait_begin(ThreadJoin(tid), True)
+        try:
+            _orig["Thread.join"](self, timeout)
+        finally:
+            s.wait_end(token)
+    else:
+        _orig["Thread.join"](self, timeout)
     var = getattr(self, "_rg_end_var", None)
     if s is not None and var is not None and not self.is_alive():
         s.acquire(var)
@@ -467,20 +535,20 @@ def _acquire_future(fut: Any) -> None:
 
 def _future_result(self: Any, timeout: float | None = None) -> Any:
     try:
-        return _orig["Future.result"](self, timeout)
+        return _blocking("Future.result()", self, timeout is None and not self.done(), _orig["Future.result"], self, timeout)
     finally:
         _acquire_future(self)
 
 
 def _future_exception(self: Any, timeout: float | None = None) -> Any:
     try:
-        return _orig["Future.exception"](self, timeout)
+        return _blocking("Future.exception()", self, timeout is None and not self.done(), _orig["Future.exception"], self, timeout)
     finally:
         _acquire_future(self)
 
 
 def _futures_wait(fs: Any, timeout: float | None = None, return_when: str = futures_base.ALL_COMPLETED) -> Any:
-    result = _orig["wait"](fs, timeout, return_when)
+    result = _blocking("concurrent.futures.wait()", fs, timeout is None, _orig["wait"], fs, timeout, return_when)
     for f in result.done:
         _acquire_future(f)
     return result

@@ -74,7 +74,7 @@ def deadlock_finding(session: Any, deadlock: Deadlock) -> Finding:
         waits_for = _resource_label(session, wait.resource)
         holder = deadlock.holders[i] if i < len(deadlock.holders) else None
         details: dict[str, Any] = {"waits_for": waits_for}
-        if holder is not None:
+        if holder is not None and not isinstance(wait.resource, ThreadJoin):
             details["held_by"] = session.thread_name(holder)
         accesses.append(
             Access(

@@ -428,6 +428,8 @@ class Session:
             name = self.namer.name_object(lock)
         except Exception:
             name = None
+        if name and name.endswith("._lock") and getattr(lock, "_rg_kind", "") == "Condition":
+            name = name[: -len("._lock")]  # a Condition's own lock is named after the Condition
         label = name or getattr(lock, "_rg_kind", type(lock).__name__)
         return f"{label} ({where})" if where else label
 

@@ -93,7 +93,7 @@ def print_uncaught(exc: BaseException) -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(here):
         tb = tb.tb_next
-    sys.excepthook(type(exc), exc, tb)
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
 
 
 def wait_for_threads() -> None:

@@ -340,6 +340,9 @@ class Session:
     def emit(self, event: dict) -> None:
         with self._emit_lock:
             self.sink(event)
+            if event.get("type") == "finding":
+                # Statistics travel with every finding: a crash right after loses neither.
+                self.sink({"type": "stats", "stats": self.stats()})
 
     def _room_for_report(self) -> bool:
         if self.max_reports is not None and self._reported >= self.max_reports:

@@ -1,0 +1,193 @@
+"""How `raceguard check` runs targets: exactly like python, with the contract's exit codes, and
+one clear line (never a traceback, never a hang) for bad input, crashes, timeouts and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_cli_fixtures import ROOT, _innermost_user_line, _markers, run_check
+
+TARGETS = ROOT / "fixtures" / "targets"
+RACEGUARD = [sys.executable, "-m", "raceguard"]
+
+
+def raceguard(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*RACEGUARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def plain(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+# -- running the target exactly like python -----------------------------------------------------
+@pytest.mark.parametrize("args", [["a", "--b"], ["--", "x"], []])
+def test_script_sees_what_plain_python_gives_it(args: list[str]) -> None:
+    expected = plain("echo_argv.py", *args, cwd=TARGETS)
+    got = raceguard("check", "-q", "echo_argv.py", *args, cwd=TARGETS)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == json.loads(expected.stdout)
+
+
+def test_double_dash_ends_raceguard_options(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    got = raceguard("check", "--format", "json", "--output", str(out), "--", "echo_argv.py", "--format", cwd=TARGETS)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["argv"] == ["echo_argv.py", "--format"]
+    assert json.loads(out.read_text())["target"] == ["echo_argv.py", "--format"]
+
+
+def test_module_sees_what_python_dash_m_gives_it() -> None:
+    expected = plain("-m", "echo_pkg", "x", "-y", cwd=TARGETS)
+    got = raceguard("check", "-q", "-m", "echo_pkg", "x", "-y", cwd=TARGETS)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == json.loads(expected.stdout)
+
+
+def test_target_stdout_is_untouched_and_report_goes_to_stderr() -> None:
+    got = raceguard("check", str(TARGETS / "exits_3.py"))
+    assert got.stdout == "about to exit\n"
+    assert "raceguard:" in got.stderr
+
+
+# -- the target's own failures -------------------------------------------------------------------
+def test_sys_exit_code_is_reported_and_gives_exit_3(tmp_path: Path) -> None:
+    proc, report = run_check(TARGETS / "exits_3.py", tmp_path)
+    assert proc.returncode == 3
+    assert report["target_exit_code"] == 3
+    assert report["status"] == "clean"
+
+
+def test_uncaught_exception_prints_like_python_and_gives_exit_3(tmp_path: Path) -> None:
+    expected = plain(str(TARGETS / "raises.py"))
+    proc, report = run_check(TARGETS / "raises.py", tmp_path)
+    assert proc.returncode == 3
+    assert report["target_exit_code"] == 1
+    assert report["target_outcome"]["kind"] == "exception"
+    # The same traceback python prints: no raceguard frames in it.
+    tb = proc.stderr[proc.stderr.index("Traceback") :].splitlines()
+    assert tb[: len(expected.stderr.splitlines())] == expected.stderr.splitlines()
+    assert "raceguard" not in "\n".join(tb[:-1])
+
+
+def test_exception_escaping_a_thread_is_a_finding(tmp_path: Path) -> None:
+    path = TARGETS / "thread_exception.py"
+    proc, report = run_check(path, tmp_path)
+    assert proc.returncode == 1
+    [finding] = report["findings"]
+    assert finding["kind"] == "thread-exception"
+    assert finding["resource"] == "thread 'loader'"
+    assert "ValueError: bad batch of 3" in finding["message"]
+    [access] = finding["accesses"]
+    raise_line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "# RAISE" in l)
+    assert _innermost_user_line(access, path) == raise_line
+    # Python's own printout of the exception is still there, unchanged.
+    assert "Exception in thread loader:" in proc.stderr
+
+
+# -- bad input: one line, exit 2 ------------------------------------------------------------------
+def test_missing_script(tmp_path: Path) -> None:
+    proc = raceguard("check", str(tmp_path / "nope.py"))
+    assert proc.returncode == 2
+    assert "No such file" in _one_line_error(proc)
+
+
+def test_directory_instead_of_script(tmp_path: Path) -> None:
+    proc = raceguard("check", str(tmp_path))
+    assert proc.returncode == 2
+    assert "directory" in _one_line_error(proc)
+
+
+def test_syntax_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\ndef f(:\n    pass\n")
+    proc = raceguard("check", str(bad))
+    assert proc.returncode == 2
+    line = _one_line_error(proc)
+    assert "syntax error" in line and "bad.py:2" in line
+
+
+def test_unknown_module() -> None:
+    proc = raceguard("check", "-m", "no_such_module_xyz")
+    assert proc.returncode == 2
+    assert "No module named" in _one_line_error(proc)
+
+
+def test_no_target_and_bad_option() -> None:
+    assert raceguard("check").returncode == 2
+    proc = raceguard("check", "--no-such-option", "x.py")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_suppressions_file(tmp_path: Path) -> None:
+    proc = raceguard("check", "--suppressions", str(tmp_path / "missing.supp"), str(TARGETS / "exits_3.py"))
+    assert proc.returncode == 2
+    _one_line_error(proc)
+
+
+# -- a target that dies: findings made before are never lost ------------------------------------
+def test_findings_survive_a_native_crash(tmp_path: Path) -> None:
+    path = TARGETS / "race_then_segfault.py"
+    proc, report = run_check(path, tmp_path)
+    assert proc.returncode == 1
+    assert report["target_outcome"]["kind"] == "signal"
+    assert report["target_outcome"]["signal"] == "SIGSEGV"
+    assert report["target_exit_code"] is None
+    [finding] = report["findings"]
+    markers = _markers(path)
+    assert {_innermost_user_line(a, path) for a in finding["accesses"]} == {markers["A"], markers["B"]}
+    assert "SIGSEGV" in proc.stderr
+    assert report["stats"]["threads"] >= 2
+
+
+def test_findings_survive_os_exit(tmp_path: Path) -> None:
+    proc, report = run_check(TARGETS / "race_then_os_exit.py", tmp_path)
+    assert proc.returncode == 1
+    assert report["target_exit_code"] == 5
+    assert len(report["findings"]) == 1
+
+
+def test_timeout_reports_what_was_found(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc, report = run_check(TARGETS / "sleeps.py", tmp_path, "--timeout", "5")
+    assert time.monotonic() - started < 40
+    assert report["target_outcome"]["kind"] == "timeout"
+    assert len(report["findings"]) == 1
+    assert proc.returncode == 1
+
+
+def test_ctrl_c_writes_the_report_so_far(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [*RACEGUARD, "check", "--format", "json", "--output", str(out), str(TARGETS / "sleeps.py")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    line = proc.stdout.readline()  # the target finished racing
+    assert line.strip() == "racing done"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1, stderr
+    report = json.loads(out.read_text())
+    assert report["target_outcome"]["kind"] == "interrupted"
+    assert len(report["findings"]) == 1
+    # Python's own KeyboardInterrupt traceback of the target may appear; raceguard's never does.
+    assert "raceguard/" not in stderr

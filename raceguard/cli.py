@@ -155,6 +155,19 @@ def _finish(report: Report, config: Any, opts: dict) -> None:
     sys.exit(report.exit_code(config["fail-on"]))
 
 
+@main.command("config")
+def show_config() -> None:
+    """Print the effective configuration and where each value came from."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        _fail_usage(str(exc))
+    where = str(config.path) if config.path else "no [tool.raceguard] table found; defaults apply"
+    click.echo(f"# configuration file: {where}")
+    for line in config.describe():
+        click.echo(line)
+
+
 def _internal_error(exc: BaseException) -> None:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "unknown location"

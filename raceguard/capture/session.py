@@ -403,9 +403,9 @@ class Session:
             f"data race on {what}: {first.mode} by '{first.thread}' vs {second.mode} by '{second.thread}'"
         )
         why = (
-            f"'{second.thread}' had seen '{first.thread}' only up to its epoch {race.seen_epoch}, "
-            f"but the {first.mode} happened in epoch {race.earlier.epoch}: no lock, join, event, "
-            f"queue, barrier or future orders the two accesses"
+            f"nothing orders these accesses: at its {second.mode}, '{second.thread}' had synchronised with "
+            f"'{first.thread}' only up to that thread's epoch {race.seen_epoch}, and the {first.mode} happened "
+            f"in epoch {race.earlier.epoch} (no lock, join, event, queue, barrier or future in between)"
         )
         if first.locks_held or second.locks_held:
             common = set(first.locks_held) & set(second.locks_held)

@@ -187,12 +187,6 @@ class HappensBefore:
         if var.clock is not None:
             _join_into(self._clocks[tid], var.clock)
 
-    def ordered_before(self, earlier: AccessRecord, tid: TimelineId) -> bool:
-        """Whether ``earlier`` happens before everything ``tid`` does from now on."""
-        clock = self._clocks[tid]
-        t = earlier.timeline
-        return t == tid or (t < len(clock) and earlier.epoch <= clock[t])
-
     def _tick(self, tid: TimelineId) -> None:
         self._clocks[tid][tid] += 1
 

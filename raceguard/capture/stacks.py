@@ -55,14 +55,26 @@ def classify_filename(filename: str) -> int:
     return USER
 
 
-_code_class: dict[Any, int] = {}
+# Keyed by id(code): hashing a code object hashes its constants recursively (12 µs for a large
+# module's <module> code), far too slow for every frame of every op. The code objects are kept
+# alive in _code_keep so their ids are never reused.
+_code_class: dict[int, int] = {}
+_code_keep: list[Any] = []
 
 
 def classify_code(code: Any) -> int:
-    kind = _code_class.get(code)
+    kind = _code_class.get(id(code))
     if kind is None:
-        kind = _code_class[code] = classify_filename(code.co_filename)
+        kind = classify_filename(code.co_filename)
+        _code_keep.append(code)
+        _code_class[id(code)] = kind
     return kind
+
+
+def hide_code(code: Any) -> None:
+    """Never show frames of this code object in a report (raceguard's own bootstrap)."""
+    _code_keep.append(code)
+    _code_class[id(code)] = HIDDEN
 
 
 def is_user_code(code: Any) -> bool:
@@ -77,7 +89,7 @@ def current_site(skip: int = 1) -> Site:
     cls = _code_class
     while f is not None and n < MAX_FRAMES:
         code = f.f_code
-        kind = cls.get(code)
+        kind = cls.get(id(code))
         if kind is None:
             kind = classify_code(code)
         if kind:
@@ -119,7 +131,7 @@ _line_cache: dict[tuple, int] = {}
 
 
 def _line_of(code: Any, lasti: int) -> int:
-    key = (code, lasti)
+    key = (id(code), lasti)  # code objects in sites are kept alive by _code_keep
     line = _line_cache.get(key)
     if line is None:
         line = code.co_firstlineno

@@ -1,0 +1,65 @@
+"""Install raceguard's capture in this process exactly as ``raceguard check``'s child does.
+
+Newer checkouts route this through :func:`raceguard.capture.install.activate`; older ones (and
+the brief this benchmark was written to) do it by hand in ``raceguard/capture/child.py``: build a
+``Session``, track constructions, ``sync.install()``, set ``session.ACTIVE``, ``enter_thread`` on
+the main thread. Either way the sink only collects events, so reporting costs nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Capture:
+    session: Any
+    state: Any  # the main thread's ThreadState (its dispatch mode is entered)
+    events: list = field(default_factory=list)
+    _close: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def findings(self) -> int:
+        return sum(1 for e in self.events if e.get("type") == "finding")
+
+
+def install_capture() -> Capture:
+    import torch  # noqa: F401 - the dispatch mode needs torch before the first op
+
+    from raceguard.capture.session import Session
+
+    events: list[dict] = []
+    session = Session(
+        events.append,
+        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
+    )
+    try:
+        from raceguard.capture.install import activate, deactivate
+    except ImportError:
+        activate = deactivate = None
+    if activate is not None:
+        handle = activate(session, thread=threading.main_thread())
+        return Capture(session, handle.state, events, lambda: deactivate(handle))
+
+    from raceguard.capture import child as child_mod
+    from raceguard.capture import session as session_mod
+    from raceguard.capture import sync
+
+    child_mod._track_constructions(session)
+    sync.install()
+    session_mod.ACTIVE = session
+    state = session.enter_thread(threading.main_thread(), None)
+
+    def close() -> None:
+        session.leave_thread(state, None)
+        session_mod.ACTIVE = None
+        sync.uninstall()
+
+    return Capture(session, state, events, close)

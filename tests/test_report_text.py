@@ -255,3 +255,16 @@ def test_verbose_shows_the_whole_outcome_detail() -> None:
     report = check_report(findings=[], target_outcome=outcome)
     assert "Fatal Python error" not in render_text(report)
     assert "target outcome:\n  killed by SIGSEGV\n  Fatal Python error: Segmentation fault\n" in render_text(report, verbose=True)
+
+
+def test_a_program_that_needs_cuda_on_a_machine_without_it_says_so_in_one_line() -> None:
+    report = Report(
+        command="check",
+        target=["gpu.py"],
+        findings=[],
+        target_exit_code=1,
+        target_outcome={"kind": "exception", "code": 1, "detail": "AssertionError: Torch not compiled with CUDA enabled"},
+    )
+    line = summary_line(report)
+    assert "needs CUDA, which this machine does not have" in line
+    assert "\n" not in line.strip()

@@ -168,6 +168,15 @@ def cycle_picture(finding: Finding, glyphs: Glyphs = UNICODE) -> str | None:
     return f" {glyphs.arrow} ".join(parts)
 
 
+# What torch says when a program asks for a GPU on a machine without one.
+_NO_CUDA_MARKERS = (
+    "Torch not compiled with CUDA enabled",
+    "Found no NVIDIA driver",
+    "No CUDA GPUs are available",
+    "CUDA driver initialization failed",
+)
+
+
 def describe_outcome(report: "Report") -> str | None:
     """How the target ended when it did not exit 0 (``target killed by SIGSEGV``); else None."""
     outcome = report.target_outcome
@@ -191,6 +200,8 @@ def describe_outcome(report: "Report") -> str | None:
         return "target deadlocked and was stopped"
     if kind == "exception":
         last = _last_line(detail)  # "ValueError: bad batch" ends a traceback
+        if last and any(marker in last for marker in _NO_CUDA_MARKERS):
+            return f"target raised {last} (the program needs CUDA, which this machine does not have; nothing was checked on a GPU)"
         return f"target raised {last}" if last else "target raised an exception"
     if kind == "usage-error":
         return f"target could not be run: {first}" if first else "target could not be run"

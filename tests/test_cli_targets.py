@@ -163,8 +163,8 @@ def test_findings_survive_os_exit(tmp_path: Path) -> None:
 
 def test_timeout_reports_what_was_found(tmp_path: Path) -> None:
     started = time.monotonic()
-    proc, report = run_check(TARGETS / "sleeps.py", tmp_path, "--timeout", "5")
-    assert time.monotonic() - started < 40
+    proc, report = run_check(TARGETS / "sleeps.py", tmp_path, "--timeout", "15")
+    assert time.monotonic() - started < 60
     assert report["target_outcome"]["kind"] == "timeout"
     assert len(report["findings"]) == 1
     assert proc.returncode == 1

@@ -87,42 +87,20 @@ def _flush_on_sigterm(session: Any) -> None:
 
 
 def _track_constructions(session: Any) -> None:
-    """Remember every nn.Module and Optimizer the target builds, for naming."""
-    import torch
+    """Kept for callers outside the package (benchmarks); see :func:`.install.track_constructions`."""
+    from .install import track_constructions
 
-    namer = session.namer
-    module_init = torch.nn.Module.__init__
-
-    def init_module(self: Any, *args: Any, **kwargs: Any) -> None:
-        module_init(self, *args, **kwargs)
-        try:
-            namer.modules.add(self)
-        except TypeError:
-            pass
-
-    init_module.__wrapped__ = module_init  # type: ignore[attr-defined]
-    torch.nn.Module.__init__ = init_module  # type: ignore[method-assign]
-
-    import weakref
-
-    optimizer_init = torch.optim.Optimizer.__init__
-
-    def init_optimizer(self: Any, *args: Any, **kwargs: Any) -> None:
-        optimizer_init(self, *args, **kwargs)
-        namer.optimizers.append(weakref.ref(self))
-
-    init_optimizer.__wrapped__ = optimizer_init  # type: ignore[attr-defined]
-    torch.optim.Optimizer.__init__ = init_optimizer  # type: ignore[method-assign]
+    track_constructions(session)
 
 
 def _hide_bootstrap_frames() -> None:
     """The ``python -c`` line that called us is raceguard's, not the target's: never report it."""
-    from .stacks import HIDDEN, _code_class
+    from .stacks import hide_code
 
     f = sys._getframe(1)
     while f is not None:
         if f.f_code.co_filename == "<string>":
-            _code_class[f.f_code] = HIDDEN
+            hide_code(f.f_code)
         f = f.f_back
 
 
@@ -157,8 +135,9 @@ def main() -> None:
 
     import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
 
-    from . import session as session_mod
-    from . import sync
+    import threading
+
+    from .install import activate
     from .session import Session
 
     session = Session(
@@ -166,12 +145,8 @@ def main() -> None:
         main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
         max_reports=config.get("max_reports"),
     )
-    _track_constructions(session)
-    sync.install()
-    session_mod.ACTIVE = session
-    import threading
-
-    main_state = session.enter_thread(threading.main_thread(), None)
+    # Never deactivated: the target runs instrumented until the process ends (atexit included).
+    main_state = activate(session, thread=threading.main_thread()).state
     session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
     _flush_on_sigterm(session)
     _thread.start_new_thread(_heartbeat, (session, sink, 0.5))

@@ -175,5 +175,8 @@ def _internal_error(exc: BaseException) -> None:
     sys.exit(EXIT_INTERNAL)
 
 
+from . import cli_stress  # noqa: E402,F401 - registers stress, replay and merge
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

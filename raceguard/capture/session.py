@@ -99,6 +99,9 @@ class Session:
         self.on_deadlock: Callable[[], None] | None = None
         self._deadlock_reported = False
         self._cycles_reported: set[str] = set()
+        # The controlled scheduler (raceguard stress / replay), None otherwise: then the hot path
+        # pays exactly one attribute check for it (see on_op).
+        self.sched: Any = None
 
     # -- threads ---------------------------------------------------------------------------
     def current(self) -> ThreadState:
@@ -264,6 +267,8 @@ class Session:
 
     # -- tensor ops (hot path) -------------------------------------------------------------
     def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.sched is not None:  # a scheduling point before every tensor op
+            self.sched.op_point()
         plan = plan_for(func)
         site = current_site(2)
         info = OpInfo(site, plan.name, state.locks)

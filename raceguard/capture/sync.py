@@ -42,7 +42,7 @@ from typing import Any
 
 from ..engine.hb import SyncVar
 from . import session as session_mod
-from .stacks import USER, classify_code, current_site
+from .stacks import HIDDEN, USER, classify_code, current_site
 
 _orig: dict[str, Any] = {}
 _installed = False
@@ -50,6 +50,59 @@ _installed = False
 
 def _active():
     return session_mod.ACTIVE
+
+
+# -- the controlled scheduler (raceguard stress / replay) -------------------------------------
+# While a scheduler is attached to the session (``session.sched``), every primitive below takes
+# a scheduling point before its operation (when called from the target's own code) and blocks
+# *logically*: it tries the non-blocking variant, and if that fails gives up the baton with
+# ``sched.block(thread, key, timeout)`` until the object changes (``sched.wake(key)``), then
+# retries. Without a scheduler none of this runs: one ``s.sched`` check per operation.
+
+
+def _user_call() -> bool:
+    """Whether the primitive was called from the target's own code (not a library's).
+
+    Library-internal operations (an executor's work queue, Thread.start's handshake) take no
+    scheduling point: library code may hold raw locks of its own there, and switching threads
+    while one is held would make the next thread block in the OS, outside the scheduler's control.
+    """
+    f = sys._getframe(2)
+    while f is not None:
+        kind = classify_code(f.f_code)  # cached per code object
+        if kind != HIDDEN:
+            return kind == USER
+        f = f.f_back
+    return False
+
+
+def _sync_point(sch: Any, t: Any) -> None:
+    if not t.nest and _user_call():
+        sch.point(t)
+
+
+def _remaining(sch: Any, deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - sch.vnow
+
+
+def _deadline(sch: Any, timeout: float | None) -> float | None:
+    return None if timeout is None else sch.vnow + max(float(timeout), 0.0)
+
+
+def _logical_wait(s: Any, sch: Any, t: Any, key: Any, deadline: float | None, resource: Any) -> bool:
+    """Block logically on ``key`` until woken or ``deadline`` (virtual time); True if timed out.
+
+    ``resource`` is what the session's wait-for graph sees (a lock key, a ThreadJoin, or an
+    anonymous ("wait", kind, id) key); only waits without a deadline can be part of a deadlock.
+    """
+    remaining = _remaining(sch, deadline)
+    if remaining is not None and remaining <= 0:
+        return True
+    token = s.wait_begin(resource, deadline is None)
+    try:
+        return sch.block(t, key, remaining)
+    finally:
+        s.wait_end(token)
 
 
 def _caller_is_user(depth: int = 2) -> bool:
@@ -84,6 +137,13 @@ class TrackedLock:
         s = _active()
         if s is None:
             return self._lock.acquire(blocking, timeout)
+        if s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                ok = _sched_lock_acquire(self, s, t, blocking, timeout)
+                if ok:
+                    s.lock_acquired(self)
+                return ok
         # Uncontended fast path; a contended wait is announced first, for deadlock detection.
         ok = self._lock.acquire(False)
         if not ok and blocking:
@@ -103,6 +163,15 @@ class TrackedLock:
 
     def release(self) -> None:
         s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sync_point(s.sched, t)
+            if self._lock.locked():
+                s.lock_released(self)
+            self._lock.release()
+            s.sched.wake(self)
+            return
         if s is not None and self._lock.locked():
             s.lock_released(self)
         self._lock.release()
@@ -148,6 +217,15 @@ class TrackedRLock:
             if ok:
                 self._depth += 1
             return ok
+        if s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                ok = _sched_lock_acquire(self, s, t, blocking, timeout)
+                if ok:
+                    self._depth += 1
+                    if self._depth == 1:
+                        s.lock_acquired(self)
+                return ok
         ok = self._lock.acquire(False)
         if not ok and blocking:
             token = s.wait_begin(self._rg_key, _forever(blocking, timeout))
@@ -164,12 +242,19 @@ class TrackedRLock:
     __enter__ = acquire
 
     def release(self) -> None:
+        s = _active()
+        sch = s.sched if s is not None else None
+        if sch is not None:
+            t = sch.current()
+            if t is not None:
+                _sync_point(sch, t)
         if self._depth == 1 and self._lock._is_owned():
-            s = _active()
             if s is not None:
                 s.lock_released(self)
         self._lock.release()  # raises like the original when not owned
         self._depth -= 1
+        if sch is not None and self._depth == 0:
+            sch.wake(self)
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
@@ -181,6 +266,8 @@ class TrackedRLock:
             s.lock_released(self)
         state = self._lock._release_save()
         depth, self._depth = self._depth, 0
+        if s is not None and s.sched is not None:
+            s.sched.wake(self)
         return (state, depth)
 
     def _acquire_restore(self, saved: Any) -> None:
@@ -190,6 +277,16 @@ class TrackedRLock:
             self._lock._acquire_restore(state)
             self._depth = depth
             return
+        if s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sched_lock_acquire(self, s, t, True, -1)
+                # Acquired once: restore the saved recursion level and owner in one go.
+                self._lock.release()
+                self._lock._acquire_restore(state)
+                self._depth = depth
+                s.lock_acquired(self)
+                return
         token = s.wait_begin(self._rg_key, True)
         try:
             self._lock._acquire_restore(state)
@@ -223,6 +320,29 @@ if hasattr(_thread.RLock, "locked"):  # Python 3.14+
     TrackedRLock.locked = _rlock_locked  # type: ignore[attr-defined]
 
 
+def _sched_lock_acquire(lock: Any, s: Any, t: Any, blocking: bool, timeout: float) -> bool:
+    """Acquire ``lock._lock`` under the scheduler: try, and wait logically while it is taken."""
+    sch = s.sched
+    _sync_point(sch, t)
+    if blocking and timeout is not None and timeout < 0 and timeout != -1:
+        raise ValueError("timeout value must be a non-negative number")
+    forever = _forever(blocking, timeout)
+    if not blocking and timeout != -1:
+        raise ValueError("can't specify a timeout for a non-blocking call")
+    deadline = None if forever else _deadline(sch, timeout if blocking else 0.0)
+    t.nest += 1
+    try:
+        while True:
+            if lock._lock.acquire(False):
+                return True
+            if not blocking:
+                return False
+            if _logical_wait(s, sch, t, lock, deadline, lock._rg_key):
+                return lock._lock.acquire(False)
+    finally:
+        t.nest -= 1
+
+
 def _rewrite_address(text: str, obj: Any) -> str:
     head, sep, _ = text.rpartition(" at 0x")
     return f"{head} at {id(obj):#x}>" if sep else text
@@ -253,6 +373,15 @@ def RLock(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - replaces threading.
 
 
 # -- condition, semaphores, events, barriers -------------------------------------------------
+class _CondWaiter:
+    """One logical Condition.wait() under the scheduler; the key its thread blocks on."""
+
+    __slots__ = ("notified",)
+
+    def __init__(self) -> None:
+        self.notified = False
+
+
 class Condition(threading.Condition):
     def __init__(self, lock: Any = None) -> None:
         self._rg_user = _caller_is_user()
@@ -263,15 +392,107 @@ class Condition(threading.Condition):
             else:
                 lock = _orig["RLock"]()
         super().__init__(lock)
+        self._rg_waiters: collections.deque = collections.deque()
 
     def wait(self, timeout: float | None = None) -> bool:
         if not self._rg_user:  # Event, Queue, Semaphore, Barrier announce their own waits
             return super().wait(timeout)
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
         return _blocking("Condition.wait()", self, timeout is None, super().wait, timeout)
+
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        t.nest += 1
+        try:
+            if not self._is_owned():
+                raise RuntimeError("cannot wait on un-acquired lock")
+            waiter = _CondWaiter()
+            self._rg_waiters.append(waiter)
+            saved = self._release_save()
+            try:
+                deadline = _deadline(sch, timeout)
+                while not waiter.notified:
+                    if _logical_wait(s, sch, t, waiter, deadline, ("wait", "Condition.wait()", id(self))):
+                        break
+            finally:
+                if not waiter.notified:
+                    try:
+                        self._rg_waiters.remove(waiter)
+                    except ValueError:
+                        pass
+                self._acquire_restore(saved)
+            return waiter.notified
+        finally:
+            t.nest -= 1
+
+    def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
+        s = _active()
+        sch = s.sched if s is not None and self._rg_user else None
+        if sch is None or sch.current() is None:
+            return super().wait_for(predicate, timeout)
+        # threading's version measures the timeout in real time; under the scheduler time is virtual.
+        endtime = None
+        waittime = timeout
+        result = predicate()
+        while not result:
+            if waittime is not None:
+                if endtime is None:
+                    endtime = sch.vnow + waittime
+                else:
+                    waittime = endtime - sch.vnow
+                    if waittime <= 0:
+                        break
+            self.wait(waittime)
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        if self._rg_user:
+            s = _active()
+            if s is not None and s.sched is not None:
+                t = s.sched.current()
+                if t is not None:
+                    _sync_point(s.sched, t)
+                    t.nest += 1
+                    try:
+                        if not self._is_owned():
+                            raise RuntimeError("cannot notify on un-acquired lock")
+                    finally:
+                        t.nest -= 1
+                    woken = 0
+                    while self._rg_waiters and woken < n:
+                        waiter = self._rg_waiters.popleft()
+                        waiter.notified = True
+                        s.sched.wake(waiter)
+                        woken += 1
+                    if woken < n and self._waiters:  # threads waiting natively (unmanaged)
+                        super().notify(n - woken)
+                    return
+        super().notify(n)
+
+    def notify_all(self) -> None:
+        if self._rg_user:
+            s = _active()
+            if s is not None and s.sched is not None and s.sched.current() is not None:
+                self.notify(len(self._rg_waiters) + len(self._waiters))
+                return
+        super().notify_all()
+
+    notifyAll = notify_all
 
 
 class _SemaphoreEdges:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_acquire(s, t, blocking, timeout)
         ok = _blocking(
             "Semaphore.acquire()", self, bool(blocking) and timeout is None, super().acquire, blocking, timeout  # type: ignore[misc]
         )
@@ -283,10 +504,38 @@ class _SemaphoreEdges:
 
     __enter__ = acquire
 
+    def _rg_sched_acquire(self, s: Any, t: Any, blocking: bool, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        deadline = _deadline(sch, timeout)
+        t.nest += 1
+        try:
+            while True:
+                if super().acquire(False):  # type: ignore[misc]
+                    s.acquire(_var(self))
+                    return True
+                if not blocking:
+                    return False
+                if _logical_wait(s, sch, t, self, deadline, ("wait", "Semaphore.acquire()", id(self))):
+                    return False
+        finally:
+            t.nest -= 1
+
     def release(self, n: int = 1) -> None:
         s = _active()
         if s is not None:
+            sch = s.sched
+            if sch is not None:
+                t = sch.current()
+                if t is not None:
+                    _sync_point(sch, t)
             s.release(_var(self))
+            super().release(n)  # type: ignore[misc]
+            if sch is not None:
+                sch.wake(self)
+            return
         super().release(n)  # type: ignore[misc]
 
 
@@ -309,13 +558,36 @@ class Event(threading.Event):
     def set(self) -> None:
         s = _active()
         if s is not None:
+            sch = s.sched
+            if sch is not None:
+                t = sch.current()
+                if t is not None:
+                    _sync_point(sch, t)
+                s.release(_var(self))
+                super().set()
+                sch.wake(self)
+                if sch.pending:  # a new thread setting its own _started: admission point
+                    sch.maybe_admit(self)
+                return
             s.release(_var(self))
         super().set()
 
+    def clear(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sync_point(s.sched, t)
+        super().clear()
+
     def is_set(self) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sync_point(s.sched, t)
         flag = super().is_set()
         if flag:
-            s = _active()
             if s is not None:
                 s.acquire(_var(self))
         return flag
@@ -323,11 +595,32 @@ class Event(threading.Event):
     isSet = is_set
 
     def wait(self, timeout: float | None = None) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
         flag = _blocking("Event.wait()", self, timeout is None, super().wait, timeout)
         if flag:
             s = _active()
             if s is not None:
                 s.acquire(_var(self))
+        return flag
+
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        deadline = _deadline(sch, timeout)
+        t.nest += 1
+        try:
+            while not self._flag:
+                if _logical_wait(s, sch, t, self, deadline, ("wait", "Event.wait()", id(self))):
+                    break
+        finally:
+            t.nest -= 1
+        flag = self._flag
+        if flag:
+            s.acquire(_var(self))
         return flag
 
 
@@ -337,9 +630,16 @@ class Barrier(threading.Barrier):
         self._rg_guard = _orig["allocate_lock"]()
         self._rg_arrivals = 0
         self._rg_generations: dict[int, SyncVar] = {}
+        # Under the scheduler: the current generation and the generations broken by reset().
+        self._rg_sgen = 0
+        self._rg_reset: set[int] = set()
 
     def wait(self, timeout: float | None = None) -> int:
         s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
         with self._rg_guard:
             generation = self._rg_arrivals // self._parties
             self._rg_arrivals += 1
@@ -355,11 +655,74 @@ class Barrier(threading.Barrier):
             s.acquire(var)
         return index
 
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> int:
+        """threading.Barrier's protocol, with logical waits (and the same state fields, so
+        ``n_waiting`` and ``broken`` read right)."""
+        sch = s.sched
+        _sync_point(sch, t)
+        if timeout is None:
+            timeout = self._timeout
+        t.nest += 1
+        try:
+            if self._state == -2:
+                raise threading.BrokenBarrierError
+            gen = self._rg_sgen
+            var = self._rg_generations.get(gen)
+            if var is None:
+                var = self._rg_generations[gen] = SyncVar()
+                self._rg_generations.pop(gen - 3, None)
+            s.release(var)
+            index = self._count
+            self._count += 1
+            if self._count == self._parties:
+                try:
+                    if self._action:
+                        self._action()
+                except BaseException:
+                    self._state = -2
+                    self._count = 0
+                    sch.wake(self)
+                    raise
+                self._count = 0
+                self._rg_sgen += 1
+                sch.wake(self)
+            else:
+                deadline = _deadline(sch, timeout)
+                while self._rg_sgen == gen and self._state != -2:
+                    if _logical_wait(s, sch, t, self, deadline, ("wait", "Barrier.wait()", id(self))):
+                        if self._rg_sgen == gen and self._state != -2:
+                            self._state = -2  # a timeout breaks the barrier for everyone
+                            self._count = 0
+                            sch.wake(self)
+                if self._rg_sgen == gen or gen in self._rg_reset:
+                    raise threading.BrokenBarrierError
+            s.acquire(var)
+            return index
+        finally:
+            t.nest -= 1
+
     def reset(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None and s.sched.current() is not None:
+            if self._count > 0 or self._state == -2:
+                self._rg_reset.add(self._rg_sgen)
+                self._rg_sgen += 1
+            self._count = 0
+            self._state = 0
+            s.sched.wake(self)
+            return
         with self._rg_guard:
             # Start a fresh generation: waiters of the broken one never depart normally.
             self._rg_arrivals = -(-self._rg_arrivals // self._parties) * self._parties
         super().reset()
+
+    def abort(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None and s.sched.current() is not None:
+            self._state = -2
+            s.sched.wake(self)
+            return
+        super().abort()
 
 
 # -- queues ----------------------------------------------------------------------------------
@@ -413,6 +776,11 @@ class Queue(_ItemEdges, queue.Queue):
         super().__init__(maxsize)
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_put(s, t, item, block, timeout)
         var = self._rg_before_put(item)
         try:
             _blocking("Queue.put()", self, bool(block) and timeout is None and self.maxsize > 0, super().put, item, block, timeout)
@@ -420,22 +788,113 @@ class Queue(_ItemEdges, queue.Queue):
             self._rg_put_failed(item, var)
             raise
 
+    def _rg_sched_put(self, s: Any, t: Any, item: Any, block: bool, timeout: float | None) -> None:
+        sch = s.sched
+        _sync_point(sch, t)
+        if block and timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        var = self._rg_before_put(item)
+        deadline = _deadline(sch, timeout if block else 0.0)
+        t.nest += 1
+        try:
+            while True:
+                try:
+                    super().put(item, False)
+                    break
+                except queue.Full:
+                    if not block or _logical_wait(s, sch, t, (self, "put"), deadline, ("wait", "Queue.put()", id(self))):
+                        raise
+        except BaseException:
+            self._rg_put_failed(item, var)
+            raise
+        finally:
+            t.nest -= 1
+        sch.wake((self, "get"))
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_get(s, t, block, timeout)
         item = _blocking("Queue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
         return item
 
+    def _rg_sched_get(self, s: Any, t: Any, block: bool, timeout: float | None) -> Any:
+        sch = s.sched
+        _sync_point(sch, t)
+        if block and timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = _deadline(sch, timeout if block else 0.0)
+        t.nest += 1
+        try:
+            while True:
+                try:
+                    item = super().get(False)
+                    break
+                except queue.Empty:
+                    if not block or _logical_wait(s, sch, t, (self, "get"), deadline, ("wait", "Queue.get()", id(self))):
+                        raise
+        finally:
+            t.nest -= 1
+        self._rg_after_get(item)
+        sch.wake((self, "put"))
+        return item
+
     def task_done(self) -> None:
         s = _active()
+        sch = s.sched if s is not None else None
+        if sch is not None:
+            t = sch.current()
+            if t is not None:
+                _sync_point(sch, t)
         if s is not None:
             s.release(self._rg_join_var)
         super().task_done()
+        if sch is not None and not self.unfinished_tasks:
+            sch.wake((self, "join"))
 
     def join(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                sch = s.sched
+                _sync_point(sch, t)
+                t.nest += 1
+                try:
+                    while self.unfinished_tasks:
+                        _logical_wait(s, sch, t, (self, "join"), None, ("wait", "Queue.join()", id(self)))
+                finally:
+                    t.nest -= 1
+                s.acquire(self._rg_join_var)
+                return
         _blocking("Queue.join()", self, True, super().join)
         s = _active()
         if s is not None:
             s.acquire(self._rg_join_var)
+
+    # Reads of the queue's state: scheduling points under the scheduler (check-then-act).
+    def qsize(self) -> int:
+        _read_point()
+        return super().qsize()
+
+    def empty(self) -> bool:
+        _read_point()
+        return super().empty()
+
+    def full(self) -> bool:
+        _read_point()
+        return super().full()
+
+
+def _read_point() -> None:
+    s = _active()
+    if s is not None and s.sched is not None:
+        t = s.sched.current()
+        if t is not None:
+            _sync_point(s.sched, t)
 
 
 class LifoQueue(Queue, queue.LifoQueue):
@@ -452,13 +911,43 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
         self._rg_init()
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        s = _active()
+        sch = s.sched if s is not None else None
+        if sch is not None:
+            t = sch.current()
+            if t is not None:
+                _sync_point(sch, t)
         var = self._rg_before_put(item)
         super().put(item, block, timeout)
+        if sch is not None:
+            sch.wake((self, "get"))
 
     def put_nowait(self, item: Any) -> None:
         self.put(item, False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                sch = s.sched
+                _sync_point(sch, t)
+                if block and timeout is not None and timeout < 0:
+                    raise ValueError("'timeout' must be a non-negative number")
+                deadline = _deadline(sch, timeout if block else 0.0)
+                t.nest += 1
+                try:
+                    while True:
+                        try:
+                            item = super().get(False)
+                            break
+                        except queue.Empty:
+                            if not block or _logical_wait(s, sch, t, (self, "get"), deadline, ("wait", "SimpleQueue.get()", id(self))):
+                                raise
+                finally:
+                    t.nest -= 1
+                self._rg_after_get(item)
+                return item
         item = _blocking("SimpleQueue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
         return item
@@ -466,13 +955,36 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
     def get_nowait(self) -> Any:
         return self.get(False)
 
+    def empty(self) -> bool:
+        _read_point()
+        return super().empty()
+
+    def qsize(self) -> int:
+        _read_point()
+        return super().qsize()
+
 
 # -- threads ---------------------------------------------------------------------------------
 def _thread_start(self: threading.Thread) -> None:
     s = _active()
-    if s is not None and not self._started.is_set():
+    if s is not None and not self._started._flag:
+        sch = s.sched
+        t = sch.current() if sch is not None else None
+        if t is not None:
+            _sync_point(sch, t)
         self._rg_tid = s.fork()
         self._rg_end_var = SyncVar()
+        if t is not None and getattr(self, "_initialized", False):
+            # A managed thread from now on: runnable, admitted when its bootstrap sets _started.
+            st = self._rg_sched = sch.register(self.name, self, self.daemon)
+            t.raw += 1  # the handshake with the new thread (_started.wait()) is a native wait
+            try:
+                return _orig["Thread.start"](self)
+            except BaseException:
+                sch.thread_exit(st)
+                raise
+            finally:
+                t.raw -= 1
     return _orig["Thread.start"](self)
 
 
@@ -481,14 +993,24 @@ def _thread_bootstrap_inner(self: threading.Thread) -> None:
     if s is None:
         return _orig["Thread._bootstrap_inner"](self)
     state = s.enter_thread(self, getattr(self, "_rg_tid", None))
+    st = getattr(self, "_rg_sched", None) if s.sched is not None else None
+    if st is not None:
+        s.sched.expect(st)
     try:
         return _orig["Thread._bootstrap_inner"](self)
     finally:
         s.leave_thread(state, getattr(self, "_rg_end_var", None))
+        if st is not None:
+            s.sched.thread_exit(st)
 
 
 def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
     s = _active()
+    st = getattr(self, "_rg_sched", None)
+    if s is not None and st is not None and s.sched is not None and self._started._flag:
+        t = s.sched.current()
+        if t is not None and t is not st:
+            return _sched_join(self, s, t, st, timeout)
     tid = getattr(self, "_rg_tid", None)
     if s is not None and tid is not None and timeout is None and self._started.is_set() and self.is_alive():
         from ..engine.waitfor import ThreadJoin
@@ -505,6 +1027,32 @@ def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
         s.acquire(var)
 
 
+def _sched_join(thread: threading.Thread, s: Any, t: Any, st: Any, timeout: float | None) -> None:
+    from ..engine.waitfor import ThreadJoin
+    from ..schedule.scheduler import FINISHED
+
+    sch = s.sched
+    _sync_point(sch, t)
+    deadline = _deadline(sch, timeout)
+    t.nest += 1
+    try:
+        while st.status is not FINISHED:
+            if _logical_wait(s, sch, t, ("join", st.id), deadline, ThreadJoin(thread._rg_tid)):
+                if st.status is not FINISHED:
+                    return  # timed out: the thread is still alive, as with the original
+        # Finished logically; the OS thread is on its way out and needs no baton: a native join.
+        t.raw += 1
+        try:
+            _orig["Thread.join"](thread, None)
+        finally:
+            t.raw -= 1
+    finally:
+        t.nest -= 1
+    var = getattr(thread, "_rg_end_var", None)
+    if var is not None:
+        s.acquire(var)
+
+
 def _excepthook(args: Any) -> None:
     s = _active()
     if s is not None and not issubclass(args.exc_type, SystemExit):
@@ -513,18 +1061,55 @@ def _excepthook(args: Any) -> None:
 
 
 # -- futures ---------------------------------------------------------------------------------
+# Key every logical concurrent.futures.wait() / as_completed() waits on: any future completing.
+_FUTURES_ANY = ("raceguard", "any future")
+
+
+def _future_changed(s: Any, fut: Any) -> None:
+    sch = s.sched
+    if sch is not None:
+        sch.wake(fut)
+        sch.wake(_FUTURES_ANY)
+
+
+def _future_point(s: Any) -> None:
+    sch = s.sched
+    if sch is not None:
+        t = sch.current()
+        if t is not None:
+            _sync_point(sch, t)
+
+
 def _future_set_result(self: Any, result: Any) -> None:
     s = _active()
     if s is not None:
+        _future_point(s)
         s.release(_var(self))
-    return _orig["Future.set_result"](self, result)
+    out = _orig["Future.set_result"](self, result)
+    if s is not None:
+        _future_changed(s, self)
+    return out
 
 
 def _future_set_exception(self: Any, exception: Any) -> None:
     s = _active()
     if s is not None:
+        _future_point(s)
         s.release(_var(self))
-    return _orig["Future.set_exception"](self, exception)
+    out = _orig["Future.set_exception"](self, exception)
+    if s is not None:
+        _future_changed(s, self)
+    return out
+
+
+def _future_cancel(self: Any) -> bool:
+    s = _active()
+    if s is not None:
+        _future_point(s)
+    out = _orig["Future.cancel"](self)
+    if s is not None:
+        _future_changed(s, self)
+    return out
 
 
 def _acquire_future(fut: Any) -> None:
@@ -533,7 +1118,30 @@ def _acquire_future(fut: Any) -> None:
         s.acquire(fut.__dict__["_rg_var"])
 
 
+def _sched_future_wait(fut: Any, s: Any, t: Any, timeout: float | None, kind: str) -> None:
+    """Wait logically until ``fut`` is done or the (virtual) timeout passes."""
+    sch = s.sched
+    _sync_point(sch, t)
+    deadline = _deadline(sch, timeout)
+    t.nest += 1
+    try:
+        while not fut.done():
+            if _logical_wait(s, sch, t, fut, deadline, ("wait", kind, id(fut))):
+                break
+    finally:
+        t.nest -= 1
+
+
 def _future_result(self: Any, timeout: float | None = None) -> Any:
+    s = _active()
+    if s is not None and s.sched is not None:
+        t = s.sched.current()
+        if t is not None:
+            _sched_future_wait(self, s, t, timeout, "Future.result()")
+            try:
+                return _orig["Future.result"](self, 0)
+            finally:
+                _acquire_future(self)
     try:
         return _blocking("Future.result()", self, timeout is None and not self.done(), _orig["Future.result"], self, timeout)
     finally:
@@ -541,13 +1149,54 @@ def _future_result(self: Any, timeout: float | None = None) -> Any:
 
 
 def _future_exception(self: Any, timeout: float | None = None) -> Any:
+    s = _active()
+    if s is not None and s.sched is not None:
+        t = s.sched.current()
+        if t is not None:
+            _sched_future_wait(self, s, t, timeout, "Future.exception()")
+            try:
+                return _orig["Future.exception"](self, 0)
+            finally:
+                _acquire_future(self)
     try:
         return _blocking("Future.exception()", self, timeout is None and not self.done(), _orig["Future.exception"], self, timeout)
     finally:
         _acquire_future(self)
 
 
+def _wait_satisfied(result: Any, return_when: str) -> bool:
+    if not result.not_done:
+        return True
+    if return_when == futures_base.FIRST_COMPLETED:
+        return bool(result.done)
+    if return_when == futures_base.FIRST_EXCEPTION:
+        return any(not f.cancelled() and f._exception is not None for f in result.done)
+    return False
+
+
 def _futures_wait(fs: Any, timeout: float | None = None, return_when: str = futures_base.ALL_COMPLETED) -> Any:
+    s = _active()
+    if s is not None and s.sched is not None:
+        t = s.sched.current()
+        if t is not None:
+            sch = s.sched
+            _sync_point(sch, t)
+            fs = set(fs)
+            deadline = _deadline(sch, timeout)
+            t.nest += 1
+            try:
+                while True:
+                    result = _orig["wait"](fs, 0, return_when)
+                    if _wait_satisfied(result, return_when):
+                        break
+                    if _logical_wait(s, sch, t, _FUTURES_ANY, deadline, ("wait", "concurrent.futures.wait()", id(fs))):
+                        result = _orig["wait"](fs, 0, return_when)
+                        break
+            finally:
+                t.nest -= 1
+            for f in result.done:
+                _acquire_future(f)
+            return result
     result = _blocking("concurrent.futures.wait()", fs, timeout is None, _orig["wait"], fs, timeout, return_when)
     for f in result.done:
         _acquire_future(f)
@@ -555,9 +1204,45 @@ def _futures_wait(fs: Any, timeout: float | None = None, return_when: str = futu
 
 
 def _futures_as_completed(fs: Any, timeout: float | None = None) -> Any:
+    s = _active()
+    if s is not None and s.sched is not None and s.sched.current() is not None:
+        yield from _sched_as_completed(s, fs, timeout)
+        return
     for f in _orig["as_completed"](fs, timeout):
         _acquire_future(f)
         yield f
+
+
+def _sched_as_completed(s: Any, fs: Any, timeout: float | None) -> Any:
+    """as_completed() with logical waits; finished futures come in the order they were given
+    (the original yields already-finished ones in set order, which is not reproducible)."""
+    sch = s.sched
+    pending = list(dict.fromkeys(fs))
+    total = len(pending)
+    deadline = _deadline(sch, timeout)
+    while pending:
+        done = [f for f in pending if f.done()]
+        if done:
+            # The caller runs between yields (and other threads with it): look again before
+            # blocking, a future may have finished meanwhile.
+            for f in done:
+                pending.remove(f)
+                _acquire_future(f)
+                yield f
+            continue
+        t = sch.current()
+        if t is None:  # consumed outside the scheduler's control: fall back to the original
+            for f in _orig["as_completed"](pending, _remaining(sch, deadline)):
+                _acquire_future(f)
+                yield f
+            return
+        t.nest += 1
+        try:
+            timed_out = _logical_wait(s, sch, t, _FUTURES_ANY, deadline, ("wait", "concurrent.futures.as_completed()", id(fs)))
+        finally:
+            t.nest -= 1
+        if timed_out and not any(f.done() for f in pending):
+            raise futures_base.TimeoutError(f"{len(pending)} (of {total}) futures unfinished")
 
 
 def _work_item_init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -601,6 +1286,7 @@ _METHOD_PATCHES = [
     (threading.Thread, "join", _thread_join),
     (futures_base.Future, "set_result", _future_set_result),
     (futures_base.Future, "set_exception", _future_set_exception),
+    (futures_base.Future, "cancel", _future_cancel),
     (futures_base.Future, "result", _future_result),
     (futures_base.Future, "exception", _future_exception),
     (futures_thread._WorkItem, "__init__", _work_item_init),

@@ -1,0 +1,289 @@
+"""The ``stress``, ``replay`` and ``merge`` commands (registered on :func:`raceguard.cli.main`).
+
+Thin: parse options, merge them with ``[tool.raceguard]`` / ``[tool.raceguard.stress]``, run
+(:mod:`raceguard.stress`), print and exit with the contract's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from .cli import _TARGET_CONTEXT, _baseline, _fail_usage, _finish, _internal_error, _report_options, _suppressions, main
+from .config import ConfigError, load_config, merge_cli
+from .report.document import FORMATS, Report
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i_text, n_text = value.split("/", 1)
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        _fail_usage(f"--shard must look like I/N (e.g. 1/4), not {value!r}")
+    if n < 1 or not 1 <= i <= n:
+        _fail_usage(f"--shard {value}: I must be between 1 and N (N >= 1)")
+    return (i, n)
+
+
+def _stress_config(opts: dict) -> Any:
+    try:
+        config = load_config()
+        return merge_cli(
+            config,
+            {
+                "format": opts.get("fmt"),
+                "output": opts.get("output"),
+                "fail-on": opts.get("fail_on"),
+                "max-reports": opts.get("max_reports"),
+                "timeout": opts.get("timeout"),
+                "suppressions": opts.get("suppressions"),
+                "baseline": opts.get("baseline"),
+                "schedules": opts.get("schedules"),
+                "seed": opts.get("seed"),
+                "strategy": opts.get("strategy"),
+                "depth": opts.get("depth"),
+                "jobs": opts.get("jobs"),
+            },
+        )
+    except ConfigError as exc:
+        _fail_usage(str(exc))
+
+
+def _split_target(module: str | None, target: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    if module is None and not target:
+        _fail_usage("missing SCRIPT (or -m MODULE): what should raceguard run?")
+    script = None if module else target[0]
+    args = tuple(target if module else target[1:])
+    return script, args
+
+
+def _schedule_options(f: Any) -> Any:
+    options = [
+        click.option("--strategy", type=click.Choice(["random", "pct"]), help="Scheduling strategy [default: pct]."),
+        click.option("--depth", type=click.IntRange(min=1), help="PCT bug depth d: d-1 priority change points [default: 3]."),
+        click.option("--pct-steps", type=click.IntRange(min=1), help="PCT step estimate (written into replay commands; "
+                     "measured by a calibration run when absent)."),
+        click.option("--preempt", type=click.Choice(["ops", "lines"]), default="ops", show_default=True,
+                     help="Scheduling points: tensor ops and sync operations, or also every line of the target's own files."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(context_settings=_TARGET_CONTEXT)
+@click.option("-m", "module", metavar="MODULE", help="Run a library module as a script, like python -m.")
+@click.option("--schedules", type=click.IntRange(min=1), help="Number of schedules to run [default: 100].")
+@click.option("--seed", type=click.IntRange(min=0), help="Base seed; schedule i uses seed+i [default: random, printed].")
+@_schedule_options
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Schedules run in parallel [default: CPU count].")
+@click.option("--stop-on-first", is_flag=True, help="Stop at the first failing schedule.")
+@click.option("--shard", metavar="I/N", help="Run only schedules i with i % N == I-1 (split one run across CI jobs).")
+@_report_options
+@click.argument("target", nargs=-1, type=click.UNPROCESSED)
+def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
+    """Run SCRIPT [ARGS]... under many controlled thread schedules and report what fails.
+
+    Exactly one thread runs at a time; at every tensor op and synchronisation operation the
+    strategy picks which thread continues. Each failing schedule can be replayed exactly with
+    the `raceguard replay` command printed next to its findings. --timeout is per schedule
+    (default 60 s).
+    """
+    from . import stress as stress_mod
+
+    script, args = _split_target(module, target)
+    config = _stress_config(opts)
+    shard = _parse_shard(opts.get("shard"))
+    jobs = config["jobs"]
+    if config.source("jobs") == "default":
+        jobs = os.cpu_count() or 1
+    quiet, verbose = bool(opts.get("quiet")), bool(opts.get("verbose"))
+    progress = _ProgressDisplay(enabled=not quiet and _is_terminal(sys.stderr))
+    seed_given = config["seed"] is not None
+
+    def on_event(what: str, data: dict) -> None:
+        if what == "start" and not quiet:
+            strategy = config["strategy"]
+            desc = f"strategy {strategy}" + (f" (depth {config['depth']})" if strategy == "pct" else "")
+            shard_text = f", shard {shard[0]}/{shard[1]}" if shard else ""
+            click.echo(
+                f"raceguard: stress: seed {data['seed']}{'' if seed_given else ' (random)'}, {desc}, "
+                f"{data['schedules']} schedules{shard_text}, {jobs} {'job' if jobs == 1 else 'jobs'}",
+                err=True,
+            )
+            progress.start(data["schedules"])
+        elif what == "ready" and verbose and data.get("pct_steps") is not None:
+            click.echo(f"raceguard: stress: PCT step estimate {data['pct_steps']} (calibration run)", err=True)
+
+    options = stress_mod.StressOptions(
+        script=script,
+        module=module,
+        args=args,
+        schedules=config["schedules"],
+        seed=config["seed"],
+        strategy=config["strategy"],
+        depth=config["depth"],
+        pct_steps=opts.get("pct_steps"),
+        jobs=jobs,
+        stop_on_first=bool(opts.get("stop_on_first")),
+        timeout=config["timeout"],
+        shard=shard,
+        preempt=opts.get("preempt") or "ops",
+        max_reports=config["max-reports"],
+        suppressions=_suppressions(config["suppressions"]),
+        baseline=_baseline(config["baseline"]),
+        fail_on=config["fail-on"],
+        on_progress=progress.update,
+        on_event=on_event,
+    )
+    try:
+        report = stress_mod.run_stress(options)
+    except stress_mod.TargetUsageError as exc:
+        progress.stop()
+        _fail_usage(str(exc))
+    except Exception as exc:
+        progress.stop()
+        _internal_error(exc)
+    progress.stop()
+    _finish(report, config, opts)
+
+
+@main.command(context_settings=_TARGET_CONTEXT)
+@click.option("-m", "module", metavar="MODULE", help="Run a library module as a script, like python -m.")
+@click.option("--seed", type=click.IntRange(min=0), required=True, help="The schedule's seed (from the stress report).")
+@_schedule_options
+@_report_options
+@click.argument("target", nargs=-1, type=click.UNPROCESSED)
+def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
+    """Replay one schedule of SCRIPT [ARGS]... exactly and report it like `check`.
+
+    Use the command `raceguard stress` prints next to a finding; it carries the seed, the
+    strategy and its parameters. The target's output goes to the terminal.
+    """
+    from . import stress as stress_mod
+
+    script, args = _split_target(module, target)
+    config = _stress_config(opts)
+    options = stress_mod.StressOptions(
+        script=script,
+        module=module,
+        args=args,
+        schedules=1,
+        seed=opts["seed"],
+        strategy=config["strategy"],
+        depth=config["depth"],
+        pct_steps=opts.get("pct_steps"),
+        jobs=1,
+        timeout=config["timeout"],
+        preempt=opts.get("preempt") or "ops",
+        max_reports=config["max-reports"],
+        suppressions=_suppressions(config["suppressions"]),
+        baseline=_baseline(config["baseline"]),
+        fail_on=config["fail-on"],
+        capture_output=False,
+    )
+    try:
+        report = stress_mod.run_replay(options)
+    except stress_mod.TargetUsageError as exc:
+        _fail_usage(str(exc))
+    except Exception as exc:
+        _internal_error(exc)
+    _finish(report, config, opts)
+
+
+@main.command()
+@click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format [default: text].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the merged report here (atomically).")
+@click.option("--fail-on", type=click.Choice(["error", "warning"]), help="Lowest severity that fails [default: error].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@click.option("-v", "--verbose", is_flag=True, help="Show library frames and the effective configuration.")
+def merge(reports: tuple[str, ...], **opts: Any) -> None:
+    """Combine JSON reports of `stress --shard I/N` runs into one report."""
+    from .report.document import validate_report
+    from .stress import merge_reports
+
+    if not reports:
+        _fail_usage("merge needs at least one JSON report (from stress --format json --output FILE)")
+    loaded: list[Report] = []
+    for path in reports:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as exc:
+            _fail_usage(f"cannot read {path}: {exc.strerror or exc}")
+        except ValueError as exc:
+            _fail_usage(f"{path} is not a JSON report: {exc}")
+        try:
+            validate_report(data)
+            loaded.append(Report.from_dict(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            _fail_usage(f"{path} is not a raceguard report: {exc}")
+    targets = {tuple(r.target) for r in loaded}
+    if len(targets) > 1 and not opts.get("quiet"):
+        click.echo("raceguard: merge: warning: the reports are of different targets", err=True)
+    try:
+        config = load_config()
+        config = merge_cli(config, {"format": opts.get("fmt"), "output": opts.get("output"), "fail-on": opts.get("fail_on")})
+    except ConfigError as exc:
+        _fail_usage(str(exc))
+    try:
+        report = merge_reports(loaded)
+    except Exception as exc:
+        _internal_error(exc)
+    _finish(report, config, opts)
+
+
+# -- progress ---------------------------------------------------------------------------------
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except Exception:
+        return False
+
+
+class _ProgressDisplay:
+    """A rich progress bar on stderr: schedules done, failures, distinct bugs, ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        if not self.enabled or self._progress is not None:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]stress"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("schedules"),
+            TextColumn("[red]{task.fields[failures]} failing"),
+            TextColumn("[magenta]{task.fields[bugs]} distinct"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=True,
+        )
+        self._task = self._progress.add_task("stress", total=total, failures=0, bugs=0)
+        self._progress.start()
+
+    def update(self, p: Any) -> None:
+        if self._progress is None:
+            return
+        self._progress.update(self._task, completed=p.done, total=p.total, failures=p.failures, bugs=p.bugs)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

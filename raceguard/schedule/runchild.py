@@ -1,0 +1,364 @@
+"""One schedule: what a child forked from the fork server runs.
+
+The child sets up a capture session exactly like ``raceguard check``'s child does, attaches a
+:class:`~raceguard.schedule.scheduler.Scheduler` driven by the schedule's strategy, runs the
+target as ``__main__`` and streams findings over its pipe as they are made (same messages as
+:mod:`raceguard.capture.child`). It always ends with ``os._exit``: the fork server's interpreter
+state (atexit handlers, buffered output) must not run twice.
+
+Determinism: besides the scheduler's choices, the child fixes what else the schedule could vary
+on: Python's ``random``, ``torch``'s and (when imported) ``numpy``'s global generators are seeded
+from the schedule's seed; ``PYTHONHASHSEED`` is fixed by the parent for the fork server; thread
+ids are creation-order numbers. What stays outside: wall-clock reads, ``id()``-dependent
+iteration, uninstrumented blocking (handled by the watchdog), threads started with
+``_thread.start_new_thread``.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+from ..capture import child as child_mod
+from ..capture import runner
+from ..capture import session as session_mod
+from ..capture.child import PipeSink
+from ..capture.session import Session
+from . import hooks
+from .failures import all_thread_frames, exception_failure, exit_failure, timeout_failure
+from .scheduler import Scheduler, ScheduleDeadlocked
+from .strategies import make_strategy
+
+# Watchdog: a holder that reached no scheduling point for this long while the process was idle
+# (the thread sleeps in the OS: I/O, a raw lock, a C extension's wait) loses the baton; one that
+# burns CPU without a scheduling point (a spin loop) loses it after BUSY_STALL.
+IDLE_STALL = 0.05
+BUSY_STALL = 2.0
+WATCHDOG_PERIOD = 0.01
+
+_orig_sleep = time.sleep
+
+
+class Target:
+    """What to run, prepared once in the fork server."""
+
+    def __init__(self, script: str | None, module: str | None, args: list[str], code: Any) -> None:
+        self.script = script
+        self.module = module
+        self.args = list(args)
+        self.code = code
+
+
+def run_schedule(spec: dict, target: Target, fd: int) -> NoReturn:
+    """Run the target once under the schedule ``spec``; never returns."""
+    sink = PipeSink(fd)
+    try:
+        _run(spec, target, sink)
+    except BaseException as exc:  # a bug in raceguard: say so, never hang the server
+        import traceback
+
+        sink({"type": "internal-error", "message": f"raceguard failed while running a schedule: {exc!r}",
+              "traceback": traceback.format_exc()})
+        _flush()
+        os._exit(70)
+    _flush()
+    os._exit(0)
+
+
+def _redirect_output(log: str | None) -> None:
+    if log is None:
+        return
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+
+def _seed_generators(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed & 0xFFFFFFFFFFFFFFFF)
+    except Exception:
+        pass
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed(seed & 0xFFFFFFFF)
+        except Exception:
+            pass
+
+
+def _run(spec: dict, target: Target, sink: PipeSink) -> None:
+    _redirect_output(spec.get("log"))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seed = int(spec["seed"])
+    _seed_generators(seed)
+
+    session = Session(
+        sink,
+        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
+        max_reports=spec.get("max_reports"),
+    )
+    child_mod._track_constructions(session)
+    strategy = make_strategy(spec["strategy"], seed, int(spec.get("depth") or 3), spec.get("steps"))
+    outcome = {"kind": "exit"}
+
+    def end(kind: str, code: int | None) -> NoReturn:
+        sched.stop()
+        try:
+            session.report_lock_cycles()
+        except Exception:
+            pass
+        sink({"type": "exit", "code": code, "outcome": kind, "stats": _stats(session, sched, strategy, started)})
+        _flush()
+        os._exit(1 if code is None else code)
+
+    def on_deadlock(scheduler: Scheduler, blocked: list) -> None:
+        deadlock = session.check_all_blocked()
+        if deadlock is not None:
+            session.report_deadlock(deadlock)  # calls session.on_deadlock: ends the process
+        _generic_deadlock(session, blocked)
+        end("deadlock", None)
+
+    sched = Scheduler(strategy, on_deadlock=on_deadlock)
+    try:
+        import torch
+
+        sched.graph_task_id = torch._C._current_graph_task_id
+    except Exception:
+        pass
+    session.sched = sched
+    session.on_deadlock = lambda: end("deadlock", None)
+    session_mod.ACTIVE = session
+    main_state = session.enter_thread(threading.main_thread(), None)
+    main_t = sched.add_main(threading.main_thread().name)
+    hooks.yield_hook = lambda: _yield(sched)
+    time.sleep = _make_sleep(sched)  # type: ignore[assignment]
+    started = time.monotonic()
+    timeout = spec.get("timeout")
+    _thread.start_new_thread(_watchdog, (sched, session, sink, started, timeout, end))
+    if spec.get("preempt") == "lines":
+        from .lines import install_line_preemption
+
+        install_line_preemption(sched)
+
+    exit_code = 0
+    try:
+        try:
+            if target.module:
+                runner.run_module(target.module, tuple(target.args))
+            else:
+                runner.run_script(target.script, target.code, tuple(target.args))
+        except SystemExit as exc:
+            exit_code = runner.exit_code_of(exc)
+            if exit_code != 0:
+                outcome = {"kind": "exit"}
+                _emit(session, exit_failure(exit_code, exc))
+        except ScheduleDeadlocked:
+            end("deadlock", None)
+        except BaseException as exc:  # the target's own uncaught exception
+            runner.print_uncaught(exc)
+            exit_code = 1
+            outcome = {"kind": "exception"}
+            sink({"type": "target-exception", "exception": f"{type(exc).__name__}: {exc}"})
+            _emit(session, exception_failure(exc, threading.main_thread().name))
+        _shutdown(session, sched, main_t)
+    finally:
+        sched.stop()
+        session.report_lock_cycles()
+        session.leave_thread(main_state, None)
+        sink({"type": "exit", "code": exit_code, "outcome": outcome["kind"],
+              "stats": _stats(session, sched, strategy, started)})
+    _flush()
+    os._exit(exit_code)
+
+
+def _emit(session: Session, finding: Any) -> None:
+    session.emit({"type": "finding", "finding": finding.to_dict()})
+
+
+def _shutdown(session: Session, sched: Scheduler, main_t: Any) -> None:
+    """Interpreter shutdown as threading._shutdown() does it, with logical waits: run the
+    threading-level atexit callbacks (executors stop their workers there), then wait for every
+    non-daemon thread."""
+    threading._SHUTTING_DOWN = True  # type: ignore[attr-defined]
+    callbacks = list(getattr(threading, "_threading_atexits", []))
+    for call in reversed(callbacks):
+        try:
+            call()
+        except Exception:
+            pass
+    if hasattr(threading, "_threading_atexits"):
+        threading._threading_atexits.clear()  # type: ignore[attr-defined]
+    resource = ("wait", "interpreter exit (waiting for non-daemon threads)", 0)
+    sched.wait_for_threads(
+        main_t,
+        on_block=lambda: session.wait_begin(resource, True),
+        on_unblock=session.wait_end,
+    )
+
+
+def _yield(sched: Scheduler) -> None:
+    t = sched.current()
+    if t is not None:
+        sched.yield_(t)
+
+
+def _make_sleep(sched: Scheduler) -> Any:
+    def sleep(secs: float) -> None:
+        """time.sleep under raceguard's scheduler: a yield in virtual time (see raceguard.schedule)."""
+        if not isinstance(secs, (int, float)):
+            return _orig_sleep(secs)  # raises the original TypeError
+        if secs < 0:
+            raise ValueError("sleep length must be non-negative")
+        t = sched.current()
+        if t is None:
+            return _orig_sleep(secs)
+        sched.yield_(t, float(secs))
+
+    sleep.__wrapped__ = _orig_sleep  # type: ignore[attr-defined]
+    return sleep
+
+
+def _watchdog(sched: Scheduler, session: Session, sink: PipeSink, started: float, timeout: float | None, end: Any) -> None:
+    """Uninstrumented blocking and the per-schedule timeout (a raw thread: not managed)."""
+    own = _thread.get_native_id()
+    marker = sched.progress
+    since = time.monotonic()
+    cpu_since = time.process_time()
+    while not sched.stopped:
+        _orig_sleep(WATCHDOG_PERIOD)
+        now = time.monotonic()
+        if timeout is not None and now - started >= timeout:
+            _report_timeout(sched, session, timeout)
+            end("timeout", None)
+            return
+        progress = sched.progress
+        holder = sched.holder
+        # A holder inside a known, short native wait (Thread.start's handshake, the final
+        # native join of a thread that has logically finished) is not stalled.
+        if progress != marker or holder is None or not holder.admitted or holder.raw:
+            marker = progress
+            since = now
+            cpu_since = time.process_time()
+            continue
+        stalled = now - since
+        if stalled < IDLE_STALL:
+            continue
+        cpu = (time.process_time() - cpu_since) / stalled
+        idle = cpu < 0.25 and not _any_thread_running(own)
+        if idle or stalled >= BUSY_STALL:
+            where = _where(holder.ident)
+            if sched.steal(marker):
+                marker = sched.progress
+                if len(_stalls) < 10:
+                    _stalls.append(where)
+            since = now
+            cpu_since = time.process_time()
+
+
+# Where the watchdog found stalled holders (innermost frames), for the schedule's statistics:
+# these are the places where the schedule stopped being strictly deterministic.
+_stalls: list[str] = []
+
+
+def _where(ident: int | None) -> str:
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    parts = []
+    while frame is not None and len(parts) < 4:
+        code = frame.f_code
+        parts.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " < ".join(parts) or "unknown"
+
+
+def _any_thread_running(own: int) -> bool:
+    """Whether a thread of this process other than the watchdog is running or waiting for a CPU
+    (the holder computing, or intra-op worker threads it waits for on a loaded machine)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        if task.isdigit() and int(task) != own and _thread_state(int(task)) == "R":
+            return True
+    return False
+
+
+def _thread_state(native_id: int | None) -> str | None:
+    """The kernel's state letter of a thread (R running, S sleeping, D disk wait...), if known."""
+    if native_id is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:][:1].decode()
+    except (OSError, ValueError):
+        return None
+
+
+def _report_timeout(sched: Scheduler, session: Session, timeout: float) -> None:
+    names = {}
+    main = threading.main_thread()
+    if main.ident is not None:
+        names[main.ident] = main.name
+    for t in sched.threads:
+        thread = t.thread_ref
+        if thread is not None and t.ident is not None:
+            names[t.ident] = thread.name
+    try:
+        finding = timeout_failure(timeout, all_thread_frames(names))
+        session.emit({"type": "finding", "finding": finding.to_dict()})
+    except Exception as exc:
+        session.emit({"type": "internal-error", "message": f"raceguard failed while reporting a timeout: {exc!r}"})
+
+
+def _generic_deadlock(session: Session, blocked: list) -> None:
+    """A deadlock the wait-for graph did not describe (should not happen): report it plainly."""
+    from ..report.finding import Access, Finding, compute_fingerprint
+
+    accesses = [
+        Access(thread=t.name, timeline=f"thread:{t.name}", mode="wait", op=None, details={"waits_for": repr(t.key)})
+        for t in blocked
+    ]
+    finding = Finding(
+        kind="deadlock",
+        resource="threads",
+        resource_kind="thread",
+        message="deadlock: every thread is blocked and nothing can wake them",
+        accesses=accesses,
+        fingerprint=compute_fingerprint("deadlock", "threads", accesses),
+    )
+    session.emit({"type": "finding", "finding": finding.to_dict()})
+
+
+def _stats(session: Session, sched: Scheduler, strategy: Any, started: float) -> dict:
+    stats = dict(session.stats())
+    stats.update(sched.stats())
+    stats["schedule_seconds"] = round(time.monotonic() - started, 6)
+    if _stalls:
+        stats["watchdog_sites"] = list(_stalls)
+    steps = getattr(strategy, "choice_steps", None)
+    if steps is not None:
+        stats["pct_choice_steps"] = steps
+    return stats
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass

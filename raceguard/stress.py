@@ -1,0 +1,636 @@
+"""``raceguard stress``, ``replay`` and ``merge``: many controlled schedules of one target.
+
+Orchestration only (no torch here): a fork server (:mod:`raceguard.schedule.forkserver`) runs the
+schedules; this module decides which schedules to run (seeds, shards, ``--jobs``,
+``--stop-on-first``), collects what each one streams back, aggregates findings by fingerprint
+(each keeps the lowest schedule index that showed it, with that schedule's seed and the exact
+``raceguard replay`` command) and builds the report of the contract.
+
+Schedule identity
+-----------------
+Schedule ``i`` of a run with base seed ``S`` uses seed ``S + i``. A ``random`` schedule is
+determined by its seed; a ``pct`` schedule by its seed, ``--depth`` and the step estimate
+``--pct-steps``, which ``stress`` measures once per run with a *calibration* schedule (PCT without
+change points, base seed ``S``; its findings are not reported) and writes into every replay
+command. Shards compute the same estimate, so ``--shard I/N`` runs are slices of one run.
+
+Sharding: schedule ``i`` belongs to shard ``I`` of ``N`` when ``i % N == I - 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .report.document import Report
+from .report.filters import Baseline, Suppressions, apply_filters
+from .report.finding import Finding, Reproduce
+from .schedule import failures
+from .schedule.forkserver import ForkServerClient, ServerError, TargetUsageError
+
+# Per-schedule timeout when neither --timeout nor the config sets one: a schedule that hangs in
+# a way the scheduler cannot see (real I/O, a C extension) must not hang the whole run.
+DEFAULT_SCHEDULE_TIMEOUT = 60.0
+OUTPUT_TAIL = 4000
+CALIBRATION_INDEX = -1
+
+__all__ = [
+    "DEFAULT_SCHEDULE_TIMEOUT",
+    "Progress",
+    "ScheduleResult",
+    "ServerError",
+    "StressOptions",
+    "TargetUsageError",
+    "merge_reports",
+    "replay_command",
+    "run_replay",
+    "run_stress",
+    "schedule_indices",
+]
+
+
+@dataclass
+class StressOptions:
+    script: str | None = None
+    module: str | None = None
+    args: tuple[str, ...] = ()
+    schedules: int = 100
+    seed: int | None = None
+    strategy: str = "pct"
+    depth: int = 3
+    pct_steps: int | None = None
+    jobs: int = 1
+    stop_on_first: bool = False
+    timeout: float | None = None
+    shard: tuple[int, int] | None = None  # (I, N), 1-based I
+    preempt: str = "ops"
+    max_reports: int | None = None
+    suppressions: Suppressions | None = None
+    baseline: Baseline | None = None
+    fail_on: str = "error"
+    capture_output: bool = True
+    on_progress: Callable[["Progress"], None] | None = field(default=None, repr=False)
+    on_event: Callable[[str, dict], None] | None = field(default=None, repr=False)
+
+    def target_argv(self) -> list[str]:
+        head = ["-m", self.module] if self.module else [self.script or ""]
+        return [*head, *self.args]
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    failures: int
+    bugs: int
+    running: int = 0
+
+
+@dataclass
+class ScheduleResult:
+    index: int
+    seed: int
+    findings: list[Finding]
+    outcome: dict[str, Any]
+    exit_code: int | None
+    stats: dict[str, Any]
+    internal_errors: list[str]
+    seconds: float
+
+    def fingerprints(self) -> list[str]:
+        return [f.fingerprint for f in self.findings]
+
+
+def schedule_indices(total: int, shard: tuple[int, int] | None) -> list[int]:
+    if shard is None:
+        return list(range(total))
+    i, n = shard
+    return [k for k in range(total) if k % n == i - 1]
+
+
+def replay_command(target: list[str], seed: int, strategy: str, depth: int, steps: int | None, preempt: str = "ops") -> str:
+    parts = ["raceguard", "replay", "--seed", str(seed), "--strategy", strategy]
+    if strategy == "pct":
+        parts += ["--depth", str(depth)]
+        if steps is not None:
+            parts += ["--pct-steps", str(steps)]
+    if preempt != "ops":
+        parts += ["--preempt", preempt]
+    return shlex.join(parts + list(target))
+
+
+# --------------------------------------------------------------------------------------------
+# one schedule's messages
+# --------------------------------------------------------------------------------------------
+class _ScheduleRun:
+    def __init__(self, index: int, seed: int, log: str | None, timeout: float | None) -> None:
+        self.index = index
+        self.seed = seed
+        self.log = log
+        self.timeout = timeout
+        self.findings: list[Finding] = []
+        self.by_fp: dict[str, Finding] = {}
+        self.exit: dict | None = None
+        self.stats: dict[str, Any] = {}
+        self.internal_errors: list[str] = []
+        self.exception: str | None = None
+        self.started = time.monotonic()
+
+    def handle(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "finding":
+            finding = Finding.from_dict(event["finding"])
+            if finding.fingerprint not in self.by_fp:
+                self.by_fp[finding.fingerprint] = finding
+                self.findings.append(finding)
+        elif kind == "also_on":
+            finding = self.by_fp.get(event.get("fingerprint", ""))
+            if finding is not None:
+                also = finding.details.setdefault("also_on", [])
+                if event["resource"] not in also and event["resource"] != finding.resource:
+                    also.append(event["resource"])
+        elif kind == "stats":
+            self.stats.update(event.get("stats", {}))
+        elif kind == "exit":
+            self.exit = event
+            self.stats.update(event.get("stats", {}))
+        elif kind == "internal-error":
+            self.internal_errors.append(event.get("message", "unknown error"))
+        elif kind == "target-exception":
+            self.exception = event.get("exception")
+        elif kind == "usage-error":
+            self.internal_errors.append(event.get("message", "usage error"))
+
+    def finish(self, done: dict) -> ScheduleResult:
+        exit_code: int | None
+        if self.exit is not None:
+            kind = self.exit.get("outcome", "exit")
+            exit_code = self.exit.get("code")
+            detail = None
+            if kind == "exception":
+                detail = self.exception
+            elif kind == "timeout":
+                detail = f"timed out after {self.timeout:g} s" if self.timeout else "timed out"
+            elif kind == "deadlock":
+                detail = "deadlocked; stopped by raceguard"
+            outcome = {"kind": kind, "code": exit_code, "signal": None, "detail": detail}
+        elif done.get("killed"):
+            exit_code = None
+            outcome = {"kind": "timeout", "code": None, "signal": None,
+                       "detail": f"timed out after {self.timeout:g} s" if self.timeout else "timed out"}
+            if not any(f.kind == "target-failure" for f in self.findings):
+                self._add(failures.timeout_failure(self.timeout or 0.0))
+        elif done.get("signal"):
+            exit_code = None
+            outcome = {"kind": "signal", "code": None, "signal": done["signal"], "detail": f"killed by {done['signal']}"}
+            self._add(failures.crash_failure(done["signal"], None, self._tail()))
+        else:
+            exit_code = done.get("code")
+            outcome = {"kind": "exit", "code": exit_code, "signal": None,
+                       "detail": f"exited abruptly with code {exit_code} (os._exit or a native abort)"}
+            if exit_code != 0 and not self.internal_errors:
+                self._add(failures.crash_failure(None, exit_code, self._tail()))
+        if self.findings and self.log:
+            tail = self._tail()
+            if tail:
+                for f in self.findings:
+                    if f.kind in ("target-failure", "thread-exception") and "output" not in f.details:
+                        f.details["output"] = tail
+        return ScheduleResult(
+            index=self.index,
+            seed=self.seed,
+            findings=self.findings,
+            outcome=outcome,
+            exit_code=exit_code,
+            stats=self.stats,
+            internal_errors=self.internal_errors,
+            seconds=time.monotonic() - self.started,
+        )
+
+    def _add(self, finding: Finding) -> None:
+        if finding.fingerprint not in self.by_fp:
+            self.by_fp[finding.fingerprint] = finding
+            self.findings.append(finding)
+
+    def _tail(self) -> str | None:
+        if not self.log:
+            return None
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - OUTPUT_TAIL))
+                data = f.read()
+        except OSError:
+            return None
+        text = data.decode(errors="replace")
+        return text if text.strip() else None
+
+
+# --------------------------------------------------------------------------------------------
+# running schedules
+# --------------------------------------------------------------------------------------------
+class _Interrupt:
+    """SIGINT while schedules run: stop launching, stop the server, report what was found."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Runner:
+    """Feeds schedules to the fork server, ``jobs`` at a time, and collects their results."""
+
+    def __init__(self, client: ForkServerClient, options: StressOptions, logdir: str | None, interrupt: _Interrupt) -> None:
+        self.client = client
+        self.options = options
+        self.logdir = logdir
+        self.interrupt = interrupt
+        self.running: dict[int, _ScheduleRun] = {}
+        self.server_error: str | None = None
+
+    def spec(self, index: int, seed: int, strategy: str, steps: int | None) -> dict:
+        log = os.path.join(self.logdir, f"schedule-{index}.log") if self.logdir else None
+        return {
+            "index": index,
+            "seed": seed,
+            "strategy": strategy,
+            "depth": self.options.depth,
+            "steps": steps,
+            "timeout": self.options.timeout,
+            "log": log,
+            "max_reports": self.options.max_reports,
+            "preempt": self.options.preempt,
+        }
+
+    def launch(self, spec: dict) -> None:
+        self.running[spec["index"]] = _ScheduleRun(spec["index"], spec["seed"], spec["log"], spec["timeout"])
+        self.client.run(spec)
+
+    def poll(self, timeout: float = 0.1) -> list[ScheduleResult]:
+        finished = []
+        for msg in self.client.messages(timeout):
+            if "event" in msg:
+                run = self.running.get(msg.get("index"))
+                if run is not None:
+                    run.handle(msg["event"])
+            elif msg.get("type") == "done":
+                run = self.running.pop(msg.get("index"), None)
+                if run is not None:
+                    result = run.finish(msg)
+                    if run.log:
+                        try:
+                            os.unlink(run.log)
+                        except OSError:
+                            pass
+                    finished.append(result)
+        if not finished and (self.client.eof or not self.client.alive) and self.running:
+            self.server_error = f"the fork server exited unexpectedly (code {self.client.proc.poll()})"
+        return finished
+
+    def run_one(self, spec: dict) -> ScheduleResult | None:
+        self.launch(spec)
+        while not self.interrupt.hit and self.server_error is None:
+            for result in self.poll():
+                return result
+        return None
+
+
+def _start_server(options: StressOptions, interrupt: "_Interrupt") -> ForkServerClient:
+    client = ForkServerClient(script=options.script, module=options.module, args=options.args)
+    try:
+        client.wait_ready(should_stop=lambda: interrupt.hit)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _calibrate(runner: _Runner, options: StressOptions, base_seed: int) -> int | None:
+    """The PCT step estimate: choice steps of one run under PCT without change points."""
+    result = runner.run_one(runner.spec(CALIBRATION_INDEX, base_seed, "pct", None))
+    if result is None:
+        return None
+    if result.internal_errors:
+        runner.server_error = "; ".join(result.internal_errors)
+    steps = result.stats.get("pct_choice_steps", result.stats.get("choices", 0))
+    return max(int(steps or 0), 1)
+
+
+def run_stress(options: StressOptions) -> Report:
+    started = time.monotonic()
+    base_seed = options.seed if options.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    options.seed = base_seed
+    if options.timeout is None:
+        options.timeout = DEFAULT_SCHEDULE_TIMEOUT
+    indices = schedule_indices(options.schedules, options.shard)
+    _notify(options, "start", {"seed": base_seed, "schedules": len(indices)})
+    logdir = tempfile.mkdtemp(prefix="raceguard-stress-") if options.capture_output else None
+    results: dict[int, ScheduleResult] = {}
+    steps = options.pct_steps
+    interrupted = False
+    server_error: str | None = None
+    try:
+        with _Interrupt() as interrupt:
+            client = _start_server(options, interrupt)
+            try:
+                runner = _Runner(client, options, logdir, interrupt)
+                if options.strategy == "pct" and steps is None and indices:
+                    _notify(options, "calibrating", {})
+                    steps = _calibrate(runner, options, base_seed)
+                _notify(options, "ready", {"pct_steps": steps})
+                if not interrupt.hit and runner.server_error is None:
+                    _run_all(runner, options, indices, base_seed, steps, results)
+                interrupted = interrupt.hit
+                server_error = runner.server_error
+            finally:
+                client.close()
+    finally:
+        if logdir:
+            shutil.rmtree(logdir, ignore_errors=True)
+    return _build_report(
+        "stress", options, results, base_seed, steps, started,
+        interrupted=interrupted, server_error=server_error, planned=len(indices),
+    )
+
+
+def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_seed: int, steps: int | None,
+             results: dict[int, ScheduleResult]) -> None:
+    queue = list(indices)
+    queue.reverse()
+    jobs = max(1, options.jobs)
+    failing: set[str] = set()
+    failures_count = 0
+    first_failure: int | None = None
+    total = len(indices)
+    while (queue or runner.running) and not runner.interrupt.hit and runner.server_error is None:
+        while queue and len(runner.running) < jobs and first_failure is None:
+            index = queue.pop()
+            runner.launch(runner.spec(index, base_seed + index, options.strategy, steps))
+        if first_failure is not None:
+            # --stop-on-first: lower-numbered schedules already running still count (so the
+            # reported first failure is the lowest failing index); higher ones are not needed.
+            if not any(i < first_failure for i in runner.running):
+                break
+        for result in runner.poll():
+            results[result.index] = result
+            bad = [f for f in result.findings if _fails(f, options)]
+            if bad:
+                failures_count += 1
+                failing.update(f.fingerprint for f in bad)
+                if options.stop_on_first and (first_failure is None or result.index < first_failure):
+                    first_failure = result.index
+            if options.on_progress is not None:
+                options.on_progress(Progress(len(results), total, failures_count, len(failing), len(runner.running)))
+
+
+def _fails(finding: Finding, options: StressOptions) -> bool:
+    if not finding.at_least(options.fail_on):
+        return False
+    if options.suppressions is not None and options.suppressions.match(finding) is not None:
+        return False
+    if options.baseline is not None and finding.fingerprint in options.baseline:
+        return False
+    return True
+
+
+def _notify(options: StressOptions, what: str, data: dict) -> None:
+    if options.on_event is not None:
+        options.on_event(what, data)
+
+
+def _build_report(
+    command: str,
+    options: StressOptions,
+    results: dict[int, ScheduleResult],
+    base_seed: int,
+    steps: int | None,
+    started: float,
+    *,
+    interrupted: bool = False,
+    server_error: str | None = None,
+    planned: int = 0,
+    replay: bool = False,
+) -> Report:
+    target = options.target_argv()
+    ordered = [results[i] for i in sorted(results)]
+    # Aggregate by fingerprint: the lowest schedule index that showed a finding keeps it.
+    chosen: dict[str, Finding] = {}
+    for result in ordered:
+        command_line = replay_command(target, result.seed, options.strategy, options.depth, steps, options.preempt)
+        for finding in result.findings:
+            if finding.fingerprint in chosen:
+                also = finding.details.get("also_on")
+                if also:
+                    kept = chosen[finding.fingerprint].details.setdefault("also_on", [])
+                    kept.extend(r for r in also if r not in kept)
+                continue
+            finding.reproduce = Reproduce(seed=result.seed, schedule_index=None if replay else result.index, command=command_line)
+            chosen[finding.fingerprint] = finding
+    filtered = apply_filters(list(chosen.values()), options.suppressions, options.baseline)
+    kept = filtered.kept
+    dropped = 0
+    if options.max_reports is not None and len(kept) > options.max_reports:
+        dropped = len(kept) - options.max_reports
+        kept = kept[: options.max_reports]
+    failing_fps = {f.fingerprint for f in filtered.kept if f.at_least(options.fail_on)}
+    kept_fps = {f.fingerprint for f in filtered.kept}
+
+    first_failure_at = None
+    first_failed: ScheduleResult | None = None
+    schedules = []
+    for result in ordered:
+        fps = [fp for fp in result.fingerprints() if fp in kept_fps]
+        schedules.append({
+            "index": result.index,
+            "seed": result.seed,
+            "fingerprints": fps,
+            "seconds": round(result.seconds, 4),
+            "scheduling_points": int(result.stats.get("scheduling_points", 0)),
+        })
+        if first_failure_at is None and any(fp in failing_fps for fp in fps):
+            first_failure_at = result.index
+            first_failed = result
+    failed_schedules = sum(1 for s in schedules if any(fp in failing_fps for fp in s["fingerprints"]))
+
+    errors = list(dict.fromkeys(e for r in ordered for e in r.internal_errors))
+    if server_error:
+        errors.append(server_error)
+
+    if interrupted:
+        outcome = {"kind": "interrupted", "code": None, "signal": None,
+                   "detail": f"interrupted (Ctrl-C) after {len(ordered)} of {planned} schedules"}
+        exit_code = None
+    elif first_failed is not None:
+        outcome = dict(first_failed.outcome)
+        exit_code = first_failed.exit_code
+    else:
+        failed = next((r for r in ordered if not (r.outcome.get("kind") == "exit" and r.outcome.get("code") == 0)), None)
+        if failed is not None:
+            outcome, exit_code = dict(failed.outcome), failed.exit_code
+        elif ordered:
+            outcome, exit_code = {"kind": "exit", "code": 0, "signal": None, "detail": None}, 0
+        else:
+            outcome, exit_code = None, None
+
+    stats: dict[str, Any] = {
+        "threads": max((int(r.stats.get("threads", 0)) for r in ordered), default=0),
+        "ops": sum(int(r.stats.get("ops", 0)) for r in ordered),
+        "schedules_run": len(ordered),
+        "first_failure_at": None if replay else first_failure_at,
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "schedules": schedules,
+        "seed": base_seed,
+        "strategy": options.strategy,
+        "failed_schedules": failed_schedules,
+        "scheduling_points": sum(int(r.stats.get("scheduling_points", 0)) for r in ordered),
+        "watchdog_interventions": sum(int(r.stats.get("watchdog_interventions", 0)) for r in ordered),
+    }
+    sites = list(dict.fromkeys(site for r in ordered for site in r.stats.get("watchdog_sites") or []))
+    if sites:
+        stats["watchdog_sites"] = sites[:10]
+    if replay and first_failure_at is not None:
+        stats["first_failure_at"] = 0
+    if options.strategy == "pct":
+        stats["depth"] = options.depth
+        stats["pct_steps"] = steps
+    if options.shard is not None:
+        stats["shard"] = f"{options.shard[0]}/{options.shard[1]}"
+    if dropped:
+        stats["dropped_reports"] = dropped
+    return Report(
+        command=command,
+        target=target,
+        findings=kept,
+        target_exit_code=exit_code,
+        stats=stats,
+        error="; ".join(errors) if errors else None,
+        target_outcome=outcome,
+        suppressed=filtered.suppressed,
+        fixed=filtered.fixed,
+    )
+
+
+def run_replay(options: StressOptions) -> Report:
+    """One schedule, reported like ``check``; the target's output goes to the terminal."""
+    started = time.monotonic()
+    seed = options.seed if options.seed is not None else 0
+    if options.timeout is None:
+        options.timeout = DEFAULT_SCHEDULE_TIMEOUT
+    results: dict[int, ScheduleResult] = {}
+    steps = options.pct_steps
+    interrupted = False
+    server_error = None
+    with _Interrupt() as interrupt:
+        client = _start_server(options, interrupt)
+        try:
+            runner = _Runner(client, options, None, interrupt)
+            if options.strategy == "pct" and steps is None:
+                # Without --pct-steps the estimate comes from this seed's own calibration run,
+                # so the same replay command always replays the same schedule.
+                steps = _calibrate(runner, options, seed)
+            if not interrupt.hit and runner.server_error is None:
+                result = runner.run_one(runner.spec(0, seed, options.strategy, steps))
+                if result is not None:
+                    results[0] = result
+            interrupted = interrupt.hit
+            server_error = runner.server_error
+        finally:
+            client.close()
+    report = _build_report(
+        "replay", options, results, seed, steps, started,
+        interrupted=interrupted, server_error=server_error, planned=1, replay=True,
+    )
+    report.stats.pop("schedules", None)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------------
+def merge_reports(reports: Iterable[Report]) -> Report:
+    """Combine shard reports: findings deduplicated by fingerprint (the lowest schedule index
+    wins), statistics summed, ``first_failure_at`` the minimum."""
+    reports = list(reports)
+    if not reports:
+        raise ValueError("nothing to merge")
+    chosen: dict[str, Finding] = {}
+    suppressed: dict[str, Finding] = {}
+
+    def key(f: Finding) -> tuple:
+        idx = f.reproduce.schedule_index
+        return (idx is None, idx if idx is not None else 0)
+
+    for report in reports:
+        for bucket, items in ((chosen, report.findings), (suppressed, report.suppressed)):
+            for f in items:
+                old = bucket.get(f.fingerprint)
+                if old is None or key(f) < key(old):
+                    bucket[f.fingerprint] = f
+    findings = sorted(chosen.values(), key=key)
+    for fp in list(suppressed):
+        if fp in chosen:
+            del suppressed[fp]
+    schedules: dict[int, dict] = {}
+    for report in reports:
+        for s in report.stats.get("schedules") or []:
+            schedules.setdefault(int(s["index"]), s)
+    firsts = [r.stats.get("first_failure_at") for r in reports if r.stats.get("first_failure_at") is not None]
+    stats: dict[str, Any] = {
+        "threads": max(int(r.stats.get("threads") or 0) for r in reports),
+        "ops": sum(int(r.stats.get("ops") or 0) for r in reports),
+        "schedules_run": sum(int(r.stats.get("schedules_run") or 0) for r in reports),
+        "first_failure_at": min(firsts) if firsts else None,
+        "wall_seconds": round(sum(float(r.stats.get("wall_seconds") or 0) for r in reports), 3),
+        "merged_reports": len(reports),
+    }
+    if schedules:
+        stats["schedules"] = [schedules[i] for i in sorted(schedules)]
+    for extra in ("failed_schedules", "scheduling_points", "watchdog_interventions"):
+        if any(extra in r.stats for r in reports):
+            stats[extra] = sum(int(r.stats.get(extra) or 0) for r in reports)
+    for same in ("seed", "strategy", "depth", "pct_steps"):
+        values = {repr(r.stats.get(same)) for r in reports}
+        if len(values) == 1 and reports[0].stats.get(same) is not None:
+            stats[same] = reports[0].stats[same]
+    errors = [r.error for r in reports if r.error]
+    outcome = None
+    exit_code: int | None = None
+    failed = [r for r in reports if r.target_failed()]
+    if failed:
+        first = min(failed, key=lambda r: r.stats.get("first_failure_at") if r.stats.get("first_failure_at") is not None else 1 << 60)
+        outcome, exit_code = first.target_outcome, first.target_exit_code
+    elif reports:
+        outcome, exit_code = reports[0].target_outcome, reports[0].target_exit_code
+    fixed = set.intersection(*(set(r.fixed) for r in reports)) if all(r.fixed for r in reports) else set()
+    return Report(
+        command="merge",
+        target=list(reports[0].target),
+        findings=findings,
+        target_exit_code=exit_code,
+        stats=stats,
+        error="; ".join(dict.fromkeys(errors)) if errors else None,
+        target_outcome=outcome,
+        suppressed=list(suppressed.values()),
+        fixed=sorted(fixed),
+    )

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.hb import HappensBefore
+from . import cuda
 from . import session as session_mod
 from . import sync
 from .session import Session
@@ -201,6 +202,8 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
         try:
             session_mod.ACTIVE = session
             state = session.enter_thread(thread, None)
+            # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
+            cuda.install(session)
         except BaseException:
             session_mod.ACTIVE = None
             _unuse_primitives()
@@ -231,6 +234,7 @@ def deactivate(handle: Handle) -> None:
             if same_thread:
                 session.leave_thread(handle.state, None)
         finally:
+            cuda.uninstall(session)
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None
             _forget_threads()

@@ -99,6 +99,9 @@ class Session:
         self.on_deadlock: Callable[[], None] | None = None
         self._deadlock_reported = False
         self._cycles_reported: set[str] = set()
+        # CUDA streams as timelines (raceguard.capture.cuda.CudaTracker), set by cuda.install() once
+        # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
+        self.cuda: Any = None
         # The controlled scheduler (raceguard stress / replay), None otherwise: then the hot path
         # pays exactly one attribute check for it (see on_op).
         self.sched: Any = None
@@ -280,6 +283,10 @@ class Session:
             accessed = ()
         else:
             accessed = tensor_args(plan, args, kwargs)
+        cuda = self.cuda
+        if cuda is not None and accessed:
+            # CUDA tensors (and the pinned host side of non_blocking copies) go to stream timelines.
+            accessed = cuda.before_op(state, plan, accessed, args, kwargs, info)
         with self.lock:
             self.ops += 1
             if plan.fresh_input:
@@ -308,6 +315,9 @@ class Session:
                     hb.access(sh, byte_ranges(t), rec, races)
         out = func(*args, **kwargs)
         outs = output_tensors(out)
+        cuda = self.cuda  # again: this op may have initialised CUDA
+        if cuda is not None:
+            outs = cuda.after_op(state, plan, outs, args, kwargs, info)
         if outs:
             with self.lock:
                 for o in outs:
@@ -357,6 +367,8 @@ class Session:
         return True
 
     def report_races(self, races: list[Race]) -> None:
+        if self.cuda is not None:  # races involving a stream timeline are named by the tracker
+            races = self.cuda.take_races(races)
         for race in races:
             try:
                 self._report_race(race)
@@ -479,11 +491,14 @@ class Session:
         self.emit({"type": "internal-error", "message": f"raceguard failed while {what}: {exc!r}", "traceback": text})
 
     def stats(self) -> dict:
-        return {
+        stats = {
             "threads": sum(1 for s in self.timelines if s is not None),
             "ops": self.ops,
             "dropped_reports": self.dropped,
         }
+        if self.cuda is not None:
+            stats.update(self.cuda.stats())
+        return stats
 
 
 def _site_location(site: Any) -> str | None:

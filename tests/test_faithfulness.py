@@ -15,8 +15,9 @@ same code exercises both. This file is user code for :mod:`raceguard.capture.sta
 The last part checks that the edges are really there: two threads ``add_`` on one tensor race
 without synchronisation and do not race with it, for every primitive.
 
-Tests marked ``KNOWN_BUG`` document discrepancies found while writing this file; they are strict
-xfails, so a fix turns them into failures that ask for the marker to be removed.
+Every discrepancy this file found (argument checks, pickling messages, repr modules, RLock depth
+under contention, Barrier actions, LifoQueue pairing, fork safety, executor-internal semaphores,
+self-joins, a Lock released by another thread) has a test here that now passes.
 """
 
 from __future__ import annotations
@@ -211,10 +212,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def KNOWN_BUG(reason: str):  # noqa: N802
-    return pytest.mark.xfail(strict=True, reason=f"known sync.py discrepancy: {reason}")
-
-
 # ==================================================================================================
 # Lock / RLock
 # ==================================================================================================
@@ -281,7 +278,6 @@ def test_lock_pickling_errors(kind):
     check(scenario_lock_pickling, kind, range(2, pickle.HIGHEST_PROTOCOL + 1))
 
 
-@KNOWN_BUG("__reduce_ex__ raises TypeError for every protocol; protocols 0/1 fail differently in the original")
 @pytest.mark.parametrize("kind", LOCK_KINDS)
 def test_lock_pickling_errors_old_protocols(kind):
     check(scenario_lock_pickling, kind, range(0, 2))
@@ -295,12 +291,12 @@ ACQUIRE_ARGS = [
     pytest.param((False,), {}, id="nonblocking"),
     pytest.param((True, 0.05), {}, id="timed"),
     pytest.param((), {"timeout": 0}, id="timeout-zero"),
-    pytest.param((False, 1), {}, id="nonblocking-with-timeout", marks=KNOWN_BUG("acquire(False, 1) on a free lock returns True")),
-    pytest.param((), {"blocking": False, "timeout": 0}, id="nonblocking-timeout-zero", marks=KNOWN_BUG("fast path skips argument checks")),
-    pytest.param((True, -5), {}, id="negative-timeout", marks=KNOWN_BUG("acquire(timeout=-5) on a free lock returns True")),
-    pytest.param((), {"timeout": None}, id="timeout-none", marks=KNOWN_BUG("acquire(timeout=None) on a free lock returns True")),
-    pytest.param((1.5,), {}, id="float-blocking", marks=KNOWN_BUG("acquire(1.5) on a free lock returns True")),
-    pytest.param(("x",), {}, id="str-blocking", marks=KNOWN_BUG("acquire('x') on a free lock returns True")),
+    pytest.param((False, 1), {}, id="nonblocking-with-timeout"),
+    pytest.param((), {"blocking": False, "timeout": 0}, id="nonblocking-timeout-zero"),
+    pytest.param((True, -5), {}, id="negative-timeout"),
+    pytest.param((), {"timeout": None}, id="timeout-none"),
+    pytest.param((1.5,), {}, id="float-blocking"),
+    pytest.param(("x",), {}, id="str-blocking"),
 ]
 
 
@@ -661,7 +657,6 @@ def scenario_event_isset_alias() -> list:
     return [flag, [(w.category.__name__, str(w.message)) for w in caught]]
 
 
-@KNOWN_BUG("Event.isSet = is_set drops the DeprecationWarning of the original isSet()")
 def test_event_isset_deprecation_warning():
     check(scenario_event_isset_alias)
 
@@ -936,7 +931,6 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "PriorityQueue": lambda: queue.PriorityQueue(),
     "SimpleQueue": lambda: queue.SimpleQueue(),
 }
-REPR_BROKEN = {"Semaphore", "BoundedSemaphore", "Event", "Barrier", "Queue", "LifoQueue", "PriorityQueue", "SimpleQueue"}
 
 
 def scenario_repr(name: str) -> list:
@@ -950,15 +944,7 @@ def scenario_repr(name: str) -> list:
     return obs
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=KNOWN_BUG(f"repr shows raceguard.capture.sync.{n} instead of the original module"))
-        if n in REPR_BROKEN
-        else n
-        for n in FACTORIES
-    ],
-)
+@pytest.mark.parametrize("name", list(FACTORIES))
 def test_repr_format(name):
     check(scenario_repr, name)
 
@@ -971,15 +957,7 @@ def scenario_pickling(name: str) -> list:
     return obs
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=KNOWN_BUG("pickling says 'SimpleQueue' instead of '_queue.SimpleQueue'"))
-        if n == "SimpleQueue"
-        else n
-        for n in FACTORIES
-    ],
-)
+@pytest.mark.parametrize("name", list(FACTORIES))
 def test_pickling_errors(name):
     check(scenario_pickling, name)
 
@@ -1238,7 +1216,6 @@ def scenario_thread_not_initialised() -> list:
     return [outcome(Lazy().start), outcome(Lazy().join), outcome(lambda: Lazy().is_alive())]
 
 
-@KNOWN_BUG("_thread_start reads self._started before the original checks _initialized: AttributeError")
 def test_thread_subclass_without_init():
     check(scenario_thread_not_initialised)
 
@@ -1256,7 +1233,6 @@ def scenario_self_join() -> list:
     return out
 
 
-@KNOWN_BUG("joining the current thread (RuntimeError in Python) is reported as a deadlock")
 def test_self_join_raises_and_is_no_deadlock():
     check(scenario_self_join)
 
@@ -1272,7 +1248,6 @@ def scenario_lock_as_binary_semaphore() -> list:
     return [ok, lk.locked()]
 
 
-@KNOWN_BUG("re-acquiring a Lock that another thread will release is reported as a self-deadlock")
 def test_lock_released_by_another_thread_is_no_deadlock():
     check(scenario_lock_as_binary_semaphore)
 
@@ -1386,7 +1361,6 @@ def scenario_fork_while_busy() -> list:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@KNOWN_BUG("a fork while another thread is inside the session lock leaves it locked in the child: hang")
 def test_fork_while_another_thread_uses_locks():
     check(scenario_fork_while_busy)
 
@@ -1726,7 +1700,6 @@ def _stall_after(c_method: str, until: Callable[[], bool]) -> Callable:
     return hook
 
 
-@KNOWN_BUG("TrackedRLock updates _depth after releasing the real lock: a thread that takes it in between loses its edge")
 @pytest.mark.parametrize("via", ["release", "_release_save"], ids=["release", "Condition.wait"])
 def test_rlock_taken_right_after_release_keeps_the_edge(capture, via):
     t = torch.zeros(4)
@@ -1759,7 +1732,6 @@ def test_rlock_taken_right_after_release_keeps_the_edge(capture, via):
     assert not capture.findings("data-race"), [f["message"] for f in capture.findings("data-race")]
 
 
-@KNOWN_BUG("Barrier's action runs before any party is released, but its writes are not ordered before them")
 def test_barrier_action_happens_before_every_departure(capture):
     t = torch.zeros(4)
     b = threading.Barrier(2, action=lambda: t.add_(1))
@@ -1772,7 +1744,6 @@ def test_barrier_action_happens_before_every_departure(capture):
     assert not capture.findings("data-race"), [f["message"] for f in capture.findings("data-race")]
 
 
-@KNOWN_BUG("LifoQueue pairs a get() with the oldest put() of the same object, not the newest")
 def test_lifo_queue_same_object_pairs_get_with_latest_put(capture):
     a, b = torch.zeros(4), torch.zeros(4)
     q = queue.LifoQueue()
@@ -1797,7 +1768,6 @@ def test_lifo_queue_same_object_pairs_get_with_latest_put(capture):
     assert not capture.findings("data-race"), [f["message"] for f in capture.findings("data-race")]
 
 
-@KNOWN_BUG("ThreadPoolExecutor's internal _idle_semaphore is instrumented and hides races")
 def test_executor_internal_semaphore_hides_no_race(capture):
     t = torch.zeros(4)
     ex = cf.ThreadPoolExecutor(max_workers=1)

@@ -32,6 +32,7 @@ import _queue
 import _thread
 import collections
 import itertools
+import os
 import concurrent.futures
 import concurrent.futures._base as futures_base
 import concurrent.futures.thread as futures_thread
@@ -116,6 +117,14 @@ def _caller_is_user(depth: int = 2) -> bool:
 _lock_keys = itertools.count(1)
 
 
+def _check_acquire_args(blocking: Any, timeout: Any) -> None:
+    """Raise exactly what the original raises for these arguments (a fresh lock never blocks)."""
+    if not (blocking is True and type(timeout) is int and timeout == -1):
+        probe = _orig["allocate_lock"]()
+        if probe.acquire(blocking, timeout):
+            probe.release()
+
+
 def _forever(blocking: bool, timeout: float | None) -> bool:
     return bool(blocking) and (timeout is None or timeout < 0)
 
@@ -137,6 +146,7 @@ class TrackedLock:
         s = _active()
         if s is None:
             return self._lock.acquire(blocking, timeout)
+        _check_acquire_args(blocking, timeout)
         if s.sched is not None:
             t = s.sched.current()
             if t is not None:
@@ -147,7 +157,10 @@ class TrackedLock:
         # Uncontended fast path; a contended wait is announced first, for deadlock detection.
         ok = self._lock.acquire(False)
         if not ok and blocking:
-            token = s.wait_begin(self._rg_key, _forever(blocking, timeout))
+            # Any thread may release a Lock: its owner waiting for that is no self-deadlock (the
+            # all-blocked watchdog still reports it if nobody ever does).
+            key = ("wait", "Lock.acquire()", id(self)) if self._rg_held_by_caller(s) else self._rg_key
+            token = s.wait_begin(key, _forever(blocking, timeout))
             try:
                 ok = self._lock.acquire(blocking, timeout)
             finally:
@@ -157,6 +170,9 @@ class TrackedLock:
         return ok
 
     acquire_lock = acquire
+
+    def _rg_held_by_caller(self, s: Any) -> bool:
+        return any(h is self for h in s.current().held)
 
     def __enter__(self) -> bool:
         return self.acquire()
@@ -193,7 +209,7 @@ class TrackedLock:
         return _rewrite_address(repr(self._lock), self)
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        raise TypeError("cannot pickle '_thread.lock' object")
+        return self._lock.__reduce_ex__(protocol)  # raises what the original raises
 
 
 class TrackedRLock:
@@ -217,6 +233,7 @@ class TrackedRLock:
             if ok:
                 self._depth += 1
             return ok
+        _check_acquire_args(blocking, timeout)
         if s.sched is not None:
             t = s.sched.current()
             if t is not None:
@@ -248,12 +265,15 @@ class TrackedRLock:
             t = sch.current()
             if t is not None:
                 _sync_point(sch, t)
-        if self._depth == 1 and self._lock._is_owned():
-            if s is not None:
+        last = False
+        if self._lock._is_owned():
+            last = self._depth == 1
+            if last and s is not None:
                 s.lock_released(self)
+            # Before the real release: afterwards _depth belongs to the next owner.
+            self._depth -= 1
         self._lock.release()  # raises like the original when not owned
-        self._depth -= 1
-        if sch is not None and self._depth == 0:
+        if sch is not None and last:
             sch.wake(self)
 
     def __exit__(self, *exc: Any) -> None:
@@ -261,11 +281,13 @@ class TrackedRLock:
 
     # Condition.wait() on an RLock releases every level at once and restores them after.
     def _release_save(self) -> Any:
+        if not self._lock._is_owned():
+            return self._lock._release_save()  # raises like the original
         s = _active()
-        if s is not None and self._lock._is_owned():
+        if s is not None:
             s.lock_released(self)
+        depth, self._depth = self._depth, 0  # before the real release, as in release()
         state = self._lock._release_save()
-        depth, self._depth = self._depth, 0
         if s is not None and s.sched is not None:
             s.sched.wake(self)
         return (state, depth)
@@ -309,7 +331,7 @@ class TrackedRLock:
         return _rewrite_address(repr(self._lock), self)
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        raise TypeError("cannot pickle '_thread.RLock' object")
+        return self._lock.__reduce_ex__(protocol)  # raises what the original raises
 
 
 if hasattr(_thread.RLock, "locked"):  # Python 3.14+
@@ -486,7 +508,18 @@ class Condition(threading.Condition):
     notifyAll = notify_all
 
 
+_ORIG_SEMAPHORE_INIT = threading.Semaphore.__init__
+
+
 class _SemaphoreEdges:
+    def __init__(self, value: int = 1) -> None:
+        if "_rg_user" in self.__dict__:
+            # threading.BoundedSemaphore.__init__ calls the module's Semaphore.__init__, i.e. us.
+            _ORIG_SEMAPHORE_INIT(self, value)
+            return
+        self._rg_user = _caller_is_user()
+        super().__init__(value)  # type: ignore[call-arg]
+
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         s = _active()
         if s is not None and s.sched is not None:
@@ -496,7 +529,7 @@ class _SemaphoreEdges:
         ok = _blocking(
             "Semaphore.acquire()", self, bool(blocking) and timeout is None, super().acquire, blocking, timeout  # type: ignore[misc]
         )
-        if ok:
+        if ok and self.__dict__.get("_rg_user", True):
             s = _active()
             if s is not None:
                 s.acquire(_var(self))
@@ -514,7 +547,8 @@ class _SemaphoreEdges:
         try:
             while True:
                 if super().acquire(False):  # type: ignore[misc]
-                    s.acquire(_var(self))
+                    if self.__dict__.get("_rg_user", True):
+                        s.acquire(_var(self))
                     return True
                 if not blocking:
                     return False
@@ -531,7 +565,8 @@ class _SemaphoreEdges:
                 t = sch.current()
                 if t is not None:
                     _sync_point(sch, t)
-            s.release(_var(self))
+            if self.__dict__.get("_rg_user", True):
+                s.release(_var(self))
             super().release(n)  # type: ignore[misc]
             if sch is not None:
                 sch.wake(self)
@@ -592,7 +627,6 @@ class Event(threading.Event):
                 s.acquire(_var(self))
         return flag
 
-    isSet = is_set
 
     def wait(self, timeout: float | None = None) -> bool:
         s = _active()
@@ -626,7 +660,20 @@ class Event(threading.Event):
 
 class Barrier(threading.Barrier):
     def __init__(self, parties: int, action: Any = None, timeout: float | None = None) -> None:
+        if action is not None:
+            user_action = action
+
+            def action() -> None:
+                # The action runs in the last arriving thread before anyone departs: its writes
+                # join the generation's clock so every departure is ordered after them.
+                user_action()
+                s = _active()
+                var = getattr(self._rg_local, "var", None)
+                if s is not None and var is not None:
+                    s.release(var)
+
         super().__init__(parties, action, timeout)
+        self._rg_local = _thread._local()
         self._rg_guard = _orig["allocate_lock"]()
         self._rg_arrivals = 0
         self._rg_generations: dict[int, SyncVar] = {}
@@ -647,6 +694,7 @@ class Barrier(threading.Barrier):
             if var is None:
                 var = self._rg_generations[generation] = SyncVar()
                 self._rg_generations.pop(generation - 3, None)
+        self._rg_local.var = var
         if s is not None:
             s.release(var)
         effective = self._timeout if timeout is None else timeout
@@ -672,6 +720,7 @@ class Barrier(threading.Barrier):
                 var = self._rg_generations[gen] = SyncVar()
                 self._rg_generations.pop(gen - 3, None)
             s.release(var)
+            self._rg_local.var = var  # the action (run below by the last arrival) releases into it
             index = self._count
             self._count += 1
             if self._count == self._parties:
@@ -762,7 +811,7 @@ class _ItemEdges:
             pending = self._rg_pending.get(id(item))
             var = None
             if pending:
-                var = pending.popleft()
+                var = pending.pop() if isinstance(self, queue.LifoQueue) else pending.popleft()
                 if not pending:
                     del self._rg_pending[id(item)]
         s = _active()
@@ -910,6 +959,10 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
         super().__init__()
         self._rg_init()
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        name = "_queue.SimpleQueue" if type(self) is SimpleQueue else type(self).__name__
+        raise TypeError(f"cannot pickle {name!r} object")
+
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         s = _active()
         sch = s.sched if s is not None else None
@@ -967,7 +1020,8 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
 # -- threads ---------------------------------------------------------------------------------
 def _thread_start(self: threading.Thread) -> None:
     s = _active()
-    if s is not None and not self._started._flag:
+    started = getattr(self, "_started", None)  # None: Thread.__init__ was never called
+    if s is not None and started is not None and not started._flag:
         sch = s.sched
         t = sch.current() if sch is not None else None
         if t is not None:
@@ -1005,6 +1059,8 @@ def _thread_bootstrap_inner(self: threading.Thread) -> None:
 
 
 def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
+    if self is threading.current_thread():
+        return _orig["Thread.join"](self, timeout)  # raises "cannot join current thread"
     s = _active()
     st = getattr(self, "_rg_sched", None)
     if s is not None and st is not None and s.sched is not None and self._started._flag:
@@ -1292,6 +1348,50 @@ _METHOD_PATCHES = [
     (futures_thread._WorkItem, "__init__", _work_item_init),
     (futures_thread._WorkItem, "run", _work_item_run),
 ]
+
+
+# repr() and pickling name the module the original lives in.
+for _cls, _module in (
+    (Condition, "threading"),
+    (Semaphore, "threading"),
+    (BoundedSemaphore, "threading"),
+    (Event, "threading"),
+    (Barrier, "threading"),
+    (Queue, "queue"),
+    (LifoQueue, "queue"),
+    (PriorityQueue, "queue"),
+    (SimpleQueue, "_queue"),
+):
+    _cls.__module__ = _module
+
+
+def _before_fork() -> None:
+    # Hold the session's locks across fork() so the child never inherits them mid-update.
+    s = _active()
+    if s is not None:
+        s.lock.acquire()
+        s._emit_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    s = _active()
+    if s is not None:
+        s._emit_lock.release()
+        s.lock.release()
+
+
+def _after_fork_in_child() -> None:
+    s = _active()
+    if s is not None:
+        s._emit_lock._at_fork_reinit()
+        s.lock._at_fork_reinit()
+        me = _thread.get_ident()
+        for ident in [i for i in s.states if i != me]:
+            del s.states[ident]  # only the forking thread exists in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def install() -> None:

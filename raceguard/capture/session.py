@@ -108,9 +108,12 @@ class Session:
 
     # -- threads ---------------------------------------------------------------------------
     def current(self) -> ThreadState:
-        state = self.states.get(_get_ident())
+        ident = _get_ident()
+        state = self.states.get(ident)
         if state is None:
-            state = self.adopt_thread(threading.current_thread(), None)
+            # Not threading.current_thread(): in a thread threading did not start it builds a
+            # _DummyThread, whose Event would call back here forever.
+            state = self.adopt_thread(threading._active.get(ident), None)
         return state
 
     def adopt_thread(self, thread: threading.Thread | None, tid: int | None) -> ThreadState:

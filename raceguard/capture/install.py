@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from ..engine.hb import HappensBefore
 from . import cuda
+from . import hazards
 from . import session as session_mod
 from . import sync
 from .session import Session
@@ -201,10 +202,12 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
         _use_primitives()
         try:
             session_mod.ACTIVE = session
+            hazards.install(session)
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
             cuda.install(session)
         except BaseException:
+            hazards.uninstall()
             session_mod.ACTIVE = None
             _unuse_primitives()
             undo_constructors()
@@ -237,6 +240,7 @@ def deactivate(handle: Handle) -> None:
             cuda.uninstall(session)
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None
+            hazards.uninstall()
             _forget_threads()
             _unuse_primitives()
             if handle.undo_constructors is not None:

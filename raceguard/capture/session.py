@@ -21,6 +21,7 @@ from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
 from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, compute_fingerprint
+from . import hazards
 from .naming import Namer, Resource, StorageMeta
 from .stacks import current_site, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, tensor_args
@@ -276,6 +277,8 @@ class Session:
         if self.sched is not None:  # a scheduling point before every tensor op
             self.sched.op_point()
         plan = plan_for(func)
+        if plan.rng:
+            hazards.on_rng_op(self, state, func, args, kwargs)
         site = current_site(2)
         info = OpInfo(site, plan.name, state.locks)
         hb = self.hb

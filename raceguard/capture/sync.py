@@ -42,6 +42,7 @@ import threading
 from typing import Any
 
 from ..engine.hb import SyncVar
+from . import hazards
 from . import session as session_mod
 from .stacks import HIDDEN, USER, classify_code, current_site
 
@@ -1028,6 +1029,7 @@ def _thread_start(self: threading.Thread) -> None:
             _sync_point(sch, t)
         self._rg_tid = s.fork()
         self._rg_end_var = SyncVar()
+        hazards.on_thread_start(s, self)
         if t is not None and getattr(self, "_initialized", False):
             # A managed thread from now on: runnable, admitted when its bootstrap sets _started.
             st = self._rg_sched = sch.register(self.name, self, self.daemon)
@@ -1307,6 +1309,7 @@ def _work_item_init(self: Any, *args: Any, **kwargs: Any) -> None:
     if s is not None:
         self._rg_submit = SyncVar()
         s.release(self._rg_submit)
+        hazards.on_submit(s, self)
 
 
 def _work_item_run(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .hazards import is_rng_op
+
 # Ops that touch only metadata of their tensor arguments (or nothing at all).
 METADATA_ONLY = frozenset(
     {
@@ -61,6 +63,7 @@ class OpPlan:
     metadata_only: bool
     fresh_input: bool
     undeclared: tuple[tuple[int, ...], int] | None
+    rng: bool = False  # draws from a random generator: Session.on_op calls hazards.on_rng_op
 
 
 def _tensor_kind(type_str: str) -> int:
@@ -90,6 +93,7 @@ def build_plan(func: Any) -> OpPlan:
         metadata_only=base in METADATA_ONLY,
         fresh_input=base in FRESH_INPUT,
         undeclared=UNDECLARED_WRITES.get(base),
+        rng=is_rng_op(func),
     )
 
 

@@ -25,6 +25,7 @@ import time
 from typing import Any, NoReturn
 
 from ..capture import child as child_mod
+from ..capture import hazards
 from ..capture import runner
 from ..capture import session as session_mod
 from ..capture.child import PipeSink
@@ -142,6 +143,7 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
     session.sched = sched
     session.on_deadlock = lambda: end("deadlock", None)
     session_mod.ACTIVE = session
+    hazards.install(session)
     main_state = session.enter_thread(threading.main_thread(), None)
     main_t = sched.add_main(threading.main_thread().name)
     hooks.yield_hook = lambda: _yield(sched)

@@ -17,7 +17,26 @@ def yield_point() -> None:
         hook()
 
 
-__all__ = ["RaceError", "WatchSession", "__version__", "watch", "yield_point"]
+def benign(obj, reason: str):
+    """Mark intentional races (Hogwild-style lock-free updates) on these tensors.
+
+    ``obj`` is a tensor, a module (its parameters, buffers and their grads), or an iterable of
+    them such as ``model.parameters()``. Races on them are still detected but reported as
+    suppressed with ``reason``; they never fail a run. Returns ``obj``. Outside raceguard it does
+    nothing, so the call can stay in production code.
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("raceguard.benign() needs a reason, e.g. reason='hogwild'")
+    import sys
+
+    session_mod = sys.modules.get("raceguard.capture.session")
+    session = getattr(session_mod, "ACTIVE", None) if session_mod is not None else None
+    if session is not None:
+        session.mark_benign(obj, reason.strip())
+    return obj
+
+
+__all__ = ["RaceError", "WatchSession", "__version__", "benign", "watch", "yield_point"]
 
 _API = ("RaceError", "WatchSession", "watch")
 

@@ -114,3 +114,21 @@ def test_pyproject_configuration_and_command_line_precedence(tmp_path: Path) -> 
     (project / "pyproject.toml").write_text('[tool.raceguard]\nfail-on = "sometimes"\n')
     proc = raceguard("check", "counter.py", cwd=project)
     assert proc.returncode == 2 and "pyproject.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benign_annotation_reports_intentional_races_as_suppressed(tmp_path: Path) -> None:
+    path = FIXTURES / "ci" / "hogwild_benign.py"
+    out = tmp_path / "r.json"
+    proc = raceguard("check", "--format", "json", "--output", str(out), str(path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["findings"] == []
+    assert report["suppressed"]
+    for finding in report["suppressed"]:
+        assert finding["resource"] == "model.fc1.weight"
+        assert finding["suppressed"] == "raceguard.benign: hogwild: lock-free SGD by design"
+    # The same program without the annotation fails: the annotation is what makes it pass.
+    unmarked = tmp_path / "hogwild_unmarked.py"
+    unmarked.write_text("\n".join(l for l in path.read_text().splitlines() if "raceguard.benign(" not in l) + "\n")
+    proc = raceguard("check", "-q", str(unmarked))
+    assert proc.returncode == 1

@@ -100,6 +100,7 @@ class Session:
         self.on_deadlock: Callable[[], None] | None = None
         self._deadlock_reported = False
         self._cycles_reported: set[str] = set()
+        self.benign_marks: list[tuple[weakref.ref, str]] = []
         # CUDA streams as timelines (raceguard.capture.cuda.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
         self.cuda: Any = None
@@ -383,8 +384,12 @@ class Session:
 
     def _report_race(self, race: Race) -> None:
         e, l = race.earlier, race.later
-        pair = tuple(sorted([(user_key(e.info.site), e.is_write), (user_key(l.info.site), l.is_write)]))
         storage = race.shadow.meta.ref()
+        benign = self._benign_reason(storage) if self.benign_marks and storage is not None else None
+        pair = (
+            tuple(sorted([(user_key(e.info.site), e.is_write), (user_key(l.info.site), l.is_write)])),
+            benign,  # intentional races never share a finding with unintended ones
+        )
         with self.lock:
             group = self._race_groups.get(pair)
             if group is not None and (id(race.shadow) in group["shadows"] or len(group["shadows"]) > 64):
@@ -401,10 +406,43 @@ class Session:
                 self.emit({"type": "also_on", "fingerprint": group["fingerprint"], "resource": resource.name})
             return
         finding = self._race_finding(race, resource)
+        if benign is not None:
+            finding.suppressed = f"raceguard.benign: {benign}"
         group["fingerprint"] = finding.fingerprint
         group["resources"].add(resource.name)
         if self._room_for_report():
             self.emit({"type": "finding", "finding": finding.to_dict()})
+
+    # -- intentional races (raceguard.benign) ------------------------------------------------
+    def mark_benign(self, obj: Any, reason: str) -> None:
+        """Races on these tensors are intentional (Hogwild): report them as suppressed."""
+        import torch
+
+        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            targets = [obj]
+        else:
+            targets = list(obj)  # parameters(), a list of tensors or modules
+        with self.lock:
+            for target in targets:
+                self.benign_marks.append((weakref.ref(target), reason))
+
+    def _benign_reason(self, storage: Any) -> str | None:
+        import torch
+
+        cdata = storage._cdata
+        for ref, reason in list(self.benign_marks):
+            target = ref()
+            if target is None:
+                continue
+            if isinstance(target, torch.nn.Module):
+                tensors = [*target.parameters(), *target.buffers()]
+            else:
+                tensors = [target]
+            for t in tensors:
+                for candidate in (t, t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None):
+                    if candidate is not None and candidate.untyped_storage()._cdata == cdata:
+                        return reason
+        return None
 
     def _access(self, rec: Any) -> Access:
         state = self.timelines[rec.timeline]

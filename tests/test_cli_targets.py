@@ -191,3 +191,11 @@ def test_ctrl_c_writes_the_report_so_far(tmp_path: Path) -> None:
     assert len(report["findings"]) == 1
     # Python's own KeyboardInterrupt traceback of the target may appear; raceguard's never does.
     assert "raceguard/" not in stderr
+
+
+def test_a_forked_worker_process_runs_normally_and_stays_out_of_the_report(tmp_path: Path) -> None:
+    proc, report = run_check(TARGETS / "forks_a_worker.py", tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "child says 6.0" in proc.stdout and "exit 0" in proc.stdout
+    assert len(report["findings"]) == 1  # the parent's race only
+    assert report["stats"]["threads"] == 2

@@ -1391,6 +1391,16 @@ def _after_fork_in_child() -> None:
         me = _thread.get_ident()
         for ident in [i for i in s.states if i != me]:
             del s.states[ident]  # only the forking thread exists in the child
+        if getattr(s, "detach_on_fork", True):
+            # The target forked (multiprocessing, DataLoader workers): the child is another
+            # process, not another timeline of this run. It stops reporting (its findings would
+            # interleave with ours on the supervisor's pipe) and its primitives behave plainly.
+            s.sink = _discard
+            session_mod.ACTIVE = None
+
+
+def _discard(event: dict) -> None:
+    pass
 
 
 if hasattr(os, "register_at_fork"):

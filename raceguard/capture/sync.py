@@ -807,6 +807,27 @@ class _ItemEdges:
                 if not pending:
                     del self._rg_pending[id(item)]
 
+    def _rg_sched_take(self, s: Any, t: Any, block: bool, timeout: float | None, get: Any, kind: str) -> Any:
+        """get() under the scheduler: take without blocking, else wait logically for a put."""
+        sch = s.sched
+        _sync_point(sch, t)
+        if block and timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = _deadline(sch, timeout if block else 0.0)
+        t.nest += 1
+        try:
+            while True:
+                try:
+                    item = get(False)
+                    break
+                except queue.Empty:
+                    if not block or _logical_wait(s, sch, t, (self, "get"), deadline, ("wait", kind, id(self))):
+                        raise
+        finally:
+            t.nest -= 1
+        self._rg_after_get(item)
+        return item
+
     def _rg_after_get(self, item: Any) -> None:
         with self._rg_guard:
             pending = self._rg_pending.get(id(item))
@@ -872,24 +893,8 @@ class Queue(_ItemEdges, queue.Queue):
         return item
 
     def _rg_sched_get(self, s: Any, t: Any, block: bool, timeout: float | None) -> Any:
-        sch = s.sched
-        _sync_point(sch, t)
-        if block and timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        deadline = _deadline(sch, timeout if block else 0.0)
-        t.nest += 1
-        try:
-            while True:
-                try:
-                    item = super().get(False)
-                    break
-                except queue.Empty:
-                    if not block or _logical_wait(s, sch, t, (self, "get"), deadline, ("wait", "Queue.get()", id(self))):
-                        raise
-        finally:
-            t.nest -= 1
-        self._rg_after_get(item)
-        sch.wake((self, "put"))
+        item = self._rg_sched_take(s, t, block, timeout, super().get, "Queue.get()")
+        s.sched.wake((self, "put"))
         return item
 
     def task_done(self) -> None:
@@ -984,24 +989,7 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
         if s is not None and s.sched is not None:
             t = s.sched.current()
             if t is not None:
-                sch = s.sched
-                _sync_point(sch, t)
-                if block and timeout is not None and timeout < 0:
-                    raise ValueError("'timeout' must be a non-negative number")
-                deadline = _deadline(sch, timeout if block else 0.0)
-                t.nest += 1
-                try:
-                    while True:
-                        try:
-                            item = super().get(False)
-                            break
-                        except queue.Empty:
-                            if not block or _logical_wait(s, sch, t, (self, "get"), deadline, ("wait", "SimpleQueue.get()", id(self))):
-                                raise
-                finally:
-                    t.nest -= 1
-                self._rg_after_get(item)
-                return item
+                return self._rg_sched_take(s, t, block, timeout, super().get, "SimpleQueue.get()")
         item = _blocking("SimpleQueue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
         return item

@@ -41,6 +41,7 @@ import sys
 import threading
 from typing import Any
 
+from ..schedule.scheduler import ScheduleAborted
 from ..engine.hb import SyncVar
 from . import hazards
 from . import session as session_mod
@@ -1037,15 +1038,16 @@ def _thread_bootstrap_inner(self: threading.Thread) -> None:
     if s is None:
         return _orig["Thread._bootstrap_inner"](self)
     state = s.enter_thread(self, getattr(self, "_rg_tid", None))
-    st = getattr(self, "_rg_sched", None) if s.sched is not None else None
+    sch = s.sched
+    st = getattr(self, "_rg_sched", None) if sch is not None else None
     if st is not None:
-        s.sched.expect(st)
+        sch.expect(st)
     try:
         return _orig["Thread._bootstrap_inner"](self)
     finally:
         s.leave_thread(state, getattr(self, "_rg_end_var", None))
         if st is not None:
-            s.sched.thread_exit(st)
+            sch.thread_exit(st)  # the scheduler that managed it, even if detached since
 
 
 def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
@@ -1100,6 +1102,8 @@ def _sched_join(thread: threading.Thread, s: Any, t: Any, st: Any, timeout: floa
 
 
 def _excepthook(args: Any) -> None:
+    if args.exc_type is not None and issubclass(args.exc_type, ScheduleAborted):
+        return  # an aborted in-process schedule unwinding its threads: like SystemExit, silent
     s = _active()
     if s is not None and not issubclass(args.exc_type, SystemExit):
         s.thread_exception(args)

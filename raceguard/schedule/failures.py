@@ -123,3 +123,20 @@ __all__ = [
     "format_traceback",
     "timeout_failure",
 ]
+
+
+def generic_deadlock_failure(blocked: Iterable[Any]) -> Finding:
+    """Every managed thread is blocked and the wait-for graph did not describe why (a wait on
+    an object it does not model): report the blocked threads and what each waits on."""
+    accesses = [
+        Access(thread=t.name, timeline=f"thread:{t.name}", mode="wait", op=None, details={"waits_for": repr(t.key)})
+        for t in blocked
+    ]
+    return Finding(
+        kind="deadlock",
+        resource="threads",
+        resource_kind="thread",
+        message="deadlock: every thread is blocked and nothing can wake them",
+        accesses=accesses,
+        fingerprint=compute_fingerprint("deadlock", "threads", accesses),
+    )

@@ -16,7 +16,6 @@ iteration, uninstrumented blocking (handled by the watchdog), threads started wi
 
 from __future__ import annotations
 
-import _thread
 import os
 import signal
 import sys
@@ -31,18 +30,12 @@ from ..capture import session as session_mod
 from ..capture.child import PipeSink
 from ..capture.session import Session
 from . import hooks
-from .failures import all_thread_frames, exception_failure, exit_failure, timeout_failure
+from .failures import all_thread_frames, exception_failure, exit_failure, generic_deadlock_failure, timeout_failure
 from .scheduler import Scheduler, ScheduleDeadlocked
 from .strategies import make_strategy
+from .watchdog import start_watchdog, virtual_sleep, yield_hook
 
-# Watchdog: a holder that reached no scheduling point for this long while the process was idle
-# (the thread sleeps in the OS: I/O, a raw lock, a C extension's wait) loses the baton; one that
-# burns CPU without a scheduling point (a spin loop) loses it after BUSY_STALL.
-IDLE_STALL = 0.05
-BUSY_STALL = 2.0
-WATCHDOG_PERIOD = 0.01
-
-_orig_sleep = time.sleep
+_stalls: list[str] = []  # where the watchdog found stalled holders (see .watchdog)
 
 
 class Target:
@@ -130,7 +123,7 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
         deadlock = session.check_all_blocked()
         if deadlock is not None:
             session.report_deadlock(deadlock)  # calls session.on_deadlock: ends the process
-        _generic_deadlock(session, blocked)
+        session.emit({"type": "finding", "finding": generic_deadlock_failure(blocked).to_dict()})
         end("deadlock", None)
 
     sched = Scheduler(strategy, on_deadlock=on_deadlock)
@@ -146,11 +139,16 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
     hazards.install(session)
     main_state = session.enter_thread(threading.main_thread(), None)
     main_t = sched.add_main(threading.main_thread().name)
-    hooks.yield_hook = lambda: _yield(sched)
-    time.sleep = _make_sleep(sched)  # type: ignore[assignment]
+    hooks.yield_hook = yield_hook(sched)
+    time.sleep = virtual_sleep(sched)  # type: ignore[assignment]
     started = time.monotonic()
     timeout = spec.get("timeout")
-    _thread.start_new_thread(_watchdog, (sched, session, sink, started, timeout, end))
+
+    def on_timeout() -> None:
+        _report_timeout(sched, session, timeout)
+        end("timeout", None)
+
+    start_watchdog(sched, started=started, timeout=timeout, on_timeout=on_timeout, stalls=_stalls)
     if spec.get("preempt") == "lines":
         from .lines import install_line_preemption
 
@@ -212,105 +210,6 @@ def _shutdown(session: Session, sched: Scheduler, main_t: Any) -> None:
     )
 
 
-def _yield(sched: Scheduler) -> None:
-    t = sched.current()
-    if t is not None:
-        sched.yield_(t)
-
-
-def _make_sleep(sched: Scheduler) -> Any:
-    def sleep(secs: float) -> None:
-        """time.sleep under raceguard's scheduler: a yield in virtual time (see raceguard.schedule)."""
-        if not isinstance(secs, (int, float)):
-            return _orig_sleep(secs)  # raises the original TypeError
-        if secs < 0:
-            raise ValueError("sleep length must be non-negative")
-        t = sched.current()
-        if t is None:
-            return _orig_sleep(secs)
-        sched.yield_(t, float(secs))
-
-    sleep.__wrapped__ = _orig_sleep  # type: ignore[attr-defined]
-    return sleep
-
-
-def _watchdog(sched: Scheduler, session: Session, sink: PipeSink, started: float, timeout: float | None, end: Any) -> None:
-    """Uninstrumented blocking and the per-schedule timeout (a raw thread: not managed)."""
-    own = _thread.get_native_id()
-    marker = sched.progress
-    since = time.monotonic()
-    cpu_since = time.process_time()
-    while not sched.stopped:
-        _orig_sleep(WATCHDOG_PERIOD)
-        now = time.monotonic()
-        if timeout is not None and now - started >= timeout:
-            _report_timeout(sched, session, timeout)
-            end("timeout", None)
-            return
-        progress = sched.progress
-        holder = sched.holder
-        # A holder inside a known, short native wait (Thread.start's handshake, the final
-        # native join of a thread that has logically finished) is not stalled.
-        if progress != marker or holder is None or not holder.admitted or holder.raw:
-            marker = progress
-            since = now
-            cpu_since = time.process_time()
-            continue
-        stalled = now - since
-        if stalled < IDLE_STALL:
-            continue
-        cpu = (time.process_time() - cpu_since) / stalled
-        idle = cpu < 0.25 and not _any_thread_running(own)
-        if idle or stalled >= BUSY_STALL:
-            where = _where(holder.ident)
-            if sched.steal(marker):
-                marker = sched.progress
-                if len(_stalls) < 10:
-                    _stalls.append(where)
-            since = now
-            cpu_since = time.process_time()
-
-
-# Where the watchdog found stalled holders (innermost frames), for the schedule's statistics:
-# these are the places where the schedule stopped being strictly deterministic.
-_stalls: list[str] = []
-
-
-def _where(ident: int | None) -> str:
-    frame = sys._current_frames().get(ident) if ident is not None else None
-    parts = []
-    while frame is not None and len(parts) < 4:
-        code = frame.f_code
-        parts.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
-        frame = frame.f_back
-    return " < ".join(parts) or "unknown"
-
-
-def _any_thread_running(own: int) -> bool:
-    """Whether a thread of this process other than the watchdog is running or waiting for a CPU
-    (the holder computing, or intra-op worker threads it waits for on a loaded machine)."""
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return False
-    for task in tasks:
-        if task.isdigit() and int(task) != own and _thread_state(int(task)) == "R":
-            return True
-    return False
-
-
-def _thread_state(native_id: int | None) -> str | None:
-    """The kernel's state letter of a thread (R running, S sleeping, D disk wait...), if known."""
-    if native_id is None:
-        return None
-    try:
-        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:][:1].decode()
-    except (OSError, ValueError):
-        return None
-
-
 def _report_timeout(sched: Scheduler, session: Session, timeout: float) -> None:
     names = {}
     main = threading.main_thread()
@@ -325,25 +224,6 @@ def _report_timeout(sched: Scheduler, session: Session, timeout: float) -> None:
         session.emit({"type": "finding", "finding": finding.to_dict()})
     except Exception as exc:
         session.emit({"type": "internal-error", "message": f"raceguard failed while reporting a timeout: {exc!r}"})
-
-
-def _generic_deadlock(session: Session, blocked: list) -> None:
-    """A deadlock the wait-for graph did not describe (should not happen): report it plainly."""
-    from ..report.finding import Access, Finding, compute_fingerprint
-
-    accesses = [
-        Access(thread=t.name, timeline=f"thread:{t.name}", mode="wait", op=None, details={"waits_for": repr(t.key)})
-        for t in blocked
-    ]
-    finding = Finding(
-        kind="deadlock",
-        resource="threads",
-        resource_kind="thread",
-        message="deadlock: every thread is blocked and nothing can wake them",
-        accesses=accesses,
-        fingerprint=compute_fingerprint("deadlock", "threads", accesses),
-    )
-    session.emit({"type": "finding", "finding": finding.to_dict()})
 
 
 def _stats(session: Session, sched: Scheduler, strategy: Any, started: float) -> dict:

@@ -73,6 +73,16 @@ class ScheduleDeadlocked(BaseException):
         self.blocked = blocked
 
 
+class ScheduleAborted(SystemExit):
+    """Raised once in every managed thread when an in-process schedule is aborted (a deadlock,
+    a timeout, the end of the run with threads still waiting for the baton).
+
+    A SystemExit so that it unwinds the thread like interpreter exit does: ``except Exception``
+    in the target does not swallow it, and ``threading`` ends a thread it escapes from silently
+    (no thread-exception finding).
+    """
+
+
 class SchedThread:
     """A managed thread as the scheduler sees it."""
 
@@ -93,6 +103,7 @@ class SchedThread:
         "wake_at",
         "thread_ref",
         "daemon",
+        "abort_raised",
     )
 
     def __init__(self, tid: int, name: str) -> None:
@@ -118,6 +129,7 @@ class SchedThread:
         self.wake_at = 0.0
         self.thread_ref: Any = None
         self.daemon = False
+        self.abort_raised = False
 
     def __repr__(self) -> str:
         return f"<SchedThread {self.id} {self.name!r} {self.status}>"
@@ -143,6 +155,8 @@ class Scheduler:
         self.on_deadlock = on_deadlock
         self.max_steps = max_steps
         self.stopped = False
+        # Set by abort(): every managed thread unwinds with ScheduleAborted at its next turn.
+        self.aborted = False
         self.vnow = 0.0
         # Counters (reported in the schedule's statistics).
         self.steps = 0  # scheduling points
@@ -224,6 +238,8 @@ class Scheduler:
                 t = self._late_admission()
             if t is None:
                 return None
+        if self.aborted:
+            self._raise_abort(t)
         if t.raw or t.busy or self.stopped:
             return None
         if t.status is DETACHED:
@@ -261,6 +277,8 @@ class Scheduler:
         finally:
             t.busy = False
         t.gate.acquire()
+        if self.aborted:
+            self._raise_abort(t)
 
     def op_point(self) -> None:
         """Tensor-op hook (called from ``Session.on_op`` only while a scheduler is active).
@@ -319,6 +337,8 @@ class Scheduler:
         if deadlock is not None:
             self._deadlock(deadlock)
         t.gate.acquire()
+        if self.aborted:
+            self._raise_abort(t)
         return t.timed_out
 
     def wake(self, key: Any) -> None:
@@ -360,6 +380,8 @@ class Scheduler:
                         w.status = RUNNABLE
                         w.key = None
                         w.deadline = None
+            if self.stopped:
+                return  # no more decisions (an aborted thread unwinding, the end of a schedule)
             if self.holder is not t and self.holder is not None:
                 return  # never held the baton (not admitted): nothing to hand on
             nxt = self._choose(None)
@@ -417,10 +439,31 @@ class Scheduler:
                 self.holder = t
                 return
         t.gate.acquire()
+        if self.aborted:
+            self._raise_abort(t)
 
     def stop(self) -> None:
         """The schedule is over (the child is about to exit): take no more decisions."""
         self.stopped = True
+
+    def abort(self) -> None:
+        """End the schedule in a process that goes on (in-process schedules): take no more
+        decisions and let every managed thread that waits for its turn go; each one raises
+        :class:`ScheduleAborted` once, at its next scheduling point or where it waited, and then
+        runs with plain primitives while it unwinds."""
+        with self.mutex:
+            self.stopped = True
+            self.aborted = True
+            self.holder = None
+            for t in self.threads:
+                if t.status is not FINISHED and t.gate.locked():
+                    t.gate.release()
+
+    def _raise_abort(self, t: SchedThread) -> None:
+        if t.abort_raised or t.busy:
+            return
+        t.abort_raised = True
+        raise ScheduleAborted("raceguard: the schedule was aborted")
 
     # -- internals (mutex held) ------------------------------------------------------------
     def _choose(self, current: SchedThread | None) -> SchedThread | None:
@@ -476,6 +519,13 @@ class Scheduler:
         self.stopped = True
         if self.on_deadlock is not None:
             self.on_deadlock(self, blocked)
+        if self.aborted:
+            # The handler aborted the schedule: unwind like every other thread (a thread that has
+            # just finished, found the deadlock in thread_exit, simply ends).
+            t = self.by_ident.get(_get_ident())
+            if t is not None:
+                self._raise_abort(t)
+            return
         raise ScheduleDeadlocked(blocked)
 
     # -- reporting -------------------------------------------------------------------------

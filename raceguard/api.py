@@ -136,6 +136,8 @@ class WatchSession:
         self._ended: float | None = None
         self._outcome: dict[str, Any] | None = None
         self._final_stats: dict[str, Any] | None = None
+        # Set by the pytest plugin when the marker ran the test under controlled schedules.
+        self._schedules_run = 1
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -272,7 +274,7 @@ class WatchSession:
         stats: dict[str, Any] = {
             "threads": int(raw.get("threads", 0)),
             "ops": int(raw.get("ops", 0)),
-            "schedules_run": 1,
+            "schedules_run": self._schedules_run,
             "first_failure_at": None,
             "wall_seconds": round(max(wall, 0.0), 3),
         }

@@ -37,11 +37,20 @@ Marker
     ``@pytest.mark.raceguard`` runs one test under detection without ``--raceguard``.
     ``@pytest.mark.raceguard(fail_on="warning")`` also sets its threshold;
     ``@pytest.mark.raceguard(enabled=False)`` opts a test out under ``--raceguard`` (e.g. a
-    test of deliberately lock-free code). The marker already accepts ``schedules=``, ``seed=``
-    and ``strategy=`` for running the test under controlled schedules; this build of the
-    plugin cannot run them yet, so a test asking for them fails (without running) with a
-    message saying controlled schedules are not available. Bad marker arguments fail the test
-    the same way.
+    test of deliberately lock-free code).
+
+    ``@pytest.mark.raceguard(schedules=50, seed=0, strategy="pct")`` runs the test body under 50
+    controlled schedules (seeds 0, 1, ... 49) of raceguard's scheduler, in the test's process:
+    one thread runs at a time and the strategy (``random``, or ``pct``: probabilistic
+    concurrency testing, calibrated once per test) decides who continues at every tensor op and
+    every lock/queue/event operation of the threads the body starts. It stops at the first
+    schedule whose body raises, deadlocks or produces a finding at or above ``fail_on``, and
+    fails with the seed and the marker that replays it
+    (``@pytest.mark.raceguard(schedules=1, seed=7, strategy="pct")``). Without ``seed`` a random
+    one is chosen (and printed on failure); ``seed`` without ``schedules`` runs that one
+    schedule. Fixtures are set up once: the body must build the state it races on itself.
+    Python's ``random`` and torch's generator are seeded from each schedule's seed (and restored
+    afterwards). Bad marker arguments fail the test without running it.
 
     Without ``--raceguard``, detection starts at the test's setup: locks, events and queues the
     test module created at import time are plain objects whose ordering raceguard cannot see,
@@ -62,7 +71,6 @@ test that created it).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,7 +86,7 @@ MARKER = "raceguard"
 FIXTURE = "raceguard"
 MARKER_KWARGS = ("enabled", "fail_on", "schedules", "seed", "strategy")
 SCHEDULE_KWARGS = ("schedules", "seed", "strategy")
-SCHEDULER_MODULE = "raceguard.schedule"
+DEFAULT_SCHEDULES = 100
 
 
 # --- options and configuration ----------------------------------------------------------------
@@ -145,6 +153,8 @@ class WatchedTest:
     # Set when the test must fail without running (bad marker, schedules unavailable).
     refusal: str | None = None
     reported: set = field(default_factory=set)  # fingerprints already shown in a test report
+    # (schedules, seed, strategy) when the marker asks for controlled schedules.
+    schedules: tuple[int, int | None, str] | None = None
 
 
 @dataclass
@@ -240,7 +250,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}(enabled=True, fail_on=None, schedules=None, seed=None, strategy=None): run this test "
         "under raceguard's data-race detection (without --raceguard); enabled=False opts it out. "
-        "schedules/seed/strategy need the controlled scheduler.",
+        "schedules=N runs the test body under N controlled thread schedules (strategy 'random' or "
+        "'pct', seeds seed, seed+1, ...) and fails with the seed of the first failing one.",
     )
     run = RunState(config)
     config.stash[RUN_KEY] = run
@@ -304,20 +315,21 @@ def _marker_value_problem(key: str, value: Any) -> str | None:
     return None
 
 
-def schedules_unavailable_message(spec: MarkerSpec) -> str:
-    """Why a test asking for controlled schedules cannot run in this build."""
-    args = ", ".join(f"{k}={v!r}" for k, v in spec.schedule_args().items())
-    if importlib.util.find_spec(SCHEDULER_MODULE) is None:
-        why = f"controlled schedules are not available in this build of raceguard (it has no {SCHEDULER_MODULE})"
-    else:
-        why = (
-            "controlled schedules are not available in this build of the pytest plugin "
-            f"({SCHEDULER_MODULE} exists but the plugin does not drive it yet)"
-        )
-    return (
-        f"@pytest.mark.raceguard({args}): {why}. Remove {'/'.join(k + '=' for k in spec.schedule_args())} "
-        "to run this test once under detection."
-    )
+def schedule_settings(spec: MarkerSpec) -> tuple[int, int | None, str] | None:
+    """``(schedules, seed, strategy)`` of a marker that asks for controlled schedules, else None.
+
+    ``seed`` alone means one schedule (the form a failure prints to reproduce it); otherwise
+    ``schedules`` defaults to :data:`DEFAULT_SCHEDULES`, ``strategy`` to ``"random"`` and
+    ``seed`` to a fresh random one (printed when a schedule fails).
+    """
+    if not spec.schedule_args():
+        return None
+    count = spec.schedules if spec.schedules is not None else (1 if spec.seed is not None else DEFAULT_SCHEDULES)
+    return count, spec.seed, spec.strategy or "random"
+
+
+def reproduce_marker(seed: int, strategy: str) -> str:
+    return f'@pytest.mark.raceguard(schedules=1, seed={seed}, strategy="{strategy}")'
 
 
 # --- one test ----------------------------------------------------------------------------------
@@ -330,8 +342,12 @@ def _start(item: pytest.Item) -> None:
     if spec.error is not None:
         item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal=spec.error)
         return
-    if spec.schedule_args():
-        item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal=schedules_unavailable_message(spec))
+    schedules = schedule_settings(spec)
+    if schedules is not None and spec.enabled is False:
+        item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal="@pytest.mark.raceguard: enabled=False cannot be combined with schedules/seed/strategy")
+        return
+    if schedules is not None and not isinstance(item, pytest.Function):
+        item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal="@pytest.mark.raceguard(schedules=...) works on test functions only")
         return
     if spec.enabled is False:
         return
@@ -343,7 +359,7 @@ def _start(item: pytest.Item) -> None:
     settings = run.settings()
     module = getattr(item, "module", None)
     namespace = getattr(module, "__dict__", None)
-    watch = WatchedTest(item.nodeid)
+    watch = WatchedTest(item.nodeid, schedules=schedules)
 
     def tag(finding: Finding) -> None:
         finding.details.setdefault("test", item.nodeid)
@@ -406,7 +422,66 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         if watch.refusal is not None:
             pytest.fail(watch.refusal, pytrace=False)
         watch.phase = "call"
+        if watch.schedules is not None and watch.session is not None:
+            original = item.obj  # type: ignore[attr-defined]
+            item.obj = _under_schedules(original, watch, item)  # type: ignore[attr-defined]
+            try:
+                return (yield)
+            finally:
+                item.obj = original  # type: ignore[attr-defined]
     return (yield)
+
+
+def _under_schedules(test: Any, watch: WatchedTest, item: pytest.Item) -> Any:
+    """The test function, run once per controlled schedule until one fails."""
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(test) or inspect.isasyncgenfunction(test):
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            pytest.fail("@pytest.mark.raceguard(schedules=...) cannot run async tests: their code runs in an event loop", pytrace=False)
+
+        return refuse
+
+    count, seed, strategy = watch.schedules  # type: ignore[misc]
+
+    @functools.wraps(test)
+    def run_schedules(*args: Any, **kwargs: Any) -> None:
+        __tracebackhide__ = True
+        import random as random_mod
+
+        from .schedule.inprocess import explore
+
+        base_seed = seed if seed is not None else random_mod.SystemRandom().randrange(1, 1_000_000)
+        namespace = getattr(getattr(item, "module", None), "__dict__", None)
+        result = explore(
+            lambda: test(*args, **kwargs),
+            schedules=count,
+            base_seed=base_seed,
+            strategy=strategy,
+            label=item.nodeid,
+            main_globals=namespace,
+        )
+        watch.session._schedules_run = result.ran
+        run = result.failure
+        if run is None:
+            return
+        which = "the PCT calibration schedule" if result.index is None and strategy == "pct" else (
+            f"schedule {result.index + 1} of {count}" if result.index is not None else "the schedule")
+        message = (
+            f"raceguard: {which} failed (strategy {strategy}, seed {result.seed}, "
+            f"{run.stats.get('switches', 0)} switches): {run.describe_failure()}\n"
+            f"reproduce it with {reproduce_marker(result.seed, strategy)}"  # type: ignore[arg-type]
+        )
+        if run.error is not None:
+            add_note = getattr(run.error, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(message)
+                raise run.error
+            raise AssertionError(f"{message}\n{type(run.error).__name__}: {run.error}") from run.error
+        pytest.fail(message, pytrace=False)
+
+    return run_schedules
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from raceguard.pytest_plugin import MarkerSpec, parse_marker, report_path_for, schedules_unavailable_message
+from raceguard.pytest_plugin import MarkerSpec, parse_marker, report_path_for, reproduce_marker, schedule_settings
 from raceguard.report.document import validate_report
 
 pytest_plugins = ["pytester"]
@@ -285,12 +285,14 @@ def test_same_bug_in_several_tests_is_one_finding_of_the_run():
     assert merged.details == {"test": "t.py::a", "also_in_tests": ["t.py::b", "t.py::c"]}
 
 
-def test_schedules_message_names_what_is_missing():
-    message = schedules_unavailable_message(MarkerSpec(schedules=50, seed=0))
-    assert message.startswith("@pytest.mark.raceguard(schedules=50, seed=0): controlled schedules are not available")
-    if importlib.util.find_spec("raceguard.schedule") is None:
-        assert "it has no raceguard.schedule" in message
-    assert message.endswith("Remove schedules=/seed= to run this test once under detection.")
+def test_schedule_settings_of_the_marker():
+    assert schedule_settings(MarkerSpec()) is None
+    assert schedule_settings(MarkerSpec(enabled=True, fail_on="warning")) is None
+    assert schedule_settings(MarkerSpec(schedules=50, seed=0, strategy="pct")) == (50, 0, "pct")
+    assert schedule_settings(MarkerSpec(schedules=5)) == (5, None, "random")
+    assert schedule_settings(MarkerSpec(seed=7, strategy="pct")) == (1, 7, "pct")  # a reproduction
+    assert schedule_settings(MarkerSpec(strategy="pct")) == (100, None, "pct")
+    assert reproduce_marker(7, "pct") == '@pytest.mark.raceguard(schedules=1, seed=7, strategy="pct")'
 
 
 # -- real runs -----------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def test_run_with_flag(suite: pytest.Pytester):
         "test_marker_locked": "PASSED",
         "test_marker_module_lock": "PASSED",
         "test_opted_out": "PASSED",
-        "test_with_schedules": "FAILED",
+        "test_with_schedules": "PASSED",  # locked: clean under 3 PCT schedules
         "test_warning_only": "PASSED",  # a warning does not fail at the default fail-on=error
         "test_warning_marker_fail_on": "FAILED",
         "test_watch_inside_watched_test": "PASSED",
@@ -326,7 +328,7 @@ def test_run_with_flag(suite: pytest.Pytester):
         "test_checkpoint_locked_checked_midway": "PASSED",
     }
     assert {k: got.get(k) for k in expected} == expected, result.stdout.str()
-    result.assert_outcomes(passed=13, failed=6, errors=1)
+    result.assert_outcomes(passed=14, failed=5, errors=1)
 
     out = result.stdout.str()
     racy = section(out, "test_racy")
@@ -338,7 +340,6 @@ def test_run_with_flag(suite: pytest.Pytester):
     assert "Traceback" not in racy and "pytest_plugin.py" not in racy
     assert f"allocated at test_suite.py:{line_of('ALLOC_SETUP')}" in section(out, "test_setup_race")
     assert f"allocated at test_suite.py:{line_of('ALLOC_TEARDOWN')}" in section(out, "ERROR at teardown of test_teardown_race")
-    assert "controlled schedules are not available" in section(out, "test_with_schedules")
     assert "random generator generator two" in section(out, "test_warning_marker_fail_on")
     assert "data race on parameter model.weight" in section(out, "test_checkpoint_racy")
 
@@ -389,7 +390,7 @@ def test_run_without_flag(suite: pytest.Pytester):
         "test_marker_locked": "PASSED",
         "test_marker_module_lock": "FAILED",  # lock made at import, before detection: see the note
         "test_opted_out": "PASSED",
-        "test_with_schedules": "FAILED",
+        "test_with_schedules": "PASSED",  # locked: clean under 3 PCT schedules
         "test_warning_only": "FAILED",  # --raceguard-fail-on=warning
         "test_warning_marker_fail_on": "FAILED",
         "test_watch_inside_watched_test": "PASSED",
@@ -398,7 +399,7 @@ def test_run_without_flag(suite: pytest.Pytester):
         "test_checkpoint_locked_checked_midway": "PASSED",
     }
     assert {k: got.get(k) for k in expected} == expected, result.stdout.str()
-    result.assert_outcomes(passed=14, failed=5)
+    result.assert_outcomes(passed=15, failed=4)
 
     out = result.stdout.str()
     marker = section(out, "test_marker_racy")
@@ -408,13 +409,13 @@ def test_run_without_flag(suite: pytest.Pytester):
     assert "note: MODULE_LOCK was created before raceguard started watching" in note
     assert "run --raceguard" in note or "run with --raceguard" in note
     result.stdout.fnmatch_lines(
-        ["raceguard: 8 tests watched, 4 findings (2 data-race, 2 shared-rng), 5 tests failed by raceguard; report: *report.json"]
+        ["raceguard: 9 tests watched, 4 findings (2 data-race, 2 shared-rng), 4 tests failed by raceguard; report: *report.json"]
     )
 
     document = json.loads((suite.path / "report.json").read_text())
     validate_report(document)
     assert document["target"][-len(args):] == args and document["status"] == "findings"
     assert document["target_exit_code"] == 0
-    assert document["stats"]["tests_watched"] == 8
+    assert document["stats"]["tests_watched"] == 9
     tests = sorted(f["details"]["test"].split("::")[-1] for f in document["findings"])
     assert tests == ["test_marker_module_lock", "test_marker_racy", "test_warning_marker_fail_on", "test_warning_only"]

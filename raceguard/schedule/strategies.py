@@ -279,3 +279,55 @@ def _mix(seed: int, *parts: object) -> int:
         for ch in str(p):
             h = (h * 1099511628211 + ord(ch)) & 0xFFFFFFFFFFFFFFFF
     return h
+
+
+class PreemptionStrategy(Strategy):
+    """Run the current thread until it blocks, except at a few *preemptions*.
+
+    ``preemptions`` is a list of ``(gap, pick)`` pairs, consumed in order: after ``gap`` more
+    choice steps at which the running thread could have continued, it is preempted in favour of
+    the ``pick``-th (modulo their number) of the other runnable threads, in id order. When the
+    running thread blocks or finishes, the lowest runnable id continues (not a preemption).
+
+    This is the shape the Hypothesis front end draws (:mod:`raceguard.hypothesis`): every element
+    of the list is one context switch the program did not ask for, so when Hypothesis shrinks the
+    list it shrinks the number of preemptions, and a minimal failing example shows exactly the
+    switches the bug needs (CHESS's observation: most concurrency bugs need one or two).
+    """
+
+    name = "preemptions"
+
+    def __init__(self, preemptions: Iterable[tuple[int, int]] = ()) -> None:
+        self.preemptions = [(int(gap), int(pick)) for gap, pick in preemptions]
+        for gap, pick in self.preemptions:
+            if gap < 0 or pick < 0:
+                raise ValueError(f"a preemption is a pair of non-negative integers (gap, pick), got {(gap, pick)!r}")
+        self._next = 0
+        self._since = 0  # choice steps since the last preemption at which the holder continued
+        # (choice step, from thread, to thread) of every preemption that took place.
+        self.fired: list[tuple[int, ThreadId, ThreadId]] = []
+        self._choice_steps = 0
+
+    def choose(self, runnable: Sequence[ThreadId], step: int, current: ThreadId | None) -> ThreadId:
+        self._choice_steps += 1
+        if current is None or current not in runnable:
+            return runnable[0]
+        if self._next < len(self.preemptions):
+            gap, pick = self.preemptions[self._next]
+            if self._since >= gap:
+                others = [tid for tid in runnable if tid != current]
+                chosen = others[pick % len(others)]
+                self._next += 1
+                self._since = 0
+                self.fired.append((self._choice_steps, current, chosen))
+                return chosen
+        self._since += 1
+        return current
+
+    @property
+    def used(self) -> list[tuple[int, int]]:
+        """The preemptions that took place (a prefix of :attr:`preemptions`)."""
+        return self.preemptions[: self._next]
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "preemptions": [list(p) for p in self.preemptions]}

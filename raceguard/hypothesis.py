@@ -1,0 +1,262 @@
+"""Hypothesis interleavings: let Hypothesis search, shrink and remember thread schedules.
+
+::
+
+    from hypothesis import given
+    from raceguard.hypothesis import interleavings
+
+    @given(schedule=interleavings())
+    def test_reload_is_atomic(schedule):
+        server = Server()
+        schedule.run(server.reload, server.handle, server.handle)  # each callable in its own thread
+        assert server.consistent()
+
+A drawn :class:`Schedule` is a *value*: a short list of preemptions ``(gap, pick)``. Under it,
+:meth:`Schedule.run` starts each callable in its own thread and raceguard's scheduler lets exactly
+one thread run at a time. The running thread keeps running until it blocks or finishes, except
+at the listed preemptions: after ``gap`` more scheduling points (tensor ops, lock/queue/event
+operations, ``time.sleep``, :func:`raceguard.yield_point`) at which it could have continued, it
+is switched out for the ``pick``-th other runnable thread. So
+
+* Hypothesis explores interleavings like any other input and keeps failing ones in its example
+  database;
+* shrinking the list shrinks the number of context switches: the falsifying example shows the
+  fewest preemptions that still fail (usually one or two), at the earliest points;
+* the falsifying example prints as ``schedule=replay([(3, 0)])``, and
+  ``raceguard.hypothesis.replay([(3, 0)]).run(...)`` replays exactly that interleaving anywhere
+  (a plain test, a debugger), as long as the program is deterministic given the schedule.
+
+Data races found during the run are reported too: with ``races="raise"`` (the default) a run
+that raced raises :exc:`raceguard.RaceError` (its message is the text report); ``races="ignore"``
+leaves them out, e.g. to look for the atomicity bug itself in code that is knowingly racy. Under
+the pytest plugin (``--raceguard``, the marker or the ``raceguard`` fixture) the run attaches to
+the test's session instead: its races are reported with the test's, as the plugin reports them.
+
+Instrumented primitives: the scheduler sees the locks, events, queues... created with raceguard's
+primitives installed. :func:`interleavings` and :func:`replay` install them (for the rest of the
+process; without an active session they behave exactly like the originals), so objects the test
+builds are seen. An object created *before* that (at import time of a module imported earlier)
+is a plain one: a thread blocking on it blocks in the OS, which the scheduler notices after 50 ms
+and then lets the others run, at the cost of determinism around that wait.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, Iterable, Sequence
+
+from .schedule.inprocess import DEFAULT_TIMEOUT, ScheduledRun, run_schedule
+from .schedule.scheduler import ScheduleAborted
+from .schedule.strategies import PreemptionStrategy
+
+__all__ = ["DeadlockError", "Schedule", "ScheduleTimeout", "interleavings", "replay"]
+
+RACES = ("raise", "ignore")
+DEFAULT_MAX_PREEMPTIONS = 4
+DEFAULT_MAX_GAP = 64
+# How many other runnable threads a preemption's ``pick`` distinguishes before wrapping around.
+PICKS = 8
+
+
+class DeadlockError(AssertionError):
+    """Every thread of the run was blocked for good under this schedule."""
+
+
+class ScheduleTimeout(AssertionError):
+    """The run did not finish within its time limit under this schedule."""
+
+
+class Schedule:
+    """One interleaving, as a list of preemptions; run callables under it with :meth:`run`.
+
+    Built by :func:`interleavings` (drawn by Hypothesis) or :func:`replay`. After a run,
+    :attr:`used` lists the preemptions that took place, :attr:`switches` counts every hand-over
+    between threads (preemptions plus the switches the program forced by blocking or
+    finishing), and :attr:`last_run` has the details.
+    """
+
+    def __init__(
+        self,
+        preemptions: Iterable[Sequence[int]] = (),
+        *,
+        races: str = "raise",
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        if races not in RACES:
+            raise ValueError(f"races must be one of {', '.join(RACES)}, not {races!r}")
+        self.preemptions: list[tuple[int, int]] = [_pair(p) for p in preemptions]
+        self.races = races
+        self.timeout = timeout
+        self.used: list[tuple[int, int]] = []
+        self.switches: int | None = None
+        self.last_run: ScheduledRun | None = None
+
+    def __repr__(self) -> str:
+        extra = "" if self.races == "raise" else f", races={self.races!r}"
+        extra += "" if self.timeout == DEFAULT_TIMEOUT else f", timeout={self.timeout!r}"
+        return f"replay({self.preemptions!r}{extra})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return (self.preemptions, self.races, self.timeout) == (other.preemptions, other.races, other.timeout)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def run(self, *callables: Callable[[], Any], races: str | None = None, timeout: float | None = ...) -> list[Any]:  # type: ignore[assignment]
+        """Run each callable in its own thread under this schedule; return their results.
+
+        Threads are started in argument order (thread 1, 2, ...; the calling thread is thread
+        0) and all joined before this returns. Raises the first exception a callable raised
+        (in argument order), :exc:`DeadlockError` if the threads deadlocked,
+        :exc:`ScheduleTimeout` past ``timeout`` seconds, and — with ``races="raise"`` —
+        :exc:`raceguard.RaceError` if the run had data races (or other error findings).
+        ``races`` and ``timeout`` override the schedule's own for this call.
+        """
+        __tracebackhide__ = True  # pytest: show the test's line, not this one
+        if not callables:
+            raise TypeError("Schedule.run() needs at least one callable")
+        for fn in callables:
+            if not callable(fn):
+                raise TypeError(f"Schedule.run() takes callables, got {fn!r}")
+        races = self.races if races is None else races
+        if races not in RACES:
+            raise ValueError(f"races must be one of {', '.join(RACES)}, not {races!r}")
+        timeout = self.timeout if timeout is ... else timeout
+        results: list[Any] = [None] * len(callables)
+        errors: list[BaseException | None] = [None] * len(callables)
+
+        def body() -> None:
+            threads = []
+            for i, fn in enumerate(callables):
+                thread = threading.Thread(
+                    target=_call_into, args=(fn, results, errors, i), name=f"callable-{i + 1} ({_name(fn)})", daemon=True
+                )
+                threads.append(thread)
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        frame = sys._getframe(1)
+        label = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        main_globals = frame.f_globals
+        del frame
+        strategy = PreemptionStrategy(self.preemptions)
+        run = run_schedule(body, strategy, timeout=timeout, label=label, main_globals=main_globals)
+        self.last_run = run
+        self.used = strategy.used
+        self.switches = int(run.stats.get("switches", 0))
+        self._note()
+        if run.deadlock is not None:
+            raise DeadlockError(f"deadlock under {self!r}: " + "; ".join(run.deadlock))
+        if run.timed_out:
+            raise ScheduleTimeout(f"the run did not finish within {timeout} s under {self!r}")
+        if run.error is not None:
+            raise run.error
+        for i, error in enumerate(errors):
+            if error is not None:
+                _add_note(error, f"raised by callable {i + 1} ({_name(callables[i])}) under raceguard {self!r}")
+                raise error
+        if races == "raise" and run.report is not None and run.findings:
+            from .api import RaceError
+
+            raise RaceError(run.report, "error", note=f"under raceguard {self!r}")
+        return results
+
+    def _note(self) -> None:
+        """Tell Hypothesis how to replay this run (printed with a falsifying example only)."""
+        if "hypothesis" not in sys.modules:
+            return
+        try:
+            from hypothesis import note
+            from hypothesis.control import _current_build_context
+
+            if _current_build_context.value is None:
+                return
+            note(
+                f"raceguard: {len(self.used)} preemption(s), {self.switches} switch(es); "
+                f"replay with raceguard.hypothesis.{self!r}.run(...)"
+            )
+        except Exception:
+            pass
+
+
+def _call_into(fn: Callable[[], Any], results: list[Any], errors: list[BaseException | None], i: int) -> None:
+    try:
+        results[i] = fn()
+    except ScheduleAborted:
+        raise
+    except BaseException as exc:  # re-raised by Schedule.run in the calling thread
+        errors[i] = exc
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _add_note(exc: BaseException, text: str) -> None:
+    add = getattr(exc, "add_note", None)  # Python 3.11+
+    if add is not None:
+        add(text)
+
+
+def _pair(p: Any) -> tuple[int, int]:
+    try:
+        gap, pick = p
+        gap, pick = int(gap), int(pick)
+    except (TypeError, ValueError):
+        raise ValueError(f"a preemption is a pair (gap, pick) of non-negative integers, got {p!r}") from None
+    if gap < 0 or pick < 0:
+        raise ValueError(f"a preemption is a pair (gap, pick) of non-negative integers, got {p!r}")
+    return gap, pick
+
+
+_held = False
+
+
+def _hold_primitives() -> None:
+    """Install raceguard's primitives for the rest of the process (once)."""
+    global _held
+    if _held:
+        return
+    from .capture import install
+
+    install.hold_primitives()
+    _held = True
+
+
+def replay(preemptions: Iterable[Sequence[int]] = (), *, races: str = "raise", timeout: float | None = DEFAULT_TIMEOUT) -> Schedule:
+    """The schedule a falsifying example printed as ``replay([...])``: run it again with
+    ``.run(...)``. ``replay()`` (no preemptions) runs the callables one after the other."""
+    _hold_primitives()
+    return Schedule(preemptions, races=races, timeout=timeout)
+
+
+def interleavings(
+    *,
+    max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
+    max_gap: int = DEFAULT_MAX_GAP,
+    races: str = "raise",
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> Any:
+    """A Hypothesis strategy of :class:`Schedule` values.
+
+    ``max_preemptions`` bounds the number of context switches a schedule forces (CHESS's
+    preemption bound: most bugs need one or two); ``max_gap`` bounds how many scheduling points
+    a thread runs between two preemptions (raise it for programs that do many tensor ops
+    before the interesting point); ``races`` and ``timeout`` are passed to every
+    :meth:`Schedule.run`.
+    """
+    from hypothesis import strategies as st
+
+    if races not in RACES:
+        raise ValueError(f"races must be one of {', '.join(RACES)}, not {races!r}")
+    for name, value in (("max_preemptions", max_preemptions), ("max_gap", max_gap)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"interleavings(): {name} must be a non-negative integer, not {value!r}")
+    _hold_primitives()
+    preemption = st.tuples(st.integers(0, max_gap), st.integers(0, PICKS - 1))
+    return st.lists(preemption, max_size=max_preemptions).map(
+        lambda ps: Schedule(ps, races=races, timeout=timeout)
+    )

@@ -65,7 +65,7 @@ from torch import nn
 from ..engine.hb import Race, ShadowStorage
 from ..report.finding import Access, Finding, compute_fingerprint
 from .naming import StorageMeta
-from .stacks import current_site, render_site, user_key
+from .stacks import current_site, op_site_function, render_site, user_key
 
 __all__ = [
     "RNG_OPS",
@@ -323,12 +323,16 @@ def _record(s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: b
         epoch = hb.epoch(tid)
         if all(_covered(shadow, lo, hi, tid, epoch, is_write) for lo, hi in ranges):
             return []
-    info = _Info(current_site(1), op, state.locks)
+    info = _Info(_site(), op, state.locks)
     races: list[Race] = []
     with s.lock:
         rec = hb.record(tid, is_write, info)
         hb.access(shadow, ranges, rec, races)
     return races
+
+
+# The site of an access on the hot paths (torch's C++ stack capture; raceguard's frames hidden).
+_site = op_site_function()
 
 
 # -- the session -----------------------------------------------------------------------------
@@ -570,7 +574,7 @@ def record_tensor_reads(s: Any, state: Any, tensors: list, op: str) -> None:
         return
     from .torch_ops import byte_ranges  # not at the top: torch_ops imports this module
 
-    site = current_site(1)
+    site = _site()
     info = _Info(site, op, state.locks)
     races: list[Race] = []
     hb = s.hb

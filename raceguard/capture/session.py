@@ -17,14 +17,16 @@ import traceback
 import weakref
 from typing import Any, Callable
 
+import torch
+
 from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
 from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, compute_fingerprint
 from . import hazards
 from .naming import Namer, Resource, StorageMeta
-from .stacks import current_site, render_site, site_of_traceback, user_key
-from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, tensor_args
+from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
+from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
 
 Sink = Callable[[dict], None]
 
@@ -32,6 +34,19 @@ Sink = Callable[[dict], None]
 ACTIVE: "Session | None" = None
 
 _get_ident = _thread.get_ident
+_op_site = op_site_function()  # the site of a tensor op (see on_op)
+_plans_by_id = plans_by_id
+_Tensor = torch.Tensor
+
+
+def _same_timeline(cell: Any, tid: int) -> bool:
+    """Whether every access remembered in ``cell`` was made by timeline ``tid`` (then a new
+    access of ``tid`` can race with none of them: its own earlier accesses are ordered)."""
+    w = cell.write
+    if w is not None and w.timeline != tid:
+        return False
+    r = cell.reads
+    return r is None or (type(r) is not dict and r.timeline == tid)
 
 
 class ThreadState:
@@ -274,18 +289,20 @@ class Session:
         return ref() if ref is not None else None
 
     # -- tensor ops (hot path) -------------------------------------------------------------
+    # Every aten op of every instrumented thread comes through on_op, so it is written for speed:
+    # the site is taken by torch's C++ stack capture (stacks.op_site_function), plans are found
+    # by id(func), and the common case (a whole-storage access to a storage with one shadow
+    # interval) skips the interval machinery of HappensBefore.access.
     def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.sched is not None:  # a scheduling point before every tensor op
             self.sched.op_point()
-        plan = plan_for(func)
+        plan = _plans_by_id.get(id(func)) or plan_for(func)
         if plan.rng:
             hazards.on_rng_op(self, state, func, args, kwargs)
-        site = current_site(2)
+        site = _op_site()
         info = OpInfo(site, plan.name, state.locks)
-        hb = self.hb
-        shadows = self.shadows
         races: list[Race] = []
-        inputs: set[int] = set()
+        inputs: list[int] = []
         if plan.metadata_only:
             accessed = ()
         else:
@@ -294,12 +311,17 @@ class Session:
         if cuda is not None and accessed:
             # CUDA tensors (and the pinned host side of non_blocking copies) go to stream timelines.
             accessed = cuda.before_op(state, plan, accessed, args, kwargs, info)
+        tid = state.tid
         with self.lock:
             self.ops += 1
-            if plan.fresh_input:
+            if not accessed:
+                pass
+            elif plan.fresh_input:
                 for t, _ in accessed:
-                    self._fresh(t, info, state.tid, inputs)
+                    self._fresh(t, info, tid, inputs)
             else:
+                hb = self.hb
+                shadows = self.shadows
                 read_rec = write_rec = None
                 for t, is_write in accessed:
                     try:
@@ -307,33 +329,63 @@ class Session:
                     except Exception:  # sparse, nested, meta: no plain storage to track
                         continue
                     cd = st._cdata
-                    inputs.add(cd)
+                    inputs.append(cd)
                     sh = shadows.get(cd)
                     if sh is None or sh.meta.ref() is not st:
                         sh = shadows[cd] = ShadowStorage(
                             StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
                         )
                     if is_write:
-                        rec = write_rec or hb.record(state.tid, True, info)
-                        write_rec = rec
+                        rec = write_rec
+                        if rec is None:
+                            rec = write_rec = hb.record(tid, True, info)
                     else:
-                        rec = read_rec or hb.record(state.tid, False, info)
-                        read_rec = rec
-                    hb.access(sh, byte_ranges(t), rec, races)
+                        rec = read_rec
+                        if rec is None:
+                            rec = read_rec = hb.record(tid, False, info)
+                    if t.is_contiguous():
+                        es = t.element_size()
+                        nbytes = t.numel() * es
+                        if not nbytes:
+                            continue
+                        lo = t.storage_offset() * es
+                        hi = lo + nbytes
+                        starts = sh.starts
+                        if len(starts) == 1 and starts[0] == lo and sh.ends[0] == hi:
+                            cell = sh.cells[0]
+                            if _same_timeline(cell, tid):
+                                # Only this timeline ever touched these bytes: nothing can race.
+                                if is_write:
+                                    cell.write = rec
+                                    cell.reads = None
+                                else:
+                                    r = cell.reads
+                                    if r is None or r.epoch != rec.epoch:
+                                        cell.reads = rec
+                                continue
+                        hb.access(sh, ((lo, hi),), rec, races)
+                    else:
+                        hb.access(sh, byte_ranges(t), rec, races)
         out = func(*args, **kwargs)
-        outs = output_tensors(out)
         cuda = self.cuda  # again: this op may have initialised CUDA
-        if cuda is not None:
-            outs = cuda.after_op(state, plan, outs, args, kwargs, info)
-        if outs:
+        if type(out) is _Tensor and cuda is None:
             with self.lock:
-                for o in outs:
-                    self._fresh(o, info, state.tid, inputs)
+                self._fresh(out, info, tid, inputs)
+        else:
+            outs = output_tensors(out)
+            if cuda is not None:
+                outs = cuda.after_op(state, plan, outs, args, kwargs, info)
+            if outs:
+                if len(inputs) > 8:  # _foreach_* ops: many inputs, many outputs
+                    inputs = set(inputs)
+                with self.lock:
+                    for o in outs:
+                        self._fresh(o, info, tid, inputs)
         if races:
             self.report_races(races)
         return out
 
-    def _fresh(self, t: Any, info: OpInfo, tid: int, inputs: set[int]) -> None:
+    def _fresh(self, t: Any, info: OpInfo, tid: int, inputs: Any) -> None:
         """Register an output in storage no input had: new memory, written by this op."""
         try:
             st = t.untyped_storage()
@@ -342,14 +394,15 @@ class Session:
         cd = st._cdata
         if cd in inputs:
             return
-        sh = self.shadows.get(cd)
+        shadows = self.shadows
+        sh = shadows.get(cd)
         if sh is not None and sh.meta.ref() is st:
             return
+        # (A second output in the same new storage finds this shadow and returns above.)
         sh = ShadowStorage(StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site))
         sh.reset(self.hb.record(tid, True, info), 0, st.nbytes())
-        self.shadows[cd] = sh
-        inputs.add(cd)
-        if len(self.shadows) > self._next_sweep:
+        shadows[cd] = sh
+        if len(shadows) > self._next_sweep:
             self._sweep()
 
     def _sweep(self) -> None:

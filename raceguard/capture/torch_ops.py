@@ -64,6 +64,8 @@ class OpPlan:
     fresh_input: bool
     undeclared: tuple[tuple[int, ...], int] | None
     rng: bool = False  # draws from a random generator: Session.on_op calls hazards.on_rng_op
+    # ``args`` as plain tuples (index, name, is_list, is_write, kwarg_only) for tensor_args.
+    specs: tuple = ()
 
 
 def _tensor_kind(type_str: str) -> int:
@@ -94,16 +96,23 @@ def build_plan(func: Any) -> OpPlan:
         fresh_input=base in FRESH_INPUT,
         undeclared=UNDECLARED_WRITES.get(base),
         rng=is_rng_op(func),
+        specs=tuple((a.index, a.name, a.kind == _LIST, a.is_write, a.kwarg_only) for a in specs),
     )
 
 
 _plans: dict[Any, OpPlan] = {}
+# The same plans keyed by id(func): hashing an OpOverload runs a Python __hash__ (0.3 µs). The
+# overloads are kept alive by _plans, so their ids are never reused.
+plans_by_id: dict[int, OpPlan] = {}
 
 
 def plan_for(func: Any) -> OpPlan:
-    plan = _plans.get(func)
+    plan = plans_by_id.get(id(func))
     if plan is None:
-        plan = _plans[func] = build_plan(func)
+        plan = _plans.get(func)
+        if plan is None:
+            plan = _plans[func] = build_plan(func)
+        plans_by_id[id(func)] = plan
     return plan
 
 
@@ -113,13 +122,18 @@ MAX_RUNS = 4096
 
 def byte_ranges(t: torch.Tensor) -> list[tuple[int, int]]:
     """Storage-relative byte ranges the elements of ``t`` occupy (exact for strided views)."""
+    if t.is_contiguous():  # the common case first: one run
+        es = t.element_size()
+        nbytes = t.numel() * es
+        if not nbytes:
+            return []
+        off = t.storage_offset() * es
+        return [(off, off + nbytes)]
     es = t.element_size()
     numel = t.numel()
     if numel == 0:
         return []
     off = t.storage_offset() * es
-    if t.is_contiguous():
-        return [(off, off + numel * es)]
     sizes = t.shape
     strides = t.stride()
     # Dims of size 1 do not matter; sort the rest by stride, innermost first.
@@ -166,19 +180,19 @@ def tensor_args(plan: OpPlan, args: tuple, kwargs: dict) -> list[tuple[torch.Ten
     """(tensor, is_write) for every tensor argument whose data the op touches."""
     out: list[tuple[torch.Tensor, bool]] = []
     nargs = len(args)
-    for spec in plan.args:
-        if spec.index < nargs and not spec.kwarg_only:
-            value = args[spec.index]
+    for index, name, is_list, is_write, kwarg_only in plan.specs:
+        if index < nargs and not kwarg_only:
+            value = args[index]
         else:
-            value = kwargs.get(spec.name)
+            value = kwargs.get(name)
         if value is None:
             continue
-        if spec.kind == _TENSOR:
-            out.append((value, spec.is_write))
-        else:
+        if is_list:
             for v in value:
                 if v is not None:
-                    out.append((v, spec.is_write))
+                    out.append((v, is_write))
+        else:
+            out.append((value, is_write))
     undeclared = plan.undeclared
     if undeclared is not None:
         indices, cond = undeclared

@@ -30,6 +30,22 @@ class Capture:
         return sum(1 for e in self.events if e.get("type") == "finding")
 
 
+def noop_mode() -> Any:
+    """A TorchDispatchMode that only runs each op: torch's own price of capturing in Python.
+    ``_should_skip_dynamo`` returns False, like raceguard's AccessMode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoOpMode(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            return False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    return NoOpMode()
+
+
 def install_capture() -> Capture:
     import torch  # noqa: F401 - the dispatch mode needs torch before the first op
 

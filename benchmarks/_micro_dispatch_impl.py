@@ -31,24 +31,15 @@ if ARGS.torch_threads > 0:
 
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
-from _capture import Capture, install_capture  # noqa: E402
+from _capture import Capture, install_capture, noop_mode  # noqa: E402
 
 from raceguard.capture import stacks, torch_ops  # noqa: E402
 from raceguard.capture.session import OpInfo  # noqa: E402
 
 if ARGS.torch_threads > 0:
     torch.set_num_threads(ARGS.torch_threads)
-
-
-class NoOpMode(TorchDispatchMode):
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def add_loop(a: torch.Tensor, b: torch.Tensor, n: int) -> float:
@@ -89,7 +80,7 @@ def run_path(kind: str, a: torch.Tensor, b: torch.Tensor, n: int) -> float:
     with _disable_current_modes():
         if kind == "plain":
             return add_loop(a, b, n)
-        with NoOpMode():
+        with noop_mode():
             return add_loop(a, b, n)
 
 

@@ -48,6 +48,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=1, help="profiled runs of the workload [1]")
     ap.add_argument("--plain", action="store_true", help="run without the capture (baseline)")
     ap.add_argument(
+        "--noop-mode",
+        action="store_true",
+        help="run under a no-op TorchDispatchMode instead (torch's own cost of a Python mode)",
+    )
+    ap.add_argument(
         "--warmup",
         type=int,
         default=1,
@@ -122,9 +127,12 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
 
     session = cap = None
-    if not args.plain:
-        sys.path.insert(0, str(HERE))
-        from _capture import install_capture
+    sys.path.insert(0, str(HERE))
+    from _capture import install_capture, noop_mode
+
+    if args.noop_mode:
+        noop_mode().__enter__()
+    elif not args.plain:
 
         cap = install_capture()
         session = cap.session
@@ -143,6 +151,7 @@ def main() -> None:
         sampler = Sampler(args.interval / 1e3)
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     if profiler is not None:
         profiler.enable()
     if sampler is not None:
@@ -157,13 +166,14 @@ def main() -> None:
         if sampler is not None:
             sampler.stop()
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
 
-    where = "plain" if args.plain else "under raceguard's capture"
+    where = "plain" if args.plain else "under a no-op dispatch mode" if args.noop_mode else "under raceguard's capture"
     n_ops = session.ops - ops_before if session is not None else 0
     ops = f", {n_ops} ops captured ({wall / n_ops * 1e6:.1f} µs/op all in)" if n_ops else ""
     print(
         f"\n## {os.path.relpath(workload)} {where}, profiler {args.profiler}, after {args.warmup} "
-        f"warm-up run(s), {args.runs} profiled run(s): {wall:.3f} s in process{ops}\n"
+        f"warm-up run(s), {args.runs} profiled run(s): {wall:.3f} s in process ({cpu:.3f} s CPU){ops}\n"
     )
     if cap is not None:
         print(f"findings sent to the sink: {cap.findings()}\n")

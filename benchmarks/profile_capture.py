@@ -59,7 +59,51 @@ def parse() -> argparse.Namespace:
         help="untimed, unprofiled runs first [1]: the first run imports torch._dynamo, sympy... lazily",
     )
     ap.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS [1]; 0 leaves it")
+    ap.add_argument(
+        "--child",
+        action="store_true",
+        help="profile the real `raceguard check` child process (cProfile over its whole life: "
+        "bootstrap, import torch, activate, the target's first and only run, exit)",
+    )
+    ap.add_argument("--callers", help="with --child: also print the callers of functions matching this")
     return ap.parse_args()
+
+
+def profile_child(args: argparse.Namespace) -> None:
+    """Run ``raceguard check WORKLOAD`` through the real supervisor, with the child's bootstrap
+    wrapped in cProfile: exactly what ``raceguard check`` installs, the way it runs the target."""
+    import tempfile
+
+    import raceguard.supervisor as supervisor
+    from raceguard.check import CheckOptions, run_check
+
+    fd, out = tempfile.mkstemp(suffix=".prof")
+    os.close(fd)
+    bootstrap = supervisor._bootstrap_code
+
+    def profiled_bootstrap(package_parent: str) -> str:
+        return (
+            "import cProfile as _rg_p, atexit as _rg_a; _rg_prof = _rg_p.Profile(); "
+            f"_rg_a.register(lambda: (_rg_prof.disable(), _rg_prof.dump_stats({out!r}))); "
+            "_rg_prof.enable(); " + bootstrap(package_parent)
+        )
+
+    supervisor._bootstrap_code = profiled_bootstrap
+    start = time.perf_counter()
+    report = run_check(CheckOptions(script=os.path.abspath(args.workload)))
+    wall = time.perf_counter() - start
+    ops = report.stats.get("ops", 0)
+    print(
+        f"\n## {os.path.relpath(args.workload)}: the `raceguard check` child under cProfile, "
+        f"{wall:.3f} s whole run, {ops} ops, {len(report.findings)} finding(s)\n"
+    )
+    text = io.StringIO()
+    stats = pstats.Stats(out, stream=text).sort_stats(args.sort)
+    stats.print_stats(args.top)
+    if args.callers:
+        stats.print_callers(args.callers)
+    os.unlink(out)
+    print(text.getvalue().replace(os.getcwd() + os.sep, ""))
 
 
 class Sampler:
@@ -121,6 +165,9 @@ def main() -> None:
     args = parse()
     if args.torch_threads > 0:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.torch_threads))
+    if args.child:
+        profile_child(args)
+        return
     import torch
 
     if args.torch_threads > 0:

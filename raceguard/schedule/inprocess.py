@@ -186,11 +186,14 @@ def _run_attached(capture: Any, body: Callable[[], Any], strategy: Strategy, tim
             except ScheduleAborted:
                 pass
     finally:
+        main_t.abort_raised = True  # the calling thread is past its body: it must not unwind
         sched.abort()
+        # Unwind before restoring: a thread that was running when the run was aborted raises at
+        # its next scheduling point, which may be a virtual sleep or a yield_point().
+        run.left_behind = _join_managed(sched, main_t)
         capture.sched = None
         hooks.yield_hook = saved_hook
         time.sleep = saved_sleep  # type: ignore[assignment]
-        run.left_behind = _join_managed(sched, main_t)
         run.stats = dict(sched.stats())
         run.stats["schedule_seconds"] = round(time.monotonic() - started, 6)
         run.stats["strategy"] = strategy.describe()

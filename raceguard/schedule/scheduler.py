@@ -262,6 +262,8 @@ class Scheduler:
     # -- scheduling points -----------------------------------------------------------------
     def point(self, t: SchedThread) -> None:
         """A scheduling point of the holder ``t``: the strategy picks who continues."""
+        if not t.busy:
+            self.strategy.on_point(t.id)
         if self.live <= 1 or t.busy:
             self.steps += 1
             return

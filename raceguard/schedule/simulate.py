@@ -75,6 +75,8 @@ def simulate(strategy: Strategy, threads: Iterable[Program | Callable[[], Progra
             result.deadlocked = any(not f for f in finished)
             break
         result.steps += 1
+        if current is not None and current in runnable:
+            strategy.on_point(current)  # the point before the running thread's next action
         if len(runnable) == 1:
             tid = runnable[0]
         else:

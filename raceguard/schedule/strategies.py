@@ -15,6 +15,9 @@ The interface (Shuttle-style) has three calls:
   each ``start()``);
 * ``on_yield(tid)`` when a thread gives way voluntarily (``time.sleep``,
   ``raceguard.yield_point()``): a hint that it is waiting for someone else;
+* ``on_point(tid)`` at every scheduling point the running thread ``tid`` takes, whether or not
+  anyone else could run (so a strategy can count a thread's own points: the ``k``-th point of a
+  thread is the same place in its code whatever the other threads do);
 * ``choose(runnable, step, current)`` at a scheduling point with at least two runnable threads:
   ``runnable`` is sorted by id, ``step`` counts every scheduling point of the run so far and
   ``current`` is the thread that was running (it may be absent from ``runnable`` if it has just
@@ -43,6 +46,9 @@ class Strategy:
         pass
 
     def on_yield(self, tid: ThreadId) -> None:
+        pass
+
+    def on_point(self, tid: ThreadId) -> None:
         pass
 
     def choose(self, runnable: Sequence[ThreadId], step: int, current: ThreadId | None) -> ThreadId:
@@ -248,6 +254,9 @@ class RecordingStrategy(Strategy):
     def on_yield(self, tid: ThreadId) -> None:
         self.inner.on_yield(tid)
 
+    def on_point(self, tid: ThreadId) -> None:
+        self.inner.on_point(tid)
+
     def choose(self, runnable: Sequence[ThreadId], step: int, current: ThreadId | None) -> ThreadId:
         tid = self.inner.choose(runnable, step, current)
         self.choices.append(tid)
@@ -284,50 +293,56 @@ def _mix(seed: int, *parts: object) -> int:
 class PreemptionStrategy(Strategy):
     """Run the current thread until it blocks, except at a few *preemptions*.
 
-    ``preemptions`` is a list of ``(gap, pick)`` pairs, consumed in order: after ``gap`` more
-    choice steps at which the running thread could have continued, it is preempted in favour of
-    the ``pick``-th (modulo their number) of the other runnable threads, in id order. When the
-    running thread blocks or finishes, the lowest runnable id continues (not a preemption).
+    ``preemptions`` is a list of ``(thread, point, pick)`` triples: when thread ``thread`` (0 is
+    the main thread, then 1, 2, ... in start order) takes its ``point``-th scheduling point
+    (0-based, counting every point it takes, see :meth:`Strategy.on_point`) and another thread
+    could run, it is switched out in favour of the ``pick``-th (modulo their number) of the other
+    runnable threads, in id order. When the running thread blocks or finishes, the lowest
+    runnable id continues (not a preemption). A triple naming a point the run never reaches, or
+    one where no other thread could run, does nothing; of two triples naming the same point, the
+    first counts.
 
-    This is the shape the Hypothesis front end draws (:mod:`raceguard.hypothesis`): every element
-    of the list is one context switch the program did not ask for, so when Hypothesis shrinks the
-    list it shrinks the number of preemptions, and a minimal failing example shows exactly the
-    switches the bug needs (CHESS's observation: most concurrency bugs need one or two).
+    Positions are per thread on purpose: a thread's ``point``-th scheduling point is the same
+    place in its code whatever the other threads did, so removing one preemption leaves the
+    others where they were. This is the shape the Hypothesis front end draws
+    (:mod:`raceguard.hypothesis`): every triple is one context switch the program did not ask
+    for, so when Hypothesis shrinks the list it removes switches one by one, and a minimal
+    failing example shows exactly the switches the bug needs (CHESS's observation: most
+    concurrency bugs need one or two).
     """
 
     name = "preemptions"
 
-    def __init__(self, preemptions: Iterable[tuple[int, int]] = ()) -> None:
-        self.preemptions = [(int(gap), int(pick)) for gap, pick in preemptions]
-        for gap, pick in self.preemptions:
-            if gap < 0 or pick < 0:
-                raise ValueError(f"a preemption is a pair of non-negative integers (gap, pick), got {(gap, pick)!r}")
-        self._next = 0
-        self._since = 0  # choice steps since the last preemption at which the holder continued
-        # (choice step, from thread, to thread) of every preemption that took place.
-        self.fired: list[tuple[int, ThreadId, ThreadId]] = []
-        self._choice_steps = 0
+    def __init__(self, preemptions: Iterable[tuple[int, int, int]] = ()) -> None:
+        self.preemptions = [tuple(int(x) for x in p) for p in preemptions]
+        self._at: dict[tuple[int, int], int] = {}
+        for p in self.preemptions:
+            if len(p) != 3 or min(p) < 0:
+                raise ValueError(f"a preemption is a triple of non-negative integers (thread, point, pick), got {p!r}")
+            self._at.setdefault((p[0], p[1]), p[2])
+        self._points: dict[ThreadId, int] = {}
+        # (thread, point, pick, chosen thread) of every preemption that took place, in order.
+        self.fired: list[tuple[ThreadId, int, int, ThreadId]] = []
+
+    def on_point(self, tid: ThreadId) -> None:
+        self._points[tid] = self._points.get(tid, 0) + 1
 
     def choose(self, runnable: Sequence[ThreadId], step: int, current: ThreadId | None) -> ThreadId:
-        self._choice_steps += 1
         if current is None or current not in runnable:
             return runnable[0]
-        if self._next < len(self.preemptions):
-            gap, pick = self.preemptions[self._next]
-            if self._since >= gap:
-                others = [tid for tid in runnable if tid != current]
-                chosen = others[pick % len(others)]
-                self._next += 1
-                self._since = 0
-                self.fired.append((self._choice_steps, current, chosen))
-                return chosen
-        self._since += 1
-        return current
+        k = self._points.get(current, 0) - 1
+        pick = self._at.pop((current, k), None)
+        if pick is None:
+            return current
+        others = [tid for tid in runnable if tid != current]
+        chosen = others[pick % len(others)]
+        self.fired.append((current, k, pick, chosen))
+        return chosen
 
     @property
-    def used(self) -> list[tuple[int, int]]:
-        """The preemptions that took place (a prefix of :attr:`preemptions`)."""
-        return self.preemptions[: self._next]
+    def used(self) -> list[tuple[int, int, int]]:
+        """The preemptions that took place, in the order they did."""
+        return [(tid, k, pick) for tid, k, pick, _ in self.fired]
 
     def describe(self) -> dict:
         return {"strategy": self.name, "preemptions": [list(p) for p in self.preemptions]}

@@ -47,3 +47,19 @@ def test_exec_from_a_string_stays_visible():
     fast, walked = namespace["result"]
     assert render_site(fast) == render_site(walked)
     assert any(f.file == "<string>" for f in render_site(fast))
+
+
+def test_rendering_a_captured_site_imports_nothing_heavy():
+    # torch's symbolize looks up torch._inductor; the lazy import would cost the target ~1 s.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from raceguard.capture.stacks import op_site_function, render_site\n"
+        "frames = render_site(op_site_function()())\n"
+        "assert frames and frames[0].function == '<module>', frames\n"
+        "assert 'torch._inductor' not in sys.modules\n"
+        "assert torch._inductor is not None  # still importable afterwards\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,6 +14,7 @@ the same frames (hidden ones dropped, at most :data:`MAX_FRAMES` kept) only when
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import sysconfig
@@ -128,10 +129,10 @@ def op_site_function() -> Callable[[], Any]:
         gather_traceback = None
     if gather_traceback is not None:
         try:
+            global _symbolize
+            _symbolize = symbolize_tracebacks
             probe = gather_traceback(True, False, False)
-            if symbolize_tracebacks([probe])[0][0]["name"] == "op_site_function":
-                global _symbolize
-                _symbolize = symbolize_tracebacks
+            if _symbolized(probe)[0]["name"] == "op_site_function":
 
                 def capture() -> Any:
                     return gather_traceback(True, False, False)
@@ -147,6 +148,32 @@ def op_site_function() -> Callable[[], Any]:
 
 
 _symbolize: Callable[[list], list] | None = None
+_symbolize_lock = _thread.allocate_lock()
+
+
+def _symbolized(site: Any) -> list:
+    """``symbolize_tracebacks`` of one site, without its side effect: it looks up
+    ``torch._inductor``, and torch's lazy module ``__getattr__`` would import inductor and dynamo
+    (over a second) in the target. While it runs, that look-up fails in this thread only (other
+    threads still go through torch's own ``__getattr__``); symbolize does without it."""
+    torch = sys.modules.get("torch")
+    lazy = getattr(torch, "__dict__", {}).get("__getattr__")
+    if lazy is None or "torch._inductor" in sys.modules:
+        return _symbolize([site])[0]  # type: ignore[misc]
+    me = _thread.get_ident()
+
+    def guard(name: str) -> Any:
+        if name == "_inductor" and _thread.get_ident() == me:
+            raise AttributeError(name)
+        return lazy(name)
+
+    with _symbolize_lock:
+        torch.__getattr__ = guard  # type: ignore[union-attr]
+        try:
+            return _symbolize([site])[0]  # type: ignore[misc]
+        finally:
+            if torch.__dict__.get("__getattr__") is guard:  # type: ignore[union-attr]
+                torch.__getattr__ = lazy  # type: ignore[union-attr]
 # id(captured site) -> (the site, its frames): the site is kept so that its id is not reused.
 _captured_frames: dict[int, tuple[Any, tuple]] = {}
 
@@ -177,7 +204,7 @@ def _frames_of(site: Any) -> tuple:
     cached = _captured_frames.get(id(site))
     if cached is not None and cached[0] is site:
         return cached[1]
-    raw = _symbolize([site])[0]  # type: ignore[misc]
+    raw = _symbolized(site)
     end = len(raw)
     while end and (raw[end - 1]["filename"], raw[end - 1]["name"]) in _hidden_outer:
         end -= 1

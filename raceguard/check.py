@@ -7,12 +7,14 @@ options and prints. Pure Python on this side: torch is imported only in the targ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .report.document import Report
-from .report.filters import Baseline, Suppressions, apply_filters
-from .report.finding import Finding
 from .supervisor import RunResult, run_target
+
+if TYPE_CHECKING:
+    from .report.document import Report
+    from .report.filters import Baseline, Suppressions
+    from .report.finding import Finding
 
 
 @dataclass
@@ -43,10 +45,17 @@ def run_check(options: CheckOptions) -> Report:
         timeout=options.timeout,
         max_reports=options.max_reports,
         on_finding=options.on_finding,
+        on_started=import_report_layer,
     )
     if result.usage_error is not None:
         raise TargetUsageError(result.usage_error)
     return build_report("check", options.target_argv(), result, options.suppressions, options.baseline)
+
+
+def import_report_layer() -> None:
+    """Import what building and printing the report needs (rich alone is ~40 ms) while the
+    target's process imports torch, instead of after it ended: the user waits for neither."""
+    from .report import document, filters, text  # noqa: F401
 
 
 def build_report(
@@ -56,6 +65,9 @@ def build_report(
     suppressions: Suppressions | None = None,
     baseline: Baseline | None = None,
 ) -> Report:
+    from .report.document import Report
+    from .report.filters import apply_filters
+
     filtered = apply_filters(result.findings, suppressions, baseline)
     stats = {
         "threads": int(result.stats.get("threads", 0)),

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .config import ConfigError, load_config, merge_cli
 from .report.document import FORMATS, Report, render, write_atomic
-from .report.filters import Suppressions, load_baseline, write_baseline
+
+if TYPE_CHECKING:  # imported where used: not needed before the target starts
+    from .report.filters import Suppressions
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 4
@@ -112,6 +114,7 @@ def _config(opts: dict) -> Any:
 def _suppressions(path: str | None) -> Suppressions | None:
     if not path:
         return None
+    from .report.filters import Suppressions
     try:
         return Suppressions.load(path)
     except ConfigError as exc:
@@ -121,6 +124,7 @@ def _suppressions(path: str | None) -> Suppressions | None:
 def _baseline(path: str | None) -> Any:
     if not path:
         return None
+    from .report.filters import load_baseline
     try:
         return load_baseline(path)
     except ConfigError as exc:
@@ -129,6 +133,7 @@ def _baseline(path: str | None) -> Any:
 
 def _finish(report: Report, config: Any, opts: dict) -> None:
     """Write the report where it was asked for, print the summary, exit with the contract code."""
+    from .report.filters import write_baseline
     from .report.text import print_report
 
     fmt = config["format"]

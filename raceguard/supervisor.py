@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -114,8 +115,13 @@ def run_target(
     max_reports: int | None = None,
     on_finding: Callable[[Finding], None] | None = None,
     python: str | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Run ``python SCRIPT ARGS`` (or ``-m MODULE``) under instrumentation and collect findings."""
+    """Run ``python SCRIPT ARGS`` (or ``-m MODULE``) under instrumentation and collect findings.
+
+    ``on_started`` runs once the child is started, while it imports torch: the place for work
+    this process needs only afterwards (importing the report layer), off the critical path.
+    """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     read_fd, write_fd = os.pipe()
     crash = tempfile.NamedTemporaryFile(prefix="raceguard-crash-", suffix=".log", delete=False)
@@ -155,14 +161,17 @@ def run_target(
         previous = signal.signal(signal.SIGINT, on_sigint)
     timed_out = False
     forwarded = killed = False
+    if on_started is not None:
+        try:
+            on_started()
+        except Exception:  # a warm-up only: whatever it needs is imported again later
+            pass
+    exited = _exit_waiter(proc)
     try:
         deadline = started + timeout if timeout else None
         while True:
-            try:
-                proc.wait(timeout=0.05)
+            if exited(0.05):
                 break
-            except subprocess.TimeoutExpired:
-                pass
             now = time.monotonic()
             if interrupted["at"] is not None:
                 # A terminal Ctrl-C reaches the child too; forward one only if it did not end.
@@ -219,6 +228,44 @@ def run_target(
         detail = collector.target_exception if kind == "exception" else None
         result.outcome = {"kind": kind, "code": exit_message["code"], "signal": None, "detail": detail}
     return result
+
+
+def _exit_waiter(proc: subprocess.Popen) -> Callable[[float], bool]:
+    """``exited(seconds)``: wait up to that long for the child to end, reaping it. Through a
+    pidfd where the platform has one, so the end is seen at once: ``Popen.wait(timeout)`` polls
+    with sleeps of up to 50 ms, all of it wall time added to every run."""
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            pidfd = None
+    if pidfd is None:
+
+        def exited(seconds: float) -> bool:
+            try:
+                proc.wait(timeout=seconds)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+
+        return exited
+
+    def exited_fd(seconds: float) -> bool:
+        nonlocal pidfd
+        if pidfd is None:
+            return proc.wait() is not None
+        try:
+            select.select([pidfd], [], [], seconds)
+        except (OSError, ValueError):
+            time.sleep(seconds)
+        if proc.poll() is None:
+            return False
+        os.close(pidfd)
+        pidfd = None
+        return True
+
+    return exited_fd
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

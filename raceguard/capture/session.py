@@ -399,9 +399,8 @@ class Session:
         if sh is not None and sh.meta.ref() is st:
             return
         # (A second output in the same new storage finds this shadow and returns above.)
-        sh = ShadowStorage(StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site))
-        sh.reset(self.hb.record(tid, True, info), 0, st.nbytes())
-        shadows[cd] = sh
+        meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site)
+        shadows[cd] = ShadowStorage(meta, self.hb.record(tid, True, info), st.nbytes())
         if len(shadows) > self._next_sweep:
             self._sweep()
 

@@ -94,12 +94,15 @@ class ShadowStorage:
 
     __slots__ = ("starts", "ends", "cells", "meta", "__weakref__")
 
-    def __init__(self, meta: Any = None) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.cells: list[_Cell] = []
+    def __init__(self, meta: Any = None, write: AccessRecord | None = None, hi: int = 0) -> None:
         # Owned by the capture layer (allocation site, dtype, shape, a weakref to the storage).
         self.meta = meta
+        if write is None or hi <= 0:
+            self.starts: list[int] = []
+            self.ends: list[int] = []
+            self.cells: list[_Cell] = []
+        else:  # new memory [0, hi), written by ``write``: reset(write, 0, hi) without a second call
+            self.starts, self.ends, self.cells = [0], [hi], [_Cell(write)]
 
     def reset(self, write: AccessRecord | None = None, lo: int = 0, hi: int = 0) -> None:
         """Forget everything: the memory is new. Optionally record the allocating write."""

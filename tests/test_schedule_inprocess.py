@@ -19,11 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import raceguard
+import raceguard.hypothesis
 from raceguard.hypothesis import DeadlockError, Schedule, ScheduleTimeout, interleavings, replay
 from raceguard.schedule import hooks
 from raceguard.schedule.inprocess import NestedScheduleError, explore, run_schedule
 from raceguard.schedule.simulate import simulate
 from raceguard.schedule.strategies import PreemptionStrategy, RandomStrategy
+
+@pytest.fixture(autouse=True)
+def _restore_primitives():
+    # interleavings() and replay() install raceguard's primitives for the rest of the process;
+    # other tests in this worker (the faithfulness suite) need the originals back.
+    yield
+    raceguard.hypothesis._release_primitives()
+
 
 # -- the strategy, on simulated programs ----------------------------------------------------------
 
@@ -289,9 +298,10 @@ def test_data_races_raise_by_default_and_can_be_ignored():
 
 
 def test_a_deadlock_raises_deadlock_error_and_a_time_limit_schedule_timeout():
+    schedule = replay([(0, 1, 0)], races="ignore")  # first: the locks below are then instrumented ones
     one, two = crossing_locks()
     with pytest.raises(DeadlockError, match=r"deadlock under replay\(\[\(0, 1, 0\)\]"):
-        replay([(0, 1, 0)], races="ignore").run(one, two)
+        schedule.run(one, two)
 
     stop = []
 
@@ -330,16 +340,15 @@ class Weights:
             self.seen.append((float(self.w.sum()), float(self.b.sum())))
 
 
-@settings(max_examples=100, deadline=None, database=None, derandomize=True)
-@given(schedule=interleavings())
-def inner_torn_reload(schedule):
-    weights = Weights()
-    schedule.run(weights.reload, weights.read)
-    TORN.append(schedule)
-    assert all(a == b for a, b in weights.seen), weights.seen
-
-
 def test_hypothesis_finds_the_torn_reload_and_shrinks_it_to_one_preemption():
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @given(schedule=interleavings())
+    def inner_torn_reload(schedule):
+        weights = Weights()
+        schedule.run(weights.reload, weights.read)
+        TORN.append(schedule)
+        assert all(a == b for a, b in weights.seen), weights.seen
+
     TORN.clear()
     with pytest.raises(AssertionError, match=r"\(2.0, 0.0\)"):
         inner_torn_reload()

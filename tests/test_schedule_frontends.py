@@ -202,3 +202,19 @@ def test_no_preemption_is_consistent():
     }, out
     again = section(out, "test_cache_loads_once_buggy")
     assert f"raceguard: schedule 1 of 1 failed (strategy pct, seed {seed}," in again
+
+
+def test_schedules_under_the_flag_attach_to_the_tests_session(inner: pytest.Pytester):
+    # With --raceguard every test already has a session: Hypothesis runs attach to it (no nested
+    # session), and the results are the same.
+    result = inner.runpytest_subprocess(*plugin_args(), "-rA", "-p", "no:cacheprovider", "--hypothesis-seed=0",
+                                        "--raceguard", "test_serving.py", timeout=300)
+    out = result.stdout.str()
+    assert outcomes(result) == {
+        "test_cache_loads_once_buggy": "FAILED",
+        "test_cache_loads_once_fixed": "PASSED",
+        "test_reload_is_atomic_buggy": "FAILED",
+        "test_reload_is_atomic_fixed": "PASSED",
+    }, out
+    assert re.search(r"schedule=replay\(\[\(\d+, \d+, \d+\)\]\)", section(out, "test_reload_is_atomic_buggy"))
+    assert "raceguard: 4 tests watched" in out

@@ -75,6 +75,11 @@ def test_marker_bad_schedules():
     pass
 
 
+@pytest.mark.raceguard(schedules=3, seed=0)
+def test_marker_body_skips():
+    pytest.skip("the body skips itself")
+
+
 def test_hypothesis_deadlock_is_an_error():
     a, b = threading.Lock(), threading.Lock()
 
@@ -154,6 +159,7 @@ def test_schedules_find_and_reproduce_both_bugs(inner: pytest.Pytester):
     assert f"data race on tensor float32[3] allocated at test_extra.py:{extra_line('torch.zeros(3)')}" in race
     assert f"test_extra.py:{extra_line('LINE_ADD')}" in race and f"test_extra.py:{extra_line('LINE_MUL')}" in race
     assert "schedules must be a positive integer (got 0)" in section(out, "test_marker_bad_schedules")
+    assert re.search(r"^SKIPPED \[1\] test_extra.py:\d+: the body skips itself$", out, re.M), out
 
     # Hypothesis: shrunk to exactly the one preemption the torn reload needs, printed as replay([...]).
     torn = section(out, "test_reload_is_atomic_buggy")

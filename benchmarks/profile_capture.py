@@ -74,12 +74,12 @@ def profile_child(args: argparse.Namespace) -> None:
     wrapped in cProfile: exactly what ``raceguard check`` installs, the way it runs the target."""
     import tempfile
 
-    import raceguard.supervisor as supervisor
+    import raceguard.prestart as prestart
     from raceguard.check import CheckOptions, run_check
 
     fd, out = tempfile.mkstemp(suffix=".prof")
     os.close(fd)
-    bootstrap = supervisor._bootstrap_code
+    bootstrap = prestart.bootstrap_code
 
     def profiled_bootstrap(package_parent: str) -> str:
         return (
@@ -88,7 +88,7 @@ def profile_child(args: argparse.Namespace) -> None:
             "_rg_prof.enable(); " + bootstrap(package_parent)
         )
 
-    supervisor._bootstrap_code = profiled_bootstrap
+    prestart.bootstrap_code = profiled_bootstrap
     start = time.perf_counter()
     report = run_check(CheckOptions(script=os.path.abspath(args.workload)))
     wall = time.perf_counter() - start

@@ -1,3 +1,3 @@
-from raceguard.cli import main
+from raceguard.prestart import main
 
-main(prog_name="raceguard")
+main()

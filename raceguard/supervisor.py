@@ -14,16 +14,15 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import prestart
 from .report.finding import Finding
 
-CHILD_ENV = "RACEGUARD_CHILD"
 # Grace periods: after Ctrl-C the child gets this long to unwind before it is interrupted again,
 # then killed; after a timeout, SIGTERM is followed by SIGKILL.
 INTERRUPT_GRACE = 2.0
@@ -98,14 +97,6 @@ class _Collector:
         # A partial last line means the child died mid-write: it carries nothing complete.
 
 
-def _bootstrap_code(package_parent: str) -> str:
-    # Binds no name in the target's __main__ namespace.
-    return (
-        f"__import__('sys').path.insert(0, {package_parent!r}); "
-        "__import__('raceguard.capture.child', fromlist=['main']).main()"
-    )
-
-
 def run_target(
     *,
     script: str | None = None,
@@ -122,31 +113,24 @@ def run_target(
     ``on_started`` runs once the child is started, while it imports torch: the place for work
     this process needs only afterwards (importing the report layer), off the critical path.
     """
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    read_fd, write_fd = os.pipe()
     crash = tempfile.NamedTemporaryFile(prefix="raceguard-crash-", suffix=".log", delete=False)
     crash.close()
     config = {
-        "fd": write_fd,
         "script": script,
         "module": module,
         "args": list(args),
         "max_reports": max_reports,
         "crash_log": crash.name,
-        "bootstrap_path": package_parent,
     }
-    env = dict(os.environ)
-    env[CHILD_ENV] = json.dumps(config)
     collector = _Collector(on_finding)
     started = time.monotonic()
+    # Started by the entry point, importing torch since (see raceguard.prestart), or now.
+    child = prestart.take(python) or prestart.start(python)
+    proc, read_fd = child.proc, child.read_fd
     try:
-        proc = subprocess.Popen(
-            [python or sys.executable, "-c", _bootstrap_code(package_parent)],
-            pass_fds=(write_fd,),
-            env=env,
-        )
-    finally:
-        os.close(write_fd)
+        child.send(config)
+    except OSError:
+        pass  # the child is already gone: its exit status says why
     reader = threading.Thread(target=collector.read, args=(read_fd,), name="raceguard-reader", daemon=True)
     reader.start()
 

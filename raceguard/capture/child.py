@@ -104,6 +104,24 @@ def _hide_bootstrap_frames() -> None:
         f = f.f_back
 
 
+def _read_config(fd: int) -> dict:
+    """The configuration the supervisor sends once; it closes the pipe without one when it does
+    not need this process after all (``--help``, a usage error): then end quietly."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    if not chunks:
+        os._exit(0)
+    return json.loads(b"".join(chunks))
+
+
 def main() -> None:
     config = json.loads(os.environ.pop(ENV_VAR))
     _hide_bootstrap_frames()
@@ -114,7 +132,17 @@ def main() -> None:
     os.set_inheritable(config["fd"], False)
     sink = PipeSink(config["fd"])
 
+    # Started before the supervisor had parsed its arguments (raceguard.prestart): import what
+    # takes long meanwhile, then wait for what to run. None of the target runs before that.
+    import threading
+
+    import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
+
     from . import runner
+    from .install import activate
+    from .session import Session
+
+    config.update(_read_config(config.pop("config_fd")))
 
     code = None
     try:
@@ -132,13 +160,6 @@ def main() -> None:
             faulthandler.enable(file=open(crash_log, "w"), all_threads=True)
         except OSError:
             pass
-
-    import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
-
-    import threading
-
-    from .install import activate
-    from .session import Session
 
     session = Session(
         sink,

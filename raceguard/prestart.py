@@ -1,0 +1,134 @@
+"""Start the target's process before the command line interface is even imported.
+
+``raceguard check`` runs the target in a child process that must import torch (1.5 s or more)
+before the target's first line. The supervising process itself needs ~50–100 ms to import click,
+the CLI and the configuration, parse the arguments and read ``pyproject.toml``; done before the
+child starts, that time adds to every run. So the entry point (:func:`main`) starts the child
+first, when the command is ``check``: the child imports torch and raceguard's capture layer while
+the supervisor gets ready, then waits for its configuration (what to run, with which limits) on
+a pipe. Nothing of the target runs before the configuration arrives.
+
+If the supervisor ends without using the child (``--help``, a usage error, a ``--python`` other
+than this interpreter), the child is killed at exit; it never ran any of the target's code. Set
+``RACEGUARD_NO_PRESTART=1`` to start the child only once the arguments are parsed.
+
+This module imports only what starting a process needs (no click, no torch, no raceguard
+modules beyond it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from typing import Any
+
+CHILD_ENV = "RACEGUARD_CHILD"  # the same variable as raceguard.capture.child.ENV_VAR
+
+
+class Prestarted:
+    """A child that imports torch and waits for its configuration."""
+
+    def __init__(self, proc: Any, read_fd: int, config_fd: int) -> None:
+        self.proc = proc
+        self.read_fd = read_fd  # the child's messages (findings, exit) arrive here
+        self.config_fd = config_fd  # the configuration goes here, once
+
+    def send(self, config: dict) -> None:
+        data = (json.dumps(config) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self.config_fd, data):]
+        finally:
+            os.close(self.config_fd)
+            self.config_fd = -1
+
+
+_pending: Prestarted | None = None
+
+
+def bootstrap_code(package_parent: str) -> str:
+    """The ``python -c`` program of the child; binds no name in the target's ``__main__``."""
+    return (
+        f"__import__('sys').path.insert(0, {package_parent!r}); "
+        "__import__('raceguard.capture.child', fromlist=['main']).main()"
+    )
+
+
+def package_parent() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(python: str | None = None) -> Prestarted:
+    """Start a child that waits for its configuration on a pipe."""
+    import subprocess
+
+    parent = package_parent()
+    read_fd, write_fd = os.pipe()
+    config_read, config_write = os.pipe()
+    env = dict(os.environ)
+    env[CHILD_ENV] = json.dumps({"fd": write_fd, "config_fd": config_read, "bootstrap_path": parent})
+    try:
+        proc = subprocess.Popen(
+            [python or sys.executable, "-c", bootstrap_code(parent)],
+            pass_fds=(write_fd, config_read),
+            env=env,
+        )
+    except BaseException:
+        for fd in (read_fd, config_write):
+            os.close(fd)
+        raise
+    finally:
+        os.close(write_fd)
+        os.close(config_read)
+    return Prestarted(proc, read_fd, config_write)
+
+
+def take(python: str | None = None) -> Prestarted | None:
+    """The child started by :func:`main`, if there is one for this interpreter (once)."""
+    global _pending
+    pre, _pending = _pending, None
+    if pre is None:
+        return None
+    if python is not None and os.path.realpath(python) != os.path.realpath(sys.executable):
+        _discard(pre)
+        return None
+    return pre
+
+
+def _discard(pre: Prestarted | None) -> None:
+    if pre is None:
+        return
+    try:
+        pre.proc.kill()
+        pre.proc.wait()
+    except Exception:
+        pass
+    for fd in (pre.read_fd, pre.config_fd):
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _discard_unused() -> None:
+    global _pending
+    pre, _pending = _pending, None
+    _discard(pre)
+
+
+def main() -> None:
+    """The ``raceguard`` console script."""
+    global _pending
+    args = sys.argv[1:]
+    if args[:1] == ["check"] and not os.environ.get("RACEGUARD_NO_PRESTART"):
+        try:
+            _pending = start()
+            atexit.register(_discard_unused)
+        except Exception:  # the CLI starts the child the usual way
+            _pending = None
+    from .cli import main as cli_main
+
+    cli_main(prog_name="raceguard")

@@ -135,8 +135,12 @@ def main() -> None:
     # Started before the supervisor had parsed its arguments (raceguard.prestart): import what
     # takes long meanwhile, then wait for what to run. None of the target runs before that.
     import threading
+    import warnings
 
-    import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
+    # Warnings torch prints on import (e.g. "Failed to initialize NumPy") are shown only once the
+    # target is known to run: a usage error stays one line.
+    with warnings.catch_warnings(record=True) as import_warnings:
+        import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
 
     from . import runner
     from .install import activate
@@ -153,6 +157,9 @@ def main() -> None:
     except runner.UsageError as exc:
         sink({"type": "usage-error", "message": str(exc)})
         os._exit(2)
+
+    for message in import_warnings:
+        warnings._showwarnmsg(message)  # type: ignore[attr-defined]
 
     crash_log = config.get("crash_log")
     if crash_log:

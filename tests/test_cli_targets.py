@@ -71,16 +71,28 @@ def test_sys_exit_code_is_reported_and_gives_exit_3(tmp_path: Path) -> None:
     assert report["status"] == "clean"
 
 
-def test_uncaught_exception_prints_like_python_and_gives_exit_3(tmp_path: Path) -> None:
-    expected = plain(str(TARGETS / "raises.py"))
-    proc, report = run_check(TARGETS / "raises.py", tmp_path)
+@pytest.mark.parametrize("target", ["raises.py", "raises_in_forward.py"])
+def test_uncaught_exception_prints_like_python_and_gives_exit_3(tmp_path: Path, target: str) -> None:
+    expected = plain(str(TARGETS / target))
+    proc, report = run_check(TARGETS / target, tmp_path)
     assert proc.returncode == 3
     assert report["target_exit_code"] == 1
     assert report["target_outcome"]["kind"] == "exception"
-    # The same traceback python prints: no raceguard frames in it.
+    # The same traceback python prints: no raceguard frames in it (not even the module-call
+    # wrapper raceguard installs once a thread has started).
     tb = proc.stderr[proc.stderr.index("Traceback") :].splitlines()
     assert tb[: len(expected.stderr.splitlines())] == expected.stderr.splitlines()
     assert "raceguard" not in "\n".join(tb[:-1])
+
+
+def test_exception_escaping_a_thread_prints_like_python(tmp_path: Path) -> None:
+    expected = plain(str(TARGETS / "thread_raises_in_forward.py"))
+    proc, report = run_check(TARGETS / "thread_raises_in_forward.py", tmp_path)
+    assert [f["kind"] for f in report["findings"]] == ["thread-exception"]
+    start = proc.stderr.index("Exception in thread server:")
+    printed = proc.stderr[start:].splitlines()[: len(expected.stderr.splitlines())]
+    assert printed == expected.stderr.splitlines()
+    assert "raceguard" not in "\n".join(printed)
 
 
 def test_exception_escaping_a_thread_is_a_finding(tmp_path: Path) -> None:

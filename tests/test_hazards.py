@@ -488,7 +488,10 @@ def test_uninstall_restores_torch() -> None:
     before = _patched()
     s = Session(lambda e: None)
     hazards.install(s)
-    assert nn.Module.__call__ is not before[0] and torch.save is not before[2]
+    # Module calls are wrapped only from the first thread start on.
+    assert nn.Module.__call__ is before[0] and torch.save is not before[2]
+    hazards.watch_module_calls()
+    assert nn.Module.__call__ is not before[0]
     hazards.uninstall()
     after = _patched()
     assert after == before

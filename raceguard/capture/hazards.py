@@ -419,7 +419,8 @@ def _handle_remove(self: Any) -> None:
 
 
 def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    # The hot path: every module call of the target comes through here.
+    # The hot path: every module call of the target comes through here once a thread started.
+    # Its frame is left out of the tracebacks the target process prints (runner.own_frames_removed).
     s = _session
     if s is not None and s.hb.timelines > 1:
         _on_module_call(s, self)
@@ -427,6 +428,17 @@ def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 _orig_call: Any = None
+
+
+def watch_module_calls() -> None:
+    """Start seeing module calls, at the first thread start: until then there is nothing to race
+    with, and a program that never starts a thread keeps nn.Module.__call__ untouched (and its
+    tracebacks exactly as they are). A wrapper, not a global forward pre-hook: with one of those
+    torch calls forward() through an extra frame of its own, on every call."""
+    global _orig_call
+    if _installed and _orig_call is None:
+        _orig_call = nn.Module.__call__
+        nn.Module.__call__ = _module_call  # type: ignore[method-assign]
 
 
 def _on_module_call(s: Any, module: Any) -> None:
@@ -710,6 +722,7 @@ def _capture_origin(s: Any, how: str) -> _Origin | None:
 def on_thread_start(s: Any, thread: threading.Thread) -> None:
     """``Thread.start()`` is starting ``thread`` (called in the parent). Remembers the parent's
     thread-local modes when they differ from a new thread's, for the check at module calls."""
+    watch_module_calls()
     try:
         if getattr(thread, "_target", None) is futures_thread._worker:
             return  # executor workers: each work item carries its submitter's modes instead
@@ -1121,7 +1134,7 @@ def installed() -> bool:
 def install(session: Any) -> None:
     """Patch torch for the hazards above and report to ``session``. Call once, right after the
     session is activated and before the target's first line; idempotent."""
-    global _installed, _session, _LAZY_TYPES, _orig_call
+    global _installed, _session, _LAZY_TYPES
     if session is not _session:
         # Locations hold access records with the previous session's timeline ids.
         _locs.clear()
@@ -1136,7 +1149,6 @@ def install(session: Any) -> None:
     from torch.nn.modules.lazy import LazyModuleMixin
 
     _LAZY_TYPES = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
-    _orig["Module.__call__"] = nn.Module.__call__
     _orig["Module.__setattr__"] = nn.Module.__setattr__
     _orig["Module.__delattr__"] = nn.Module.__delattr__
     _orig["RemovableHandle.remove"] = hooks_mod.RemovableHandle.remove
@@ -1153,8 +1165,6 @@ def install(session: Any) -> None:
         _orig[name] = getattr(torch, name.split(".", 1)[1])
         _orig["torch.random." + name.split(".", 1)[1]] = getattr(torch.random, name.split(".", 1)[1])
 
-    _orig_call = nn.Module.__call__
-    nn.Module.__call__ = _module_call  # type: ignore[method-assign]
     nn.Module.__setattr__ = _module_setattr  # type: ignore[method-assign]
     nn.Module.__delattr__ = _module_delattr  # type: ignore[method-assign]
     for method, slot_name in _HOOK_METHODS:
@@ -1180,7 +1190,7 @@ def install(session: Any) -> None:
 
 def uninstall() -> None:
     """Undo :func:`install` and forget every location (the session is over)."""
-    global _installed, _session
+    global _installed, _session, _orig_call
     if not _installed:
         _session = None
         return
@@ -1188,7 +1198,10 @@ def uninstall() -> None:
     import torch.utils.hooks as hooks_mod
     from torch.nn.modules.lazy import LazyModuleMixin
 
-    nn.Module.__call__ = _orig["Module.__call__"]  # type: ignore[method-assign]
+    if _orig_call is not None:
+        if nn.Module.__dict__.get("__call__") is _module_call:
+            nn.Module.__call__ = _orig_call  # type: ignore[method-assign]
+        _orig_call = None
     nn.Module.__setattr__ = _orig["Module.__setattr__"]  # type: ignore[method-assign]
     nn.Module.__delattr__ = _orig["Module.__delattr__"]  # type: ignore[method-assign]
     for method, _ in _HOOK_METHODS:

@@ -87,13 +87,38 @@ def exit_code_of(exc: SystemExit) -> int:
     return 1
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def own_frames_removed(exc: BaseException | None) -> BaseException | None:
+    """``exc`` with raceguard's own frames (the bootstrap on top, the module-call wrapper in the
+    middle) left out of its traceback and those of the exceptions chained to it, so that printing
+    it gives what the interpreter prints without raceguard. Changes the exceptions in place."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        entries = []
+        tb = e.__traceback__
+        while tb is not None:
+            if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+                entries.append(tb)
+            tb = tb.tb_next
+        rebuilt = None
+        for entry in reversed(entries):
+            rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+        e.__traceback__ = rebuilt
+        todo += [e.__cause__, e.__context__]
+    return exc
+
+
 def print_uncaught(exc: BaseException) -> None:
     """Print an uncaught exception like the interpreter does, without raceguard's frames."""
-    tb = exc.__traceback__
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(here):
-        tb = tb.tb_next
-    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+    own_frames_removed(exc)
+    sys.excepthook(type(exc), exc, exc.__traceback__)
 
 
 def wait_for_threads() -> None:

@@ -1107,6 +1107,11 @@ def _excepthook(args: Any) -> None:
     s = _active()
     if s is not None and not issubclass(args.exc_type, SystemExit):
         s.thread_exception(args)
+    if args.exc_value is not None and args.exc_traceback is not None:
+        from .runner import own_frames_removed
+
+        exc = own_frames_removed(args.exc_value)
+        args = threading.ExceptHookArgs([args.exc_type, exc, exc.__traceback__, args.thread])
     return _orig["excepthook"](args)
 
 

@@ -36,6 +36,12 @@ Names
     module globals of the code that entered the block (of the decorated function), the local
     variables of every live frame, and every ``nn.Module`` / ``Optimizer`` built inside the block.
 
+Deadlocks
+    A lock-order deadlock is reported the moment the wait that closes the cycle begins; a state
+    where every watched thread is blocked for good (a join while holding a lock, a get on a queue
+    nobody fills) after it has lasted 2 s. The ``deadlock`` finding's text goes to stderr at once,
+    because the block then hangs as it would without raceguard.
+
 One at a time
     Only one ``watch()`` block can be active in a process. Nesting one inside another, or
     entering one in a second thread while another thread's block is active, raises
@@ -242,6 +248,7 @@ class WatchSession:
         self._capture = capture
         self._handle = handle
         self._started = time.monotonic()
+        _thread.start_new_thread(_watch_for_deadlock, (self, capture))
         return self
 
     def _stop(self, exc: BaseException | None = None) -> None:
@@ -295,6 +302,8 @@ class WatchSession:
                     return
                 self._by_fingerprint[finding.fingerprint] = finding
                 (self._suppressed if rule is not None else self._kept).append(finding)
+            if finding.kind == "deadlock" and rule is None and getattr(self._capture, "sched", None) is None:
+                self._announce_deadlock(finding)
             if self._on_finding is not None:
                 self._on_finding(finding)
         elif kind == "also_on":
@@ -308,6 +317,51 @@ class WatchSession:
         elif kind == "internal-error":
             with self._lock:
                 self._errors.append(str(event.get("message", "unknown error")))
+
+
+    def _announce_deadlock(self, finding: Finding) -> None:
+        """A deadlock in watched code hangs it, as it would without raceguard (threads blocked in
+        the OS cannot be woken from here): say why on stderr now, not at the end that never
+        comes. Under pytest's output capture it shows with the test's captured output."""
+        from .report.text import render_text
+
+        try:
+            text = render_text(Report(command="check", target=[self.label], findings=[finding])).rstrip("\n")
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(
+                f"raceguard: deadlock in {self.label}; the watched code will hang here, as it would "
+                f"without raceguard:\n{text}\n"
+            )
+            stream.flush()
+        except Exception:  # the finding is recorded either way
+            pass
+
+
+# How often the "every thread blocked" watch looks (the state must last BLOCKED_GRACE to count).
+DEADLOCK_POLL = 0.5
+_real_sleep = time.sleep  # never the virtual sleep of a controlled schedule
+
+
+def _watch_for_deadlock(session: WatchSession, capture: Any) -> None:
+    """A raw thread per watched block: reports "every thread blocked forever" (a join while
+    holding a lock, a get on a queue nobody fills) like ``raceguard check`` does. Lock-order
+    deadlocks are reported by the wait-for graph the moment they close."""
+    from .capture.child import AllBlocked
+
+    blocked = AllBlocked(capture)
+    while session._ended is None:
+        _real_sleep(DEADLOCK_POLL)
+        if capture.sched is not None:  # a controlled schedule finds and ends its own deadlocks
+            blocked = AllBlocked(capture)
+            continue
+        try:
+            deadlock = blocked.poll()
+            if deadlock is not None and session._ended is None:
+                capture.report_deadlock(deadlock)
+                return
+        except Exception as exc:
+            capture._internal_error("watching for deadlocks", exc)
+            return
 
 
 class watch:  # noqa: N801 - used like a function: raceguard.watch()

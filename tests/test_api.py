@@ -614,3 +614,74 @@ def test_thread_not_started_by_threading_can_use_primitives():
         _thread.start_new_thread(raw, (event,))
         done.acquire()
     assert errors == [] and event.is_set()
+
+
+# -- deadlocks in watched code -------------------------------------------------------------------
+
+
+def _wait_for(predicate, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_everyone_blocked_in_a_watched_block_is_a_deadlock_reported_while_it_hangs(capfd):
+    # A block entered in a helper thread joins a worker that waits on a queue nobody fills: both
+    # block for good. raceguard reports it after its 2 s grace; the test then unblocks them.
+    import queue
+
+    box: dict = {}
+    work: "queue.Queue" = None  # type: ignore[assignment]
+    created = threading.Event()
+
+    def watched():
+        nonlocal work
+        with raceguard.watch() as session:
+            box["session"] = session
+            work = queue.Queue()
+            created.set()
+            worker = threading.Thread(target=work.get, name="consumer", daemon=True)
+            worker.start()
+            worker.join()  # WAIT: joins a thread that waits forever
+
+    helper = threading.Thread(target=watched, name="watcher", daemon=True)
+    helper.start()
+    assert created.wait(10)
+    assert _wait_for(lambda: any(f.kind == "deadlock" for f in box["session"].findings)), box["session"].findings
+    [finding] = [f for f in box["session"].findings if f.kind == "deadlock"]
+    assert {a.thread for a in finding.accesses} == {"watcher", "consumer"}
+    assert "raceguard: deadlock in" in capfd.readouterr().err
+    work.put(None)  # untangle: the worker returns, the join returns, the block ends
+    helper.join(10)
+    assert not helper.is_alive()
+
+
+def test_a_lock_order_deadlock_in_a_watched_block_is_reported_at_once(capfd):
+    with raceguard.watch() as session:
+        a, b = threading.Lock(), threading.Lock()
+        both = threading.Barrier(2)
+
+        def one():
+            a.acquire()  # released by the test below, to untangle the deadlock
+            both.wait()
+            with b:
+                pass
+
+        def two():
+            with b:
+                both.wait()
+                with a:
+                    pass
+
+        threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (one, two)]
+        for t in threads:
+            t.start()
+        assert _wait_for(lambda: any(f.kind == "deadlock" for f in session.findings), 10)
+        a.release()  # a plain Lock may be released by any thread: 'two' goes on, then 'one'
+        for t in threads:
+            t.join(10)
+    err = capfd.readouterr().err
+    assert "raceguard: deadlock in" in err and "threads 'one' and 'two' are blocked on each other" in err

@@ -44,21 +44,41 @@ class PipeSink:
 BLOCKED_GRACE = 2.0
 
 
-def _heartbeat(session: Any, sink: PipeSink, period: float) -> None:
-    """Statistics for the supervisor, and the watchdog for "every thread blocked forever"."""
-    blocked_since = None
-    progress = None
-    while not sink.broken:
-        time.sleep(period)
-        sink({"type": "stats", "stats": session.stats()})
+class AllBlocked:
+    """Decides when "every thread is blocked" is a deadlock: the state must persist for
+    :data:`BLOCKED_GRACE` seconds without any tensor op or synchronisation in between (a thread
+    blocked in an uninstrumented call, or one just about to wake up, is not stuck for good).
+    Shared by this process's heartbeat and by ``raceguard.watch()``."""
+
+    def __init__(self, session: Any, grace: float = BLOCKED_GRACE) -> None:
+        self.session = session
+        self.grace = grace
+        self.since: float | None = None
+        self.progress: Any = None
+
+    def poll(self) -> Any:
+        """The session's deadlock once it has lasted ``grace`` seconds, else None."""
+        session = self.session
         deadlock = session.check_all_blocked()
         now = time.monotonic()
         marker = (session.sync_events, session.ops)
-        if deadlock is None or marker != progress:
-            blocked_since = now if deadlock is not None else None
-            progress = marker
-            continue
-        if blocked_since is not None and now - blocked_since >= BLOCKED_GRACE:
+        if deadlock is None or marker != self.progress:
+            self.since = now if deadlock is not None else None
+            self.progress = marker
+            return None
+        if self.since is not None and now - self.since >= self.grace:
+            return deadlock
+        return None
+
+
+def _heartbeat(session: Any, sink: PipeSink, period: float) -> None:
+    """Statistics for the supervisor, and the watchdog for "every thread blocked forever"."""
+    blocked = AllBlocked(session)
+    while not sink.broken:
+        time.sleep(period)
+        sink({"type": "stats", "stats": session.stats()})
+        deadlock = blocked.poll()
+        if deadlock is not None:
             session.report_deadlock(deadlock)
             return
 

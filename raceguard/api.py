@@ -248,7 +248,9 @@ class WatchSession:
         self._capture = capture
         self._handle = handle
         self._started = time.monotonic()
-        _thread.start_new_thread(_watch_for_deadlock, (self, capture))
+        self._stopping = _thread.allocate_lock()  # released by _stop(): ends the deadlock watch
+        self._stopping.acquire()
+        _thread.start_new_thread(_watch_for_deadlock, (self, capture, self._stopping))
         return self
 
     def _stop(self, exc: BaseException | None = None) -> None:
@@ -261,6 +263,7 @@ class WatchSession:
         try:
             capture.report_lock_cycles()
         finally:
+            self._stopping.release()
             capture.closed = True
             self._ended = time.monotonic()
             self._final_stats = self._stats()
@@ -339,18 +342,16 @@ class WatchSession:
 
 # How often the "every thread blocked" watch looks (the state must last BLOCKED_GRACE to count).
 DEADLOCK_POLL = 0.5
-_real_sleep = time.sleep  # never the virtual sleep of a controlled schedule
 
 
-def _watch_for_deadlock(session: WatchSession, capture: Any) -> None:
+def _watch_for_deadlock(session: WatchSession, capture: Any, stopping: Any) -> None:
     """A raw thread per watched block: reports "every thread blocked forever" (a join while
     holding a lock, a get on a queue nobody fills) like ``raceguard check`` does. Lock-order
     deadlocks are reported by the wait-for graph the moment they close."""
     from .capture.child import AllBlocked
 
     blocked = AllBlocked(capture)
-    while session._ended is None:
-        _real_sleep(DEADLOCK_POLL)
+    while not stopping.acquire(True, DEADLOCK_POLL):
         if capture.sched is not None:  # a controlled schedule finds and ends its own deadlocks
             blocked = AllBlocked(capture)
             continue

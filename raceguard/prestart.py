@@ -8,8 +8,9 @@ first, when the command is ``check``: the child imports torch and raceguard's ca
 the supervisor gets ready, then waits for its configuration (what to run, with which limits) on
 a pipe. Nothing of the target runs before the configuration arrives.
 
-If the supervisor ends without using the child (``--help``, a usage error, a ``--python`` other
-than this interpreter), the child is killed at exit; it never ran any of the target's code. Set
+If the supervisor ends without using the child (``--help``, a usage error, or a caller of
+``supervisor.run_target`` asking for another interpreter), the child is killed at exit; it never
+ran any of the target's code. Set
 ``RACEGUARD_NO_PRESTART=1`` to start the child only once the arguments are parsed.
 
 This module imports only what starting a process needs (no click, no torch, no raceguard

@@ -100,9 +100,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     script, args = _split_target(module, target)
     config = _stress_config(opts)
     shard = _parse_shard(opts.get("shard"))
-    jobs = config["jobs"]
-    if config.source("jobs") == "default":
-        jobs = os.cpu_count() or 1
+    jobs = config["jobs"] or os.cpu_count() or 1
     quiet, verbose = bool(opts.get("quiet")), bool(opts.get("verbose"))
     progress = _ProgressDisplay(enabled=not quiet and _is_terminal(sys.stderr))
     seed_given = config["seed"] is not None

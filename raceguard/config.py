@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": None,  # None: pick a random seed and print it
     "strategy": "pct",
     "depth": 3,  # PCT bug depth: number of priority change points + 1
-    "jobs": 1,
+    "jobs": None,  # None: one per CPU
 }
 TOP_LEVEL_KEYS = ("fail-on", "format", "output", "suppressions", "baseline", "timeout", "max-reports")
 STRESS_KEYS = ("schedules", "seed", "strategy", "depth", "jobs")
@@ -94,7 +94,21 @@ class Config:
 
     def describe(self) -> list[str]:
         """One ``key = value  (source)`` line per setting, for ``--verbose`` output."""
-        return [f"{k} = {self.values[k]!r}  ({self.sources.get(k, SOURCE_DEFAULT)})" for k in sorted(self.values)]
+        lines = []
+        for k in sorted(self.values):
+            value = self.values[k]
+            meaning = f": {NONE_MEANS[k]}" if value is None and k in NONE_MEANS else ""
+            lines.append(f"{k} = {value!r}  ({self.sources.get(k, SOURCE_DEFAULT)}{meaning})")
+        return lines
+
+
+# What an unset (None) setting means, for `raceguard config`.
+NONE_MEANS = {
+    "output": "the text report goes to stderr, other formats to stdout",
+    "timeout": "no limit",
+    "seed": "a random seed, printed",
+    "jobs": "one per CPU",
+}
 
 
 def find_pyproject(start_dir: str | os.PathLike[str] | None = None) -> Path | None:

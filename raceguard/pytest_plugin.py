@@ -41,9 +41,11 @@ Marker
 
     ``@pytest.mark.raceguard(schedules=50, seed=0, strategy="pct")`` runs the test body under 50
     controlled schedules (seeds 0, 1, ... 49) of raceguard's scheduler, in the test's process:
-    one thread runs at a time and the strategy (``random``, or ``pct``: probabilistic
-    concurrency testing, calibrated once per test) decides who continues at every tensor op and
-    every lock/queue/event operation of the threads the body starts. It stops at the first
+    one thread runs at a time and the strategy (``pct``: probabilistic concurrency testing,
+    calibrated once per test, or ``random``) decides who continues at every tensor op and every
+    lock/queue/event operation of the threads the body starts. ``schedules`` and ``strategy``
+    default to those of ``[tool.raceguard.stress]`` in ``pyproject.toml`` (100, ``pct``), and so
+    does PCT's ``depth`` (3). It stops at the first
     schedule whose body raises, deadlocks or produces a finding at or above ``fail_on``, and
     fails with the seed and the marker that replays it
     (``@pytest.mark.raceguard(schedules=1, seed=7, strategy="pct")``). Without ``seed`` a random
@@ -86,7 +88,6 @@ MARKER = "raceguard"
 FIXTURE = "raceguard"
 MARKER_KWARGS = ("enabled", "fail_on", "schedules", "seed", "strategy")
 SCHEDULE_KWARGS = ("schedules", "seed", "strategy")
-DEFAULT_SCHEDULES = 100
 
 
 # --- options and configuration ----------------------------------------------------------------
@@ -128,6 +129,10 @@ class Settings:
     fail_on: str
     suppressions: Any  # Suppressions | None
     max_reports: int | None
+    # Defaults of the marker's controlled schedules: [tool.raceguard.stress], as for `stress`.
+    schedules: int = 100
+    strategy: str = "pct"
+    depth: int = 3
 
 
 @dataclass
@@ -200,7 +205,14 @@ def _load_settings(config: pytest.Config) -> Settings:
         suppressions = load_suppressions(path) if path else None
     except ConfigError as exc:
         raise pytest.UsageError(f"raceguard: {exc}") from None
-    return Settings(fail_on=fail_on, suppressions=suppressions, max_reports=file_config["max-reports"])
+    return Settings(
+        fail_on=fail_on,
+        suppressions=suppressions,
+        max_reports=file_config["max-reports"],
+        schedules=file_config["schedules"],
+        strategy=file_config["strategy"],
+        depth=file_config["depth"],
+    )
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -315,17 +327,19 @@ def _marker_value_problem(key: str, value: Any) -> str | None:
     return None
 
 
-def schedule_settings(spec: MarkerSpec) -> tuple[int, int | None, str] | None:
+def schedule_settings(spec: MarkerSpec, defaults: Settings | None = None) -> tuple[int, int | None, str] | None:
     """``(schedules, seed, strategy)`` of a marker that asks for controlled schedules, else None.
 
     ``seed`` alone means one schedule (the form a failure prints to reproduce it); otherwise
-    ``schedules`` defaults to :data:`DEFAULT_SCHEDULES`, ``strategy`` to ``"random"`` and
-    ``seed`` to a fresh random one (printed when a schedule fails).
+    ``schedules`` and ``strategy`` default to ``schedules`` and ``strategy`` of
+    ``[tool.raceguard.stress]`` (100, ``"pct"``), and ``seed`` to a fresh random one (printed
+    when a schedule fails).
     """
     if not spec.schedule_args():
         return None
-    count = spec.schedules if spec.schedules is not None else (1 if spec.seed is not None else DEFAULT_SCHEDULES)
-    return count, spec.seed, spec.strategy or "random"
+    defaults = defaults or Settings(fail_on="error", suppressions=None, max_reports=None)
+    count = spec.schedules if spec.schedules is not None else (1 if spec.seed is not None else defaults.schedules)
+    return count, spec.seed, spec.strategy or defaults.strategy
 
 
 def reproduce_marker(seed: int, strategy: str) -> str:
@@ -342,7 +356,7 @@ def _start(item: pytest.Item) -> None:
     if spec.error is not None:
         item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal=spec.error)
         return
-    schedules = schedule_settings(spec)
+    schedules = schedule_settings(spec, run.settings() if spec.schedule_args() else None)
     if schedules is not None and spec.enabled is False:
         item.stash[TEST_KEY] = WatchedTest(item.nodeid, refusal="@pytest.mark.raceguard: enabled=False cannot be combined with schedules/seed/strategy")
         return
@@ -459,6 +473,7 @@ def _under_schedules(test: Any, watch: WatchedTest, item: pytest.Item) -> Any:
             schedules=count,
             base_seed=base_seed,
             strategy=strategy,
+            depth=item.config.stash[RUN_KEY].settings().depth,
             label=item.nodeid,
             main_globals=namespace,
         )

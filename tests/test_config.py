@@ -163,3 +163,9 @@ def test_invalid_command_line_values(tmp_path: Path, values: dict) -> None:
 def test_timeout_accepts_floats(tmp_path: Path) -> None:
     project(tmp_path, "[tool.raceguard]\ntimeout = 2.5\n")
     assert load_config(tmp_path)["timeout"] == 2.5
+
+
+def test_jobs_defaults_to_one_per_cpu_as_stress_uses_it(tmp_path):
+    # `raceguard config` shows what `stress` does: no number of jobs unless one is configured.
+    config = load_config(tmp_path)
+    assert config["jobs"] is None and config.source("jobs") == "default"

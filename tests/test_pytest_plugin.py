@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from raceguard.pytest_plugin import MarkerSpec, parse_marker, report_path_for, reproduce_marker, schedule_settings
+from raceguard.pytest_plugin import MarkerSpec, Settings, parse_marker, report_path_for, reproduce_marker, schedule_settings
 from raceguard.report.document import validate_report
 
 pytest_plugins = ["pytester"]
@@ -289,9 +289,13 @@ def test_schedule_settings_of_the_marker():
     assert schedule_settings(MarkerSpec()) is None
     assert schedule_settings(MarkerSpec(enabled=True, fail_on="warning")) is None
     assert schedule_settings(MarkerSpec(schedules=50, seed=0, strategy="pct")) == (50, 0, "pct")
-    assert schedule_settings(MarkerSpec(schedules=5)) == (5, None, "random")
-    assert schedule_settings(MarkerSpec(seed=7, strategy="pct")) == (1, 7, "pct")  # a reproduction
-    assert schedule_settings(MarkerSpec(strategy="pct")) == (100, None, "pct")
+    assert schedule_settings(MarkerSpec(schedules=5)) == (5, None, "pct")  # [tool.raceguard.stress] defaults
+    assert schedule_settings(MarkerSpec(seed=7, strategy="random")) == (1, 7, "random")  # a reproduction
+    assert schedule_settings(MarkerSpec(strategy="random")) == (100, None, "random")
+    configured = Settings(fail_on="error", suppressions=None, max_reports=None, schedules=20, strategy="random")
+    assert schedule_settings(MarkerSpec(seed=3), configured) == (1, 3, "random")
+    assert schedule_settings(MarkerSpec(schedules=5), configured) == (5, None, "random")
+    assert schedule_settings(MarkerSpec(strategy="pct"), configured) == (20, None, "pct")
     assert reproduce_marker(7, "pct") == '@pytest.mark.raceguard(schedules=1, seed=7, strategy="pct")'
 
 

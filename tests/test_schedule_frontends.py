@@ -155,7 +155,9 @@ def test_schedules_find_and_reproduce_both_bugs(inner: pytest.Pytester):
     assert f"#0 two test_extra.py:{extra_line('LINE_WAIT_TWO')}" in deadlock
 
     race = section(out, "test_marker_data_race")
-    assert "raceguard: schedule 1 of 5 failed (strategy random, seed 0" in race
+    # No strategy given: [tool.raceguard.stress]'s default, PCT, whose calibration run already races.
+    assert "raceguard: the PCT calibration schedule failed (strategy pct, seed 0" in race
+    assert 'reproduce it with @pytest.mark.raceguard(schedules=1, seed=0, strategy="pct")' in race
     assert f"data race on tensor float32[3] allocated at test_extra.py:{extra_line('torch.zeros(3)')}" in race
     assert f"test_extra.py:{extra_line('LINE_ADD')}" in race and f"test_extra.py:{extra_line('LINE_MUL')}" in race
     assert "schedules must be a positive integer (got 0)" in section(out, "test_marker_bad_schedules")

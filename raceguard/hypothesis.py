@@ -274,7 +274,12 @@ def interleavings(
     before the interesting point); ``races`` and ``timeout`` are passed to every
     :meth:`Schedule.run`.
     """
-    from hypothesis import strategies as st
+    try:
+        from hypothesis import strategies as st
+    except ImportError:
+        raise ImportError(
+            "raceguard.hypothesis.interleavings() needs Hypothesis: pip install 'raceguard[hypothesis]'"
+        ) from None
 
     if races not in RACES:
         raise ValueError(f"races must be one of {', '.join(RACES)}, not {races!r}")

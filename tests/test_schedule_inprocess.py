@@ -9,6 +9,7 @@ the process as it was (no thread left behind, ``time.sleep`` and the generators 
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,12 @@ def test_a_preemption_that_never_fired_changes_nothing(sizes, preemptions):
         rest = list(preemptions)
         rest.remove(p)
         assert simulate(PreemptionStrategy(rest), [worker(n) for n in sizes]).trace == trace
+
+
+def test_interleavings_without_hypothesis_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'raceguard\[hypothesis\]'"):
+        interleavings()
 
 
 def test_preemption_triples_are_validated():

@@ -92,21 +92,22 @@ def check(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     _finish(report, config, opts)
 
 
-def _config(opts: dict) -> Any:
+# Configuration key -> the click parameter that sets it on the command line.
+REPORT_OPTIONS = {
+    "format": "fmt",
+    "output": "output",
+    "fail-on": "fail_on",
+    "max-reports": "max_reports",
+    "timeout": "timeout",
+    "suppressions": "suppressions",
+    "baseline": "baseline",
+}
+
+
+def _config(opts: dict, options: dict[str, str] = REPORT_OPTIONS) -> Any:
+    """``[tool.raceguard]`` with the command line's ``options`` over it; a bad value exits 2."""
     try:
-        config = load_config()
-        return merge_cli(
-            config,
-            {
-                "format": opts.get("fmt"),
-                "output": opts.get("output"),
-                "fail-on": opts.get("fail_on"),
-                "max-reports": opts.get("max_reports"),
-                "timeout": opts.get("timeout"),
-                "suppressions": opts.get("suppressions"),
-                "baseline": opts.get("baseline"),
-            },
-        )
+        return merge_cli(load_config(), {key: opts.get(param) for key, param in options.items()})
     except ConfigError as exc:
         _fail_usage(str(exc))
 

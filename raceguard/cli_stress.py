@@ -13,8 +13,18 @@ from typing import Any
 
 import click
 
-from .cli import _TARGET_CONTEXT, _baseline, _fail_usage, _finish, _internal_error, _report_options, _suppressions, main
-from .config import ConfigError, load_config, merge_cli
+from .cli import (
+    REPORT_OPTIONS,
+    _TARGET_CONTEXT,
+    _baseline,
+    _config,
+    _fail_usage,
+    _finish,
+    _internal_error,
+    _report_options,
+    _suppressions,
+    main,
+)
 from .report.document import FORMATS, Report
 
 
@@ -31,28 +41,11 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return (i, n)
 
 
+STRESS_OPTIONS = {**REPORT_OPTIONS, **{key: key for key in ("schedules", "seed", "strategy", "depth", "jobs")}}
+
+
 def _stress_config(opts: dict) -> Any:
-    try:
-        config = load_config()
-        return merge_cli(
-            config,
-            {
-                "format": opts.get("fmt"),
-                "output": opts.get("output"),
-                "fail-on": opts.get("fail_on"),
-                "max-reports": opts.get("max_reports"),
-                "timeout": opts.get("timeout"),
-                "suppressions": opts.get("suppressions"),
-                "baseline": opts.get("baseline"),
-                "schedules": opts.get("schedules"),
-                "seed": opts.get("seed"),
-                "strategy": opts.get("strategy"),
-                "depth": opts.get("depth"),
-                "jobs": opts.get("jobs"),
-            },
-        )
-    except ConfigError as exc:
-        _fail_usage(str(exc))
+    return _config(opts, STRESS_OPTIONS)
 
 
 def _split_target(module: str | None, target: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -226,11 +219,7 @@ def merge(reports: tuple[str, ...], **opts: Any) -> None:
     targets = {tuple(r.target) for r in loaded}
     if len(targets) > 1 and not opts.get("quiet"):
         click.echo("raceguard: merge: warning: the reports are of different targets", err=True)
-    try:
-        config = load_config()
-        config = merge_cli(config, {"format": opts.get("fmt"), "output": opts.get("output"), "fail-on": opts.get("fail_on")})
-    except ConfigError as exc:
-        _fail_usage(str(exc))
+    config = _config(opts, {key: REPORT_OPTIONS[key] for key in ("format", "output", "fail-on")})
     try:
         report = merge_reports(loaded)
     except Exception as exc:

@@ -168,15 +168,7 @@ def main() -> None:
 
     config.update(_read_config(config.pop("config_fd")))
 
-    code = None
-    try:
-        if config.get("module"):
-            runner.check_module(config["module"])
-        else:
-            code = runner.prepare_script(config["script"])
-    except runner.UsageError as exc:
-        sink({"type": "usage-error", "message": str(exc)})
-        os._exit(2)
+    code = runner.prepare_or_exit(config, sink)
 
     for message in import_warnings:
         warnings._showwarnmsg(message)  # type: ignore[attr-defined]

@@ -64,7 +64,7 @@ from torch import nn
 
 from ..engine.hb import Race, ShadowStorage
 from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import StorageMeta
+from .naming import OpInfo, StorageMeta
 from .stacks import current_site, op_site_function, render_site, user_key
 
 __all__ = [
@@ -266,17 +266,6 @@ def _module_loc(module: Any) -> ShadowStorage:
     return _loc(id(module), module, "module")
 
 
-class _Info:
-    """Payload of an access record, duck-compatible with ``session.OpInfo``."""
-
-    __slots__ = ("site", "op", "locks")
-
-    def __init__(self, site: tuple, op: str, locks: tuple) -> None:
-        self.site = site
-        self.op = op
-        self.locks = locks
-
-
 def _covered(shadow: ShadowStorage, lo: int, hi: int, tid: int, epoch: int, is_write: bool) -> bool:
     """Whether an access of ``tid`` at ``epoch`` to [lo, hi) would add nothing: the same timeline
     already made it in this epoch and nobody touched the slots since (FastTrack's same-epoch
@@ -323,7 +312,7 @@ def _record(s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: b
         epoch = hb.epoch(tid)
         if all(_covered(shadow, lo, hi, tid, epoch, is_write) for lo, hi in ranges):
             return []
-    info = _Info(_site(), op, state.locks)
+    info = OpInfo(_site(), op, state.locks)
     races: list[Race] = []
     with s.lock:
         rec = hb.record(tid, is_write, info)
@@ -587,7 +576,7 @@ def record_tensor_reads(s: Any, state: Any, tensors: list, op: str) -> None:
     from .torch_ops import byte_ranges  # not at the top: torch_ops imports this module
 
     site = _site()
-    info = _Info(site, op, state.locks)
+    info = OpInfo(site, op, state.locks)
     races: list[Race] = []
     hb = s.hb
     with s.lock:

@@ -30,6 +30,18 @@ class Resource:
     root: str
 
 
+class OpInfo:
+    """Payload of an access record (a tensor op's, or a module-state access's): enough to
+    rebuild the report line later."""
+
+    __slots__ = ("site", "op", "locks")
+
+    def __init__(self, site: tuple, op: str, locks: tuple) -> None:
+        self.site = site
+        self.op = op
+        self.locks = locks
+
+
 class StorageMeta:
     """What the capture layer remembers about a storage, for naming it later."""
 

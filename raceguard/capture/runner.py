@@ -115,6 +115,20 @@ def own_frames_removed(exc: BaseException | None) -> BaseException | None:
     return exc
 
 
+def prepare_or_exit(config: dict, send: Any) -> Any:
+    """The target of ``config`` checked before it runs: the script's code object (None for
+    ``-m``). A usage error (missing script, syntax error, unknown module) is sent as a
+    ``usage-error`` message and ends this process with exit code 2."""
+    try:
+        if config.get("module"):
+            check_module(config["module"])
+            return None
+        return prepare_script(config["script"])
+    except UsageError as exc:
+        send({"type": "usage-error", "message": str(exc)})
+        os._exit(2)
+
+
 def print_uncaught(exc: BaseException) -> None:
     """Print an uncaught exception like the interpreter does, without raceguard's frames."""
     own_frames_removed(exc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import _thread
 import os
-import sys
 import threading
 import time
 import traceback
@@ -24,7 +23,7 @@ from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, compute_fingerprint
 from . import hazards
-from .naming import Namer, Resource, StorageMeta
+from .naming import Namer, OpInfo, Resource, StorageMeta
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
 
@@ -37,16 +36,6 @@ _get_ident = _thread.get_ident
 _op_site = op_site_function()  # the site of a tensor op (see on_op)
 _plans_by_id = plans_by_id
 _Tensor = torch.Tensor
-
-
-def _same_timeline(cell: Any, tid: int) -> bool:
-    """Whether every access remembered in ``cell`` was made by timeline ``tid`` (then a new
-    access of ``tid`` can race with none of them: its own earlier accesses are ordered)."""
-    w = cell.write
-    if w is not None and w.timeline != tid:
-        return False
-    r = cell.reads
-    return r is None or (type(r) is not dict and r.timeline == tid)
 
 
 class ThreadState:
@@ -69,17 +58,6 @@ class ThreadState:
         if t is not None:
             self.last_name = t.name
         return self.last_name
-
-
-class OpInfo:
-    """Payload of an access record: enough to rebuild the report line later."""
-
-    __slots__ = ("site", "op", "locks")
-
-    def __init__(self, site: tuple, op: str, locks: tuple) -> None:
-        self.site = site
-        self.op = op
-        self.locks = locks
 
 
 class Session:
@@ -291,8 +269,8 @@ class Session:
     # -- tensor ops (hot path) -------------------------------------------------------------
     # Every aten op of every instrumented thread comes through on_op, so it is written for speed:
     # the site is taken by torch's C++ stack capture (stacks.op_site_function), plans are found
-    # by id(func), and the common case (a whole-storage access to a storage with one shadow
-    # interval) skips the interval machinery of HappensBefore.access.
+    # by id(func), and a contiguous tensor goes to HappensBefore.access_range directly (whose
+    # fast path handles an interval only this timeline ever touched).
     def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.sched is not None:  # a scheduling point before every tensor op
             self.sched.op_point()
@@ -343,27 +321,10 @@ class Session:
                         rec = read_rec
                         if rec is None:
                             rec = read_rec = hb.record(tid, False, info)
-                    if t.is_contiguous():
+                    if t.is_contiguous():  # one byte range, without building a list of them
                         es = t.element_size()
-                        nbytes = t.numel() * es
-                        if not nbytes:
-                            continue
                         lo = t.storage_offset() * es
-                        hi = lo + nbytes
-                        starts = sh.starts
-                        if len(starts) == 1 and starts[0] == lo and sh.ends[0] == hi:
-                            cell = sh.cells[0]
-                            if _same_timeline(cell, tid):
-                                # Only this timeline ever touched these bytes: nothing can race.
-                                if is_write:
-                                    cell.write = rec
-                                    cell.reads = None
-                                else:
-                                    r = cell.reads
-                                    if r is None or r.epoch != rec.epoch:
-                                        cell.reads = rec
-                                continue
-                        hb.access(sh, ((lo, hi),), rec, races)
+                        hb.access_range(sh, lo, lo + t.numel() * es, rec, races)
                     else:
                         hb.access(sh, byte_ranges(t), rec, races)
         out = func(*args, **kwargs)

@@ -201,31 +201,54 @@ class HappensBefore:
         self, shadow: ShadowStorage, ranges: Sequence[ByteRange], rec: AccessRecord, races: list[Race]
     ) -> None:
         """Check ``rec`` against ``shadow`` over ``ranges`` and remember it; append races found."""
-        clock = self._clocks[rec.timeline]
         for lo, hi in ranges:
-            if hi <= lo:
-                continue
-            starts = shadow.starts
-            # Fast path: the access covers exactly the one interval the storage has.
-            if len(starts) == 1 and starts[0] == lo and shadow.ends[0] == hi:
-                i, j = 0, 1
-            else:
-                i, j = shadow._split_covering(lo, hi)
-            cells = shadow.cells
-            if rec.is_write:
-                for k in range(i, j):
-                    _check_write(cells[k], rec, clock, shadow, k, races)
-                if j - i == 1:
-                    cell = cells[i]
+            self.access_range(shadow, lo, hi, rec, races)
+
+    def access_range(self, shadow: ShadowStorage, lo: int, hi: int, rec: AccessRecord, races: list[Race]) -> None:
+        """:meth:`access` for one byte range ``[lo, hi)`` (a contiguous tensor: the common case)."""
+        if hi <= lo:
+            return
+        starts = shadow.starts
+        # Fast path: the access covers exactly the one interval the storage has.
+        if len(starts) == 1 and starts[0] == lo and shadow.ends[0] == hi:
+            cell = shadow.cells[0]
+            if _only_timeline(cell, rec.timeline):
+                # Every access remembered here is this timeline's own, ordered before this one by
+                # program order: nothing can race. Remember it as _check_write / _read would.
+                if rec.is_write:
                     cell.write = rec
                     cell.reads = None
-                else:  # a write makes the whole range one interval again
-                    shadow.starts[i:j] = [lo]
-                    shadow.ends[i:j] = [hi]
-                    cells[i:j] = [_Cell(rec)]
-            else:
-                for k in range(i, j):
-                    _read(cells[k], rec, clock, shadow, k, races)
+                elif cell.reads is None or cell.reads.epoch != rec.epoch:
+                    cell.reads = rec
+                return
+            i, j = 0, 1
+        else:
+            i, j = shadow._split_covering(lo, hi)
+        clock = self._clocks[rec.timeline]
+        cells = shadow.cells
+        if rec.is_write:
+            for k in range(i, j):
+                _check_write(cells[k], rec, clock, shadow, k, races)
+            if j - i == 1:
+                cell = cells[i]
+                cell.write = rec
+                cell.reads = None
+            else:  # a write makes the whole range one interval again
+                shadow.starts[i:j] = [lo]
+                shadow.ends[i:j] = [hi]
+                cells[i:j] = [_Cell(rec)]
+        else:
+            for k in range(i, j):
+                _read(cells[k], rec, clock, shadow, k, races)
+
+
+def _only_timeline(cell: _Cell, tid: int) -> bool:
+    """Whether every access remembered in ``cell`` was made by timeline ``tid``."""
+    w = cell.write
+    if w is not None and w.timeline != tid:
+        return False
+    r = cell.reads
+    return r is None or (type(r) is not dict and r.timeline == tid)
 
 
 def _check_write(

@@ -74,15 +74,7 @@ def server_main() -> None:
     from ..capture import runner
     from .runchild import Target
 
-    code = None
-    try:
-        if config.get("module"):
-            runner.check_module(config["module"])
-        else:
-            code = runner.prepare_script(config["script"])
-    except runner.UsageError as exc:
-        send({"type": "usage-error", "message": str(exc)})
-        os._exit(2)
+    code = runner.prepare_or_exit(config, send)
 
     started = time.monotonic()
     import torch  # noqa: F401 - once, for every schedule

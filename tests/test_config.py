@@ -169,3 +169,7 @@ def test_jobs_defaults_to_one_per_cpu_as_stress_uses_it(tmp_path):
     # `raceguard config` shows what `stress` does: no number of jobs unless one is configured.
     config = load_config(tmp_path)
     assert config["jobs"] is None and config.source("jobs") == "default"
+    lines = config.describe()
+    assert "jobs = None  (default: one per CPU)" in lines
+    assert "timeout = None  (default: no limit)" in lines
+    assert "baseline = None  (default)" in lines  # nothing to explain

@@ -507,7 +507,8 @@ class Condition(threading.Condition):
                 return
         super().notify_all()
 
-    notifyAll = notify_all
+    # No ``notifyAll = notify_all``: the inherited notifyAll() warns DeprecationWarning, then
+    # calls notify_all() (this one), exactly as CPython's does.
 
 
 _ORIG_SEMAPHORE_INIT = threading.Semaphore.__init__
@@ -1350,19 +1351,21 @@ _METHOD_PATCHES = [
 ]
 
 
-# repr() and pickling name the module the original lives in.
-for _cls, _module in (
-    (Condition, "threading"),
-    (Semaphore, "threading"),
-    (BoundedSemaphore, "threading"),
-    (Event, "threading"),
-    (Barrier, "threading"),
-    (Queue, "queue"),
-    (LifoQueue, "queue"),
-    (PriorityQueue, "queue"),
-    (SimpleQueue, "_queue"),
-):
-    _cls.__module__ = _module
+def _present_as(new: Any, original: Any) -> None:
+    """Give a replacement the original's identity: repr() and pickling name the module the
+    original lives in, and ``support.check__all__`` (CPython's own tests) sees ``threading.Lock``
+    defined by ``_thread``."""
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        try:
+            setattr(new, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+
+
+for _owner, _attr, _new in _MODULE_PATCHES:
+    _present_as(_new, getattr(_owner, _attr))
+for _owner, _attr, _new in _METHOD_PATCHES:
+    _present_as(_new, _owner.__dict__[_attr])
 
 
 def _before_fork() -> None:

@@ -1,4 +1,4 @@
-"""The ``stress``, ``replay`` and ``merge`` commands (registered on :func:`raceguard.cli.main`).
+"""The ``stress``, ``replay`` and ``merge`` commands (:mod:`raceguard.cli` registers them on its group).
 
 Thin: parse options, merge them with ``[tool.raceguard]`` / ``[tool.raceguard.stress]``, run
 (:mod:`raceguard.stress`), print and exit with the contract's code.
@@ -13,17 +13,19 @@ from typing import Any
 
 import click
 
-from .cli import (
+from .cli_common import (
     REPORT_OPTIONS,
-    _TARGET_CONTEXT,
-    _baseline,
-    _config,
-    _fail_usage,
-    _finish,
-    _internal_error,
-    _report_options,
-    _suppressions,
-    main,
+    TARGET_CONTEXT,
+    TargetCommand,
+    baseline_from,
+    config_from,
+    fail_usage,
+    finish,
+    internal_error,
+    module_option,
+    report_options,
+    split_target,
+    suppressions_from,
 )
 from .report.document import FORMATS, Report
 
@@ -35,9 +37,9 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
         i_text, n_text = value.split("/", 1)
         i, n = int(i_text), int(n_text)
     except ValueError:
-        _fail_usage(f"--shard must look like I/N (e.g. 1/4), not {value!r}")
+        fail_usage(f"--shard must look like I/N (e.g. 1/4), not {value!r}")
     if n < 1 or not 1 <= i <= n:
-        _fail_usage(f"--shard {value}: I must be between 1 and N (N >= 1)")
+        fail_usage(f"--shard {value}: I must be between 1 and N (N >= 1)")
     return (i, n)
 
 
@@ -45,15 +47,7 @@ STRESS_OPTIONS = {**REPORT_OPTIONS, **{key: key for key in ("schedules", "seed",
 
 
 def _stress_config(opts: dict) -> Any:
-    return _config(opts, STRESS_OPTIONS)
-
-
-def _split_target(module: str | None, target: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    if module is None and not target:
-        _fail_usage("missing SCRIPT (or -m MODULE): what should raceguard run?")
-    script = None if module else target[0]
-    args = tuple(target if module else target[1:])
-    return script, args
+    return config_from(opts, STRESS_OPTIONS)
 
 
 def _schedule_options(f: Any) -> Any:
@@ -70,15 +64,15 @@ def _schedule_options(f: Any) -> Any:
     return f
 
 
-@main.command(context_settings=_TARGET_CONTEXT)
-@click.option("-m", "module", metavar="MODULE", help="Run a library module as a script, like python -m.")
+@click.command(cls=TargetCommand, context_settings=TARGET_CONTEXT)
+@module_option
 @click.option("--schedules", type=click.IntRange(min=1), help="Number of schedules to run [default: 100].")
 @click.option("--seed", type=click.IntRange(min=0), help="Base seed; schedule i uses seed+i [default: random, printed].")
 @_schedule_options
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Schedules run in parallel [default: CPU count].")
 @click.option("--stop-on-first", is_flag=True, help="Stop at the first failing schedule.")
 @click.option("--shard", metavar="I/N", help="Run only schedules i with i % N == I-1 (split one run across CI jobs).")
-@_report_options
+@report_options
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
 def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """Run SCRIPT [ARGS]... under many controlled thread schedules and report what fails.
@@ -90,7 +84,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """
     from . import stress as stress_mod
 
-    script, args = _split_target(module, target)
+    script, args = split_target(module, target)
     config = _stress_config(opts)
     shard = _parse_shard(opts.get("shard"))
     jobs = config["jobs"] or os.cpu_count() or 1
@@ -127,8 +121,8 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         shard=shard,
         preempt=opts.get("preempt") or "ops",
         max_reports=config["max-reports"],
-        suppressions=_suppressions(config["suppressions"]),
-        baseline=_baseline(config["baseline"]),
+        suppressions=suppressions_from(config["suppressions"]),
+        baseline=baseline_from(config["baseline"]),
         fail_on=config["fail-on"],
         on_progress=progress.update,
         on_event=on_event,
@@ -137,19 +131,19 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         report = stress_mod.run_stress(options)
     except stress_mod.TargetUsageError as exc:
         progress.stop()
-        _fail_usage(str(exc))
+        fail_usage(str(exc))
     except Exception as exc:
         progress.stop()
-        _internal_error(exc)
+        internal_error(exc)
     progress.stop()
-    _finish(report, config, opts)
+    finish(report, config, opts)
 
 
-@main.command(context_settings=_TARGET_CONTEXT)
-@click.option("-m", "module", metavar="MODULE", help="Run a library module as a script, like python -m.")
+@click.command(cls=TargetCommand, context_settings=TARGET_CONTEXT)
+@module_option
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="The schedule's seed (from the stress report).")
 @_schedule_options
-@_report_options
+@report_options
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
 def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """Replay one schedule of SCRIPT [ARGS]... exactly and report it like `check`.
@@ -159,7 +153,7 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """
     from . import stress as stress_mod
 
-    script, args = _split_target(module, target)
+    script, args = split_target(module, target)
     config = _stress_config(opts)
     options = stress_mod.StressOptions(
         script=script,
@@ -174,21 +168,21 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         timeout=config["timeout"],
         preempt=opts.get("preempt") or "ops",
         max_reports=config["max-reports"],
-        suppressions=_suppressions(config["suppressions"]),
-        baseline=_baseline(config["baseline"]),
+        suppressions=suppressions_from(config["suppressions"]),
+        baseline=baseline_from(config["baseline"]),
         fail_on=config["fail-on"],
         capture_output=False,
     )
     try:
         report = stress_mod.run_replay(options)
     except stress_mod.TargetUsageError as exc:
-        _fail_usage(str(exc))
+        fail_usage(str(exc))
     except Exception as exc:
-        _internal_error(exc)
-    _finish(report, config, opts)
+        internal_error(exc)
+    finish(report, config, opts)
 
 
-@main.command()
+@click.command()
 @click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format [default: text].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the merged report here (atomically).")
@@ -201,30 +195,30 @@ def merge(reports: tuple[str, ...], **opts: Any) -> None:
     from .stress import merge_reports
 
     if not reports:
-        _fail_usage("merge needs at least one JSON report (from stress --format json --output FILE)")
+        fail_usage("merge needs at least one JSON report (from stress --format json --output FILE)")
     loaded: list[Report] = []
     for path in reports:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except OSError as exc:
-            _fail_usage(f"cannot read {path}: {exc.strerror or exc}")
+            fail_usage(f"cannot read {path}: {exc.strerror or exc}")
         except ValueError as exc:
-            _fail_usage(f"{path} is not a JSON report: {exc}")
+            fail_usage(f"{path} is not a JSON report: {exc}")
         try:
             validate_report(data)
             loaded.append(Report.from_dict(data))
         except (ValueError, KeyError, TypeError) as exc:
-            _fail_usage(f"{path} is not a raceguard report: {exc}")
+            fail_usage(f"{path} is not a raceguard report: {exc}")
     targets = {tuple(r.target) for r in loaded}
     if len(targets) > 1 and not opts.get("quiet"):
         click.echo("raceguard: merge: warning: the reports are of different targets", err=True)
-    config = _config(opts, {key: REPORT_OPTIONS[key] for key in ("format", "output", "fail-on")})
+    config = config_from(opts, {key: REPORT_OPTIONS[key] for key in ("format", "output", "fail-on")})
     try:
         report = merge_reports(loaded)
     except Exception as exc:
-        _internal_error(exc)
-    _finish(report, config, opts)
+        internal_error(exc)
+    finish(report, config, opts)
 
 
 # -- progress ---------------------------------------------------------------------------------

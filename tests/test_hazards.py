@@ -474,6 +474,51 @@ def test_optimizer_state_created_before_threads_is_only_read(run: Run) -> None:
     assert run.findings == []
 
 
+# -- the autograd engine's accumulation into .grad (issue 13) --------------------------------------
+def _backward(model: nn.Module, x: torch.Tensor) -> None:
+    model(x).pow(2).sum().backward()
+
+
+def test_concurrent_backward_on_shared_parameters_is_clean(run: Run) -> None:
+    model = _mlp()
+    xs = [torch.randn(3, 4) for _ in range(4)]
+    for _ in range(2):  # first round installs .grad (no op of its own), second accumulates
+        unordered(*[lambda x=x: _backward(model, x) for x in xs])
+    assert run.findings == []
+    assert model.fc1.weight.grad is not None
+
+
+def test_reading_grad_during_another_threads_backward_races(run: Run) -> None:
+    model = _mlp()
+    _backward(model, torch.randn(3, 4))  # the grads exist before the threads start
+    x = torch.randn(3, 4)
+    norms = []
+    unordered(
+        lambda: _backward(model, x),
+        lambda: _backward(model, x),
+        lambda: norms.append(model.fc1.weight.grad.norm()),
+        names=("worker-0", "worker-1", "monitor"),
+    )
+    grad_races = [f for f in run.findings if f.resource.endswith(".grad")]
+    assert grad_races and all(f.kind == "data-race" for f in grad_races)
+    assert any(
+        {a.thread for a in f.accesses} in ({"monitor", "worker-0"}, {"monitor", "worker-1"})
+        for f in grad_races
+    ), [f.message for f in run.findings]
+    assert not any({a.thread for a in f.accesses} == {"worker-0", "worker-1"} for f in run.findings)
+
+
+def test_without_the_autograd_node_binding_accumulations_stay_unordered(run: Run, monkeypatch) -> None:
+    # torch without torch._C._current_autograd_node: no modelling, so concurrent backward is
+    # reported as before rather than raceguard failing.
+    monkeypatch.setattr(hazards, "_current_node", None)
+    model = _mlp()
+    _backward(model, torch.randn(3, 4))
+    xs = [torch.randn(3, 4) for _ in range(2)]
+    unordered(*[lambda x=x: _backward(model, x) for x in xs])
+    assert any(f.resource.endswith(".grad") for f in run.findings)
+
+
 # -- install / uninstall --------------------------------------------------------------------------
 def _patched() -> tuple:
     return (

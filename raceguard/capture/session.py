@@ -290,6 +290,8 @@ class Session:
             # CUDA tensors (and the pinned host side of non_blocking copies) go to stream timelines.
             accessed = cuda.before_op(state, plan, accessed, args, kwargs, info)
         tid = state.tid
+        # Inside the autograd engine's AccumulateGrad: its per-parameter mutex, taken (else None).
+        acc = hazards.grad_accumulation(self, state)
         with self.lock:
             self.ops += 1
             if not accessed:
@@ -342,6 +344,8 @@ class Session:
                 with self.lock:
                     for o in outs:
                         self._fresh(o, info, tid, inputs)
+        if acc is not None:
+            hazards.grad_accumulated(self, state, acc)
         if races:
             self.report_races(races)
         return out

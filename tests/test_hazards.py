@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -472,6 +473,106 @@ def test_optimizer_state_created_before_threads_is_only_read(run: Run) -> None:
 
     unordered(step, step)
     assert run.findings == []
+
+
+# -- stores that change nothing (issue 13) -----------------------------------------------------------
+def test_equal_values_stored_by_every_request_are_clean(run: Run) -> None:
+    model = _mlp().eval()
+    model.pooling = ("mean", 2)
+    x = torch.randn(2, 4)
+
+    def request():
+        model.eval()  # libraries call it on every request
+        model.pooling = ("mean", x.shape[0])  # built anew: equal, not the same object
+        model.name = "".join(["mlp", "-", "v1"]) if hasattr(model, "name") else "mlp-v1"
+        model(x)
+
+    model.name = "mlp-v1"
+    unordered(request, request, request, request)
+    assert run.findings == []
+
+
+def test_same_value_store_races_with_a_store_that_changes_it(run: Run) -> None:
+    model = _mlp().eval()
+
+    def train_later():
+        time.sleep(0.2)  # only so that the server's store comes first in real time: no ordering
+        model.train()
+
+    unordered(lambda: model.eval(), train_later, names=("server", "trainer"))
+    f = next(f for f in run.findings if f.resource == "model.training")
+    modes = {a.thread: (a.mode, a.op) for a in f.accesses}
+    assert modes == {"server": ("read", "setattr training (same value)"), "trainer": ("write", "setattr training")}
+
+
+def test_changed_value_still_races_with_an_equal_store(run: Run) -> None:
+    model = _mlp()
+    model.threshold = 0.5
+    unordered(lambda: setattr(model, "threshold", 0.25 * 2), lambda: setattr(model, "threshold", 0.75))
+    [f] = run.findings
+    assert f.resource == "model.threshold"
+    assert "write" in {a.mode for a in f.accesses}  # read-write or write-write: whichever came first
+
+
+def test_signed_zero_and_other_types_are_changes(run: Run) -> None:
+    assert hazards._unchanged(("a", 1, None, (2.5,)), ("a", 1, None, (2.5,)))
+    assert hazards._unchanged(float("nan"), float("nan"))
+    assert not hazards._unchanged(0.0, -0.0)
+    assert not hazards._unchanged(1, True)  # equal, but a different value to the reader
+    assert not hazards._unchanged([1], [1])  # mutable: the reader may hold the old list
+    assert not hazards._unchanged(torch.tensor(1.0), torch.tensor(1.0))  # never compared by value
+
+
+def test_parameter_reassigned_to_itself_is_clean_and_replaced_races(run: Run) -> None:
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 4)))
+    weight = model.fc1.weight
+    unordered(lambda: setattr(model.fc1, "weight", weight), lambda: setattr(model.fc1, "weight", weight))
+    assert run.findings == []
+    unordered(
+        lambda: setattr(model.fc1, "weight", nn.Parameter(torch.zeros(4, 4))),
+        lambda: setattr(model.fc1, "weight", weight),
+    )
+    [f] = run.findings
+    assert f.resource == "model.fc1.weight"
+    assert "write" in {a.mode for a in f.accesses}
+
+
+def test_property_store_is_judged_by_the_setter_own_stores(run: Run) -> None:
+    class Kernelised(nn.Module):
+        """transformers' PreTrainedModel.kernels_mode: the setter acts only on a change."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._mode = "inference"
+
+        @property
+        def mode(self) -> str:
+            return self._mode
+
+        @mode.setter
+        def mode(self, value: str) -> None:
+            if value != self._mode:
+                self._mode = value
+
+    model = nn.Sequential(OrderedDict(inner=Kernelised()))
+    unordered(lambda: setattr(model.inner, "mode", "inference"), lambda: setattr(model.inner, "mode", "inference"))
+    assert run.findings == []
+    unordered(lambda: setattr(model.inner, "mode", "training"), lambda: setattr(model.inner, "mode", "inference"))
+    [f] = run.findings
+    assert f.resource == "model.inner._mode"
+
+
+def test_slots_store_compares_the_slot_value(run: Run) -> None:
+    class Slotted(nn.Module):
+        __slots__ = ("scale",)
+
+    model = nn.Sequential(OrderedDict(s=Slotted()))
+    model.s.scale = 3
+    unordered(lambda: setattr(model.s, "scale", 3), lambda: setattr(model.s, "scale", 3))
+    assert run.findings == []
+    unordered(lambda: setattr(model.s, "scale", 4), lambda: setattr(model.s, "scale", 5))
+    [f] = run.findings
+    assert f.resource == "model.s.scale"
 
 
 # -- the autograd engine's accumulation into .grad (issue 13) --------------------------------------

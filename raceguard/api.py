@@ -62,7 +62,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from .report.document import Report
+from .report.document import Report, incomplete_analysis
 from .report.filters import Suppressions
 from .report.finding import SEVERITIES, Finding
 
@@ -135,6 +135,7 @@ class WatchSession:
         self._cleared: list[Finding] = []
         self._by_fingerprint: dict[str, Finding] = {}
         self._errors: list[str] = []
+        self._hook_errors: list[dict[str, Any]] = []  # contained failures of raceguard's hooks
         self._capture: Any = None
         self._handle: Any = None
         self._thread_name: str | None = None
@@ -160,9 +161,10 @@ class WatchSession:
 
     @property
     def errors(self) -> list[str]:
-        """Internal raceguard errors (a bug in raceguard; the program itself was not affected)."""
+        """Internal raceguard errors (a bug in raceguard; the program itself was not affected),
+        including failures of its hooks, which were contained and only lost events."""
         with self._lock:
-            return list(self._errors)
+            return list(self._errors) + [str(e.get("message", "unknown error")) for e in self._hook_errors]
 
     @property
     def active(self) -> bool:
@@ -188,8 +190,12 @@ class WatchSession:
             kept = list(self._kept)
             suppressed = list(self._suppressed)
             errors = list(dict.fromkeys(self._errors))
+            hook_errors = list(self._hook_errors)
         stats = self._stats()
         outcome = self._outcome
+        incomplete = incomplete_analysis(int(stats.get("internal_errors", 0)), hook_errors)
+        if incomplete:
+            stats["internal_errors"] = incomplete["internal_errors"]
         return Report(
             command="check",
             target=[self.label],
@@ -199,6 +205,7 @@ class WatchSession:
             error="; ".join(errors) or None,
             target_outcome=outcome,
             suppressed=suppressed,
+            incomplete=incomplete,
         )
 
     def assert_clean(self) -> None:
@@ -290,6 +297,8 @@ class WatchSession:
         }
         if raw.get("dropped_reports"):
             stats["dropped_reports"] = raw["dropped_reports"]
+        if raw.get("internal_errors"):
+            stats["internal_errors"] = raw["internal_errors"]
         return stats
 
     def _sink(self, event: dict) -> None:
@@ -320,6 +329,9 @@ class WatchSession:
         elif kind == "internal-error":
             with self._lock:
                 self._errors.append(str(event.get("message", "unknown error")))
+        elif kind == "hook-error":
+            with self._lock:
+                self._hook_errors.append(event)
 
 
     def _announce_deadlock(self, finding: Finding) -> None:

@@ -65,7 +65,7 @@ def build_report(
     suppressions: Suppressions | None = None,
     baseline: Baseline | None = None,
 ) -> Report:
-    from .report.document import Report
+    from .report.document import Report, incomplete_analysis
     from .report.filters import apply_filters
 
     filtered = apply_filters(result.findings, suppressions, baseline)
@@ -78,6 +78,12 @@ def build_report(
     }
     if result.stats.get("dropped_reports"):
         stats["dropped_reports"] = result.stats["dropped_reports"]
+    for key in ("cuda_streams", "cuda_launches"):  # present once the target initialised CUDA
+        if key in result.stats:
+            stats[key] = int(result.stats[key])
+    incomplete = incomplete_analysis(int(result.stats.get("internal_errors", 0)), result.hook_errors)
+    if incomplete:
+        stats["internal_errors"] = incomplete["internal_errors"]
     error = None
     if result.internal_errors:
         error = "; ".join(dict.fromkeys(result.internal_errors))
@@ -91,4 +97,5 @@ def build_report(
         target_outcome=result.outcome or None,
         suppressed=filtered.suppressed,
         fixed=filtered.fixed,
+        incomplete=incomplete,
     )

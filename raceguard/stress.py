@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .report.document import Report
+from .report.document import Report, incomplete_analysis
 from .report.filters import Baseline, Suppressions, apply_filters
 from .report.finding import Finding, Reproduce
 from .schedule import failures
@@ -104,6 +104,8 @@ class ScheduleResult:
     stats: dict[str, Any]
     internal_errors: list[str]
     seconds: float
+    # Contained failures of raceguard's hooks in the schedule's process (see Report.incomplete).
+    hook_errors: list[dict[str, Any]] = field(default_factory=list)
 
     def fingerprints(self) -> list[str]:
         return [f.fingerprint for f in self.findings]
@@ -141,6 +143,7 @@ class _ScheduleRun:
         self.exit: dict | None = None
         self.stats: dict[str, Any] = {}
         self.internal_errors: list[str] = []
+        self.hook_errors: list[dict[str, Any]] = []
         self.exception: str | None = None
         self.started = time.monotonic()
 
@@ -164,6 +167,8 @@ class _ScheduleRun:
             self.stats.update(event.get("stats", {}))
         elif kind == "internal-error":
             self.internal_errors.append(event.get("message", "unknown error"))
+        elif kind == "hook-error":
+            self.hook_errors.append(event)
         elif kind == "target-exception":
             self.exception = event.get("exception")
         elif kind == "usage-error":
@@ -213,6 +218,7 @@ class _ScheduleRun:
             stats=self.stats,
             internal_errors=self.internal_errors,
             seconds=time.monotonic() - self.started,
+            hook_errors=self.hook_errors,
         )
 
     def _add(self, finding: Finding) -> None:
@@ -518,6 +524,11 @@ def _build_report(
         stats["shard"] = f"{options.shard[0]}/{options.shard[1]}"
     if dropped:
         stats["dropped_reports"] = dropped
+    incomplete = incomplete_analysis(
+        sum(int(r.stats.get("internal_errors", 0)) for r in ordered), [e for r in ordered for e in r.hook_errors]
+    )
+    if incomplete:
+        stats["internal_errors"] = incomplete["internal_errors"]
     return Report(
         command=command,
         target=target,
@@ -528,6 +539,7 @@ def _build_report(
         target_outcome=outcome,
         suppressed=filtered.suppressed,
         fixed=filtered.fixed,
+        incomplete=incomplete,
     )
 
 
@@ -614,6 +626,12 @@ def merge_reports(reports: Iterable[Report]) -> Report:
         if len(values) == 1 and reports[0].stats.get(same) is not None:
             stats[same] = reports[0].stats[same]
     errors = [r.error for r in reports if r.error]
+    incomplete = incomplete_analysis(
+        sum(int((r.incomplete or {}).get("internal_errors", 0)) for r in reports),
+        [e for r in reports for e in (r.incomplete or {}).get("errors", [])],
+    )
+    if incomplete:
+        stats["internal_errors"] = incomplete["internal_errors"]
     outcome = None
     exit_code: int | None = None
     failed = [r for r in reports if r.target_failed()]
@@ -633,4 +651,5 @@ def merge_reports(reports: Iterable[Report]) -> Report:
         target_outcome=outcome,
         suppressed=list(suppressed.values()),
         fixed=sorted(fixed),
+        incomplete=incomplete,
     )

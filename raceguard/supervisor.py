@@ -38,6 +38,8 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)
     usage_error: str | None = None
     internal_errors: list[str] = field(default_factory=list)
+    # Failures of raceguard's hooks inside the target, contained there: {"message", "traceback"}.
+    hook_errors: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
 
 
@@ -76,6 +78,8 @@ class _Collector:
             self.result.usage_error = event["message"]
         elif kind == "internal-error":
             self.result.internal_errors.append(event.get("message", "unknown error"))
+        elif kind == "hook-error":
+            self.result.hook_errors.append(event)
         elif kind == "target-exception":
             self.target_exception = event.get("exception")
 

@@ -38,6 +38,18 @@ EXIT_TARGET_FAILED = 3
 EXIT_INTERNAL_ERROR = 4
 
 
+def incomplete_analysis(count: int, errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The report's ``incomplete`` entry for ``count`` events lost to raceguard's own failures,
+    with the first traceback of each distinct failure; None when nothing was lost."""
+    if count <= 0 and not errors:
+        return None
+    unique: dict[str, dict[str, Any]] = {}
+    for e in errors:
+        message = str(e.get("message", "unknown error"))
+        unique.setdefault(message, {"message": message, "traceback": str(e.get("traceback", ""))})
+    return {"internal_errors": max(count, len(unique)), "errors": list(unique.values())}
+
+
 def default_stats() -> dict[str, Any]:
     return {"threads": 0, "ops": 0, "schedules_run": 1, "first_failure_at": None, "wall_seconds": 0.0}
 
@@ -68,6 +80,10 @@ class Report:
     suppressed: list[Finding] = field(default_factory=list)
     # Baseline fingerprints that this run did not find any more.
     fixed: list[str] = field(default_factory=list)
+    # Events raceguard lost to its own failures inside the target (a hook raised; the target ran
+    # unchanged): {"internal_errors": N, "errors": [{"message", "traceback"}, ...]}. The findings
+    # are still true, but the run may have more: the status says so, the exit code does not change.
+    incomplete: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Callers often pass only the stats they know; the contract requires all five.
@@ -119,6 +135,8 @@ class Report:
             d["suppressed"] = [f.to_dict() for f in self.suppressed]
         if self.fixed:
             d["fixed"] = sorted(self.fixed)
+        if self.incomplete:
+            d["incomplete"] = self.incomplete
         return d
 
     @classmethod
@@ -136,6 +154,7 @@ class Report:
             target_outcome=dict(d["target_outcome"]) if d.get("target_outcome") is not None else None,
             suppressed=[Finding.from_dict(f) for f in d.get("suppressed", [])],
             fixed=list(d.get("fixed", [])),
+            incomplete=dict(d["incomplete"]) if d.get("incomplete") else None,
         )
 
 

@@ -132,8 +132,14 @@ def to_sarif(report: "Report", base_dir: str | os.PathLike[str] | None = None) -
     results = [_result(f, report, locator) for f in report.findings]
     results += [_result(f, report, locator, suppressed=True) for f in report.suppressed]
     invocation: dict[str, Any] = {"executionSuccessful": not report.error}
+    notifications = []
     if report.error:
-        invocation["toolExecutionNotifications"] = [{"level": "error", "message": {"text": report.error}}]
+        notifications.append({"level": "error", "message": {"text": report.error}})
+    if report.incomplete:
+        for e in report.incomplete.get("errors") or []:
+            notifications.append({"level": "warning", "message": {"text": f"analysis incomplete: {e.get('message')}"}})
+    if notifications:
+        invocation["toolExecutionNotifications"] = notifications
     version = tool_version()
     run: dict[str, Any] = {
         "tool": {

@@ -228,7 +228,22 @@ def summary_line(report: "Report", glyphs: Glyphs = UNICODE) -> str:
     outcome = describe_outcome(report)
     if outcome:
         text += f"; {outcome}"
+    if report.incomplete:
+        lost = int(report.incomplete.get("internal_errors", 0))
+        text += f"; analysis incomplete: {lost} {_plural(lost, 'event')} lost to raceguard's own errors"
     return text
+
+
+def incomplete_line(report: "Report") -> str | None:
+    """One line on what raceguard lost to its own errors (shown even with --quiet)."""
+    if not report.incomplete:
+        return None
+    errors = report.incomplete.get("errors") or []
+    first = str(errors[0].get("message", "")) if errors else "unknown error"
+    return (
+        f"raceguard: internal error inside the target, contained (the target ran unchanged): {first}; "
+        "please report it (the JSON report has the traceback)"
+    )
 
 
 # --- building rich lines ---------------------------------------------------------------------
@@ -282,8 +297,9 @@ def report_lines(report: "Report", *, verbose: bool = False, quiet: bool = False
     """Every line of the report; ``quiet`` keeps only the summary line."""
     summary_style = STYLE_ERROR if (report.error or report.findings) else STYLE_CLEAN
     summary = Text(summary_line(report, glyphs), style=summary_style)
+    incomplete = incomplete_line(report)
     if quiet:
-        return [summary]
+        return [Text(incomplete, style=STYLE_WARNING), summary] if incomplete else [summary]
     lines: list[Text] = []
     for finding in report.findings:
         lines.extend(finding_lines(finding, verbose=verbose, glyphs=glyphs))
@@ -305,6 +321,11 @@ def report_lines(report: "Report", *, verbose: bool = False, quiet: bool = False
         lines.append(Text("raceguard: internal error:", style=STYLE_ERROR))
         lines.extend(Text(f"  {line}") for line in report.error.rstrip("\n").splitlines())
         lines.append(Text(""))
+    if incomplete:
+        lines.append(Text(incomplete, style=STYLE_WARNING))
+        if verbose:
+            for e in report.incomplete.get("errors") or []:  # type: ignore[union-attr]
+                lines.extend(Text(f"  {line}", style=STYLE_MUTED) for line in str(e.get("traceback", "")).splitlines())
     lines.append(summary)
     return lines
 

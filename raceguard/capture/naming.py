@@ -34,12 +34,14 @@ class OpInfo:
     """Payload of an access record (a tensor op's, or a module-state access's): enough to
     rebuild the report line later."""
 
-    __slots__ = ("site", "op", "locks")
+    __slots__ = ("site", "op", "locks", "stream")
 
     def __init__(self, site: tuple, op: str, locks: tuple) -> None:
         self.site = site
         self.op = op
         self.locks = locks
+        # The CUDA stream timeline a kernel was launched on (set by the CUDA tracker), else None.
+        self.stream = None
 
 
 class StorageMeta:

@@ -29,6 +29,14 @@ from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_
 
 Sink = Callable[[dict], None]
 
+# Findings that rest on the happens-before order raceguard recorded: after a synchronisation
+# event was lost to raceguard's own error they may be false, and are reported suppressed.
+ORDER_DERIVED_KINDS = frozenset({"data-race", "lock-order-cycle", "shared-rng"})
+ORDERING_LOST_REASON = (
+    "unreliable: raceguard lost a synchronisation event to its own internal error before this "
+    "was found, so the order it saw may be incomplete (see the report's 'incomplete')"
+)
+
 # The session instrumented primitives report to; None when nothing is being watched.
 ACTIVE: "Session | None" = None
 
@@ -94,6 +102,10 @@ class Session:
         self._deadlock_reported = False
         self._cycles_reported: set[str] = set()
         self.benign_marks: list[tuple[weakref.ref, str]] = []
+        # Events lost to raceguard's own failures (see hook_failed).
+        self.internal_errors = 0
+        self._hook_error_keys: set[tuple[str, str]] = set()
+        self.ordering_lost = False  # a synchronisation event was lost (see hook_failed)
         # CUDA streams as timelines (raceguard.capture.cuda.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
         self.cuda: Any = None
@@ -123,104 +135,134 @@ class Session:
             self.states[_get_ident()] = state
         return state
 
-    def fork(self) -> int:
+    def fork(self) -> int | None:
         """A timeline for a thread about to start, ordered after everything its parent did."""
-        parent = self.current()
-        with self.lock:
-            return self.hb.new_timeline(parent.tid)
+        try:
+            parent = self.current()
+            with self.lock:
+                return self.hb.new_timeline(parent.tid)
+        except Exception as exc:
+            self.hook_failed("starting a thread's timeline", exc, ordering=True)
 
     def enter_thread(self, thread: threading.Thread | None, tid: int | None) -> ThreadState:
-        state = self.adopt_thread(thread, tid)
-        state.mode = AccessMode(self.on_op, state)
-        state.mode.__enter__()
+        state = None
+        try:
+            state = self.adopt_thread(thread, tid)
+            state.mode = AccessMode(self.on_op, state)
+            state.mode.__enter__()
+        except Exception as exc:  # the thread runs unwatched, exactly as without raceguard
+            self.hook_failed("starting to watch a thread", exc, ordering=True)
+            if state is None:
+                state = ThreadState(-1, thread)
         return state
 
     def leave_thread(self, state: ThreadState, end_var: SyncVar | None) -> None:
-        if state.mode is not None:
-            try:
-                state.mode.__exit__(None, None, None)
-            except Exception:
-                pass
-            state.mode = None
-        with self.lock:
-            if end_var is not None:
-                self.hb.release(state.tid, end_var)
-            state.last_name = state.name
-            self.states.pop(_get_ident(), None)
-            self.waitfor.timeline_finished(state.tid)
-            self.sync_events += 1
+        try:
+            if state.mode is not None:
+                try:
+                    state.mode.__exit__(None, None, None)
+                except Exception:
+                    pass
+                state.mode = None
+            with self.lock:
+                if end_var is not None:
+                    self.hb.release(state.tid, end_var)
+                state.last_name = state.name
+                self.states.pop(_get_ident(), None)
+                self.waitfor.timeline_finished(state.tid)
+                self.sync_events += 1
+        except Exception as exc:
+            self.hook_failed("ending a thread's timeline", exc, ordering=True)
 
     # -- synchronisation -------------------------------------------------------------------
     def release(self, var: SyncVar) -> None:
-        state = self.current()
-        with self.lock:
-            self.hb.release(state.tid, var)
+        try:
+            state = self.current()
+            with self.lock:
+                self.hb.release(state.tid, var)
+        except Exception as exc:
+            self.hook_failed("recording a release", exc, ordering=True)
 
     def acquire(self, var: SyncVar) -> None:
-        state = self.current()
-        with self.lock:
-            self.hb.acquire(state.tid, var)
+        try:
+            state = self.current()
+            with self.lock:
+                self.hb.acquire(state.tid, var)
+        except Exception as exc:
+            self.hook_failed("recording an acquire", exc, ordering=True)
 
     def lock_acquired(self, lock: Any) -> None:
         """An instrumented lock was taken: happens-before, lock order, ownership."""
-        state = self.current()
-        site = current_site(2)
-        key = lock._rg_key
-        with self.lock:
-            self.sync_events += 1
-            self.hb.acquire(state.tid, lock._rg_var)
-            if state.held:
-                held = [HeldLock(h._rg_key, hs) for h, hs in zip(state.held, state.held_sites)]
-                self.lockgraph.on_acquire(state.tid, key, held, site)
-            else:
-                self.lockgraph.on_acquire(state.tid, key, (), site)
-            state.held.append(lock)
-            state.held_sites.append(site)
-            state.locks = tuple(state.held)
-            if key not in self.lock_refs:
-                self.lock_refs[key] = weakref.ref(lock)
-            self.waitfor.set_owner(key, state.tid, reentrant=lock._rg_reentrant)
+        try:
+            state = self.current()
+            site = current_site(2)
+            key = lock._rg_key
+            with self.lock:
+                self.sync_events += 1
+                self.hb.acquire(state.tid, lock._rg_var)
+                if state.held:
+                    held = [HeldLock(h._rg_key, hs) for h, hs in zip(state.held, state.held_sites)]
+                    self.lockgraph.on_acquire(state.tid, key, held, site)
+                else:
+                    self.lockgraph.on_acquire(state.tid, key, (), site)
+                state.held.append(lock)
+                state.held_sites.append(site)
+                state.locks = tuple(state.held)
+                if key not in self.lock_refs:
+                    self.lock_refs[key] = weakref.ref(lock)
+                self.waitfor.set_owner(key, state.tid, reentrant=lock._rg_reentrant)
+        except Exception as exc:
+            self.hook_failed("recording a lock acquisition", exc, ordering=True)
 
     def lock_released(self, lock: Any) -> None:
-        state = self.current()
-        with self.lock:
-            self.sync_events += 1
-            self.hb.release(state.tid, lock._rg_var)
-            owner = state
-            if lock not in state.held:  # a Lock released by another thread than its owner
-                owner = next((s for s in self.states.values() if lock in s.held), state)
-            held = owner.held
-            for i in range(len(held) - 1, -1, -1):
-                if held[i] is lock:
-                    del held[i]
-                    del owner.held_sites[i]
-                    break
-            owner.locks = tuple(held)
-            self.waitfor.set_owner(lock._rg_key, None)
+        try:
+            state = self.current()
+            with self.lock:
+                self.sync_events += 1
+                self.hb.release(state.tid, lock._rg_var)
+                owner = state
+                if lock not in state.held:  # a Lock released by another thread than its owner
+                    owner = next((s for s in self.states.values() if lock in s.held), state)
+                held = owner.held
+                for i in range(len(held) - 1, -1, -1):
+                    if held[i] is lock:
+                        del held[i]
+                        del owner.held_sites[i]
+                        break
+                owner.locks = tuple(held)
+                self.waitfor.set_owner(lock._rg_key, None)
+        except Exception as exc:
+            self.hook_failed("recording a lock release", exc, ordering=True)
 
     # -- blocking waits (deadlock detection) -----------------------------------------------
     def wait_begin(self, resource: Any, forever: bool) -> ThreadState | None:
         """The calling thread is about to block on ``resource`` (a lock key, a ThreadJoin or an
         anonymous key). Only waits without a timeout can be part of a deadlock."""
-        if not forever:
-            return None
-        state = self.current()
-        site = current_site(2)
-        with self.lock:
-            self.sync_events += 1
-            if isinstance(resource, ThreadJoin):
-                deadlock = self.waitfor.block_on_timeline(state.tid, resource.timeline, site)
-            else:
-                deadlock = self.waitfor.block(state.tid, resource, site)
-        if deadlock is not None:
-            self.report_deadlock(deadlock)
-        return state
-
-    def wait_end(self, state: ThreadState | None) -> None:
-        if state is not None:
+        try:
+            if not forever:
+                return None
+            state = self.current()
+            site = current_site(2)
             with self.lock:
                 self.sync_events += 1
-                self.waitfor.unblock(state.tid)
+                if isinstance(resource, ThreadJoin):
+                    deadlock = self.waitfor.block_on_timeline(state.tid, resource.timeline, site)
+                else:
+                    deadlock = self.waitfor.block(state.tid, resource, site)
+            if deadlock is not None:
+                self.report_deadlock(deadlock)
+            return state
+        except Exception as exc:
+            self.hook_failed("recording a blocking wait", exc)
+
+    def wait_end(self, state: ThreadState | None) -> None:
+        try:
+            if state is not None:
+                with self.lock:
+                    self.sync_events += 1
+                    self.waitfor.unblock(state.tid)
+        except Exception as exc:
+            self.hook_failed("recording the end of a wait", exc)
 
     def check_all_blocked(self) -> Deadlock | None:
         with self.lock:
@@ -271,83 +313,97 @@ class Session:
     # the site is taken by torch's C++ stack capture (stacks.op_site_function), plans are found
     # by id(func), and a contiguous tensor goes to HappensBefore.access_range directly (whose
     # fast path handles an interval only this timeline ever touched).
+    #
+    # It is also a hook boundary: whatever raceguard's bookkeeping raises before or after the op
+    # is caught and counted (the op's accesses are lost, see hook_failed), and ``func`` runs
+    # exactly once, outside both guards, so the target sees its own result or its own exception.
+    # Only the scheduler's ScheduleAborted (a SystemExit, meant to unwind the thread) passes.
     def on_op(self, state: ThreadState, func: Any, args: tuple, kwargs: dict) -> Any:
-        if self.sched is not None:  # a scheduling point before every tensor op
-            self.sched.op_point()
-        plan = _plans_by_id.get(id(func)) or plan_for(func)
-        if plan.rng:
-            hazards.on_rng_op(self, state, func, args, kwargs)
-        site = _op_site()
-        info = OpInfo(site, plan.name, state.locks)
         races: list[Race] = []
-        inputs: list[int] = []
-        if plan.metadata_only:
-            accessed = ()
-        else:
-            accessed = tensor_args(plan, args, kwargs)
-        cuda = self.cuda
-        if cuda is not None and accessed:
-            # CUDA tensors (and the pinned host side of non_blocking copies) go to stream timelines.
-            accessed = cuda.before_op(state, plan, accessed, args, kwargs, info)
-        tid = state.tid
-        # Inside the autograd engine's AccumulateGrad: its per-parameter mutex, taken (else None).
-        acc = hazards.grad_accumulation(self, state)
-        with self.lock:
-            self.ops += 1
-            if not accessed:
-                pass
-            elif plan.fresh_input:
-                for t, _ in accessed:
-                    self._fresh(t, info, tid, inputs)
+        try:
+            if self.sched is not None:  # a scheduling point before every tensor op
+                self.sched.op_point()
+            plan = _plans_by_id.get(id(func)) or plan_for(func)
+            if plan.rng:
+                hazards.on_rng_op(self, state, func, args, kwargs)
+            site = _op_site()
+            info = OpInfo(site, plan.name, state.locks)
+            inputs: list[int] = []
+            if plan.metadata_only:
+                accessed = ()
             else:
-                hb = self.hb
-                shadows = self.shadows
-                read_rec = write_rec = None
-                for t, is_write in accessed:
-                    try:
-                        st = t.untyped_storage()
-                    except Exception:  # sparse, nested, meta: no plain storage to track
-                        continue
-                    cd = st._cdata
-                    inputs.append(cd)
-                    sh = shadows.get(cd)
-                    if sh is None or sh.meta.ref() is not st:
-                        sh = shadows[cd] = ShadowStorage(
-                            StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
-                        )
-                    if is_write:
-                        rec = write_rec
-                        if rec is None:
-                            rec = write_rec = hb.record(tid, True, info)
-                    else:
-                        rec = read_rec
-                        if rec is None:
-                            rec = read_rec = hb.record(tid, False, info)
-                    if t.is_contiguous():  # one byte range, without building a list of them
-                        es = t.element_size()
-                        lo = t.storage_offset() * es
-                        hb.access_range(sh, lo, lo + t.numel() * es, rec, races)
-                    else:
-                        hb.access(sh, byte_ranges(t), rec, races)
-        out = func(*args, **kwargs)
-        cuda = self.cuda  # again: this op may have initialised CUDA
-        if type(out) is _Tensor and cuda is None:
+                accessed = tensor_args(plan, args, kwargs)
+            tid = state.tid
+            # Inside the autograd engine's AccumulateGrad: its per-parameter mutex, taken (else None).
+            # Taken before the launch below, so a CUDA accumulation is ordered by it too.
+            acc = hazards.grad_accumulation(self, state)
+            cuda = self.cuda
+            if cuda is not None and accessed:
+                # CUDA tensors (and the pinned host side of non_blocking copies) also go to
+                # stream timelines.
+                accessed = cuda.before_op(state, plan, accessed, args, kwargs, info)
             with self.lock:
-                self._fresh(out, info, tid, inputs)
-        else:
-            outs = output_tensors(out)
-            if cuda is not None:
-                outs = cuda.after_op(state, plan, outs, args, kwargs, info)
-            if outs:
-                if len(inputs) > 8:  # _foreach_* ops: many inputs, many outputs
-                    inputs = set(inputs)
+                self.ops += 1
+                if not accessed:
+                    pass
+                elif plan.fresh_input:
+                    for t, _ in accessed:
+                        self._fresh(t, info, tid, inputs)
+                else:
+                    hb = self.hb
+                    shadows = self.shadows
+                    read_rec = write_rec = None
+                    for t, is_write in accessed:
+                        try:
+                            st = t.untyped_storage()
+                        except Exception:  # sparse, nested: no plain storage to track
+                            continue
+                        cd = st._cdata
+                        inputs.append(cd)
+                        sh = shadows.get(cd)
+                        if sh is None or sh.meta.ref() is not st:
+                            sh = shadows[cd] = ShadowStorage(
+                                StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
+                            )
+                        if is_write:
+                            rec = write_rec
+                            if rec is None:
+                                rec = write_rec = hb.record(tid, True, info)
+                        else:
+                            rec = read_rec
+                            if rec is None:
+                                rec = read_rec = hb.record(tid, False, info)
+                        if t.is_contiguous():  # one byte range, without building a list of them
+                            es = t.element_size()
+                            lo = t.storage_offset() * es
+                            hb.access_range(sh, lo, lo + t.numel() * es, rec, races)
+                        else:
+                            hb.access(sh, byte_ranges(t), rec, races)
+        except Exception as exc:  # with CUDA an op can be a synchronisation (.item(), copies)
+            self.hook_failed("recording a tensor op", exc, self.cuda is not None)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        try:
+            cuda = self.cuda  # again: this op may have initialised CUDA
+            if type(out) is _Tensor and cuda is None:
                 with self.lock:
-                    for o in outs:
-                        self._fresh(o, info, tid, inputs)
-        if acc is not None:
-            hazards.grad_accumulated(self, state, acc)
-        if races:
-            self.report_races(races)
+                    self._fresh(out, info, tid, inputs)
+            else:
+                outs = output_tensors(out)
+                if cuda is not None:
+                    outs = cuda.after_op(state, plan, outs, args, kwargs, info)
+                if outs:
+                    if len(inputs) > 8:  # _foreach_* ops: many inputs, many outputs
+                        inputs = set(inputs)
+                    with self.lock:
+                        for o in outs:
+                            self._fresh(o, info, tid, inputs)
+            if acc is not None:
+                hazards.grad_accumulated(self, state, acc)
+            if races:
+                self.report_races(races)
+        except Exception as exc:
+            self.hook_failed("recording a tensor op's results", exc, self.cuda is not None)
         return out
 
     def _fresh(self, t: Any, info: OpInfo, tid: int, inputs: Any) -> None:
@@ -377,6 +433,11 @@ class Session:
 
     # -- findings --------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
+        if self.ordering_lost and event.get("type") == "finding":
+            finding = event["finding"]
+            if finding.get("kind") in ORDER_DERIVED_KINDS and not finding.get("suppressed"):
+                # Never a finding about the target that raceguard's own failure may have made.
+                event = {**event, "finding": {**finding, "suppressed": ORDERING_LOST_REASON}}
         with self._emit_lock:
             self.sink(event)
             if event.get("type") == "finding":
@@ -547,9 +608,35 @@ class Session:
         except Exception as exc:
             self._internal_error("reporting a thread exception", exc)
 
-    def _internal_error(self, what: str, exc: BaseException) -> None:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.emit({"type": "internal-error", "message": f"raceguard failed while {what}: {exc!r}", "traceback": text})
+    # Distinct failures whose traceback is sent; beyond, failures are only counted.
+    MAX_HOOK_ERROR_REPORTS = 8
+
+    def hook_failed(self, what: str, exc: BaseException, ordering: bool = False) -> None:
+        """A hook of raceguard's raised while ``what``: the event it was recording is lost, the
+        target goes on exactly as without raceguard. Counted in ``stats.internal_errors``; the
+        first traceback of each distinct failure goes to the report, which then says the
+        analysis is incomplete. ``ordering``: the lost event was a synchronisation, so later
+        races and lock-order cycles may be artefacts of the loss (they are reported suppressed,
+        see emit). Never raises."""
+        try:
+            if ordering:
+                self.ordering_lost = True
+            self.internal_errors += 1
+            key = (what, type(exc).__name__)
+            if key in self._hook_error_keys or len(self._hook_error_keys) >= self.MAX_HOOK_ERROR_REPORTS:
+                return
+            self._hook_error_keys.add(key)
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.emit(
+                {"type": "hook-error", "message": f"raceguard failed while {what}: {exc!r}", "traceback": text}
+            )
+            self.sink({"type": "stats", "stats": self.stats()})
+        except Exception:
+            pass  # the sink itself failed: nothing more can be said, and the target must go on
+
+    # Failures while reporting (naming a race, a deadlock, a thread's exception) are hook
+    # failures too: the finding is lost, not the run.
+    _internal_error = hook_failed
 
     def stats(self) -> dict:
         stats = {
@@ -557,6 +644,8 @@ class Session:
             "ops": self.ops,
             "dropped_reports": self.dropped,
         }
+        if self.internal_errors:
+            stats["internal_errors"] = self.internal_errors
         if self.cuda is not None:
             stats.update(self.cuda.stats())
         return stats

@@ -100,8 +100,12 @@ def is_user_code(code: Any) -> bool:
 
 
 def current_site(skip: int = 1) -> Site:
-    """The site of the caller, ``skip`` frames up from this function's caller."""
-    f = sys._getframe(skip + 1)
+    """The site of the caller, ``skip`` frames up from this function's caller; the empty site
+    when the stack is shallower than that (callbacks from C++ frees, interpreter teardown)."""
+    try:
+        f = sys._getframe(skip + 1)
+    except ValueError:
+        return ()
     out: list = []
     n = 0
     cls = _code_class

@@ -176,8 +176,15 @@ def byte_ranges(t: torch.Tensor) -> list[tuple[int, int]]:
     return ranges
 
 
+_TensorType = torch.Tensor
+
+
 def tensor_args(plan: OpPlan, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, bool]]:
-    """(tensor, is_write) for every tensor argument whose data the op touches."""
+    """(tensor, is_write) for every tensor argument whose data the op touches.
+
+    Only real tensors: torch passes what the caller wrote, so an argument the schema declares
+    ``Tensor`` can arrive as a Python number (``x * 2``, ``x.mul_(0.99)``), a list as a tuple,
+    and an optional one as None."""
     out: list[tuple[torch.Tensor, bool]] = []
     nargs = len(args)
     for index, name, is_list, is_write, kwarg_only in plan.specs:
@@ -188,17 +195,20 @@ def tensor_args(plan: OpPlan, args: tuple, kwargs: dict) -> list[tuple[torch.Ten
         if value is None:
             continue
         if is_list:
-            for v in value:
-                if v is not None:
-                    out.append((v, is_write))
-        else:
+            if isinstance(value, (list, tuple)):
+                for v in value:
+                    if isinstance(v, _TensorType):
+                        out.append((v, is_write))
+            elif isinstance(value, _TensorType):
+                out.append((value, is_write))
+        elif isinstance(value, _TensorType):
             out.append((value, is_write))
     undeclared = plan.undeclared
     if undeclared is not None:
         indices, cond = undeclared
-        if cond < nargs and args[cond]:
+        if cond < nargs and args[cond] is True:
             for i in indices:
-                if i < nargs and args[i] is not None:
+                if i < nargs and isinstance(args[i], _TensorType):
                     out.append((args[i], True))
     return out
 
@@ -207,7 +217,13 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [o for o in out if isinstance(o, torch.Tensor)]
+        tensors = []
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                tensors.append(o)
+            elif isinstance(o, (tuple, list)):  # e.g. _foreach ops nested in a tuple
+                tensors.extend(x for x in o if isinstance(x, torch.Tensor))
+        return tensors
     return []
 
 

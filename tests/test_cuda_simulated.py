@@ -58,6 +58,8 @@ class FakeStorage:
     """A device allocation: a fake address; ``_cdata`` of the CPU backing, so that the namer
     finds module parameters whose backing this is."""
 
+    device = torch.device("cuda", 0)  # what the tracker asks to tell device memory from host
+
     def __init__(self, addr: int, nbytes: int, backing) -> None:
         self._addr = addr
         self._nbytes = nbytes

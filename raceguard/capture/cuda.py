@@ -40,6 +40,7 @@ stream timeline to ``session.cuda.take_races``.
 from __future__ import annotations
 
 import _thread
+import functools
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -153,6 +154,61 @@ class TorchBackend:
         except Exception:
             return False
 
+    @staticmethod
+    def is_device(t: Any) -> bool:
+        """Whether tensor ``t`` lives in device memory (the tracker's, not the host's)."""
+        return t.is_cuda
+
+    @staticmethod
+    def device_of(t: Any) -> int:
+        return t.get_device()
+
+    @staticmethod
+    def is_device_storage(st: Any) -> bool:
+        return st.device.type == "cuda"
+
+
+def _tensorlike(v: Any) -> bool:
+    """A tensor argument (torch passes Python numbers where a schema says Tensor)."""
+    return hasattr(v, "untyped_storage")
+
+
+def _is_cuda(t: Any) -> bool:
+    return bool(getattr(t, "is_cuda", False))
+
+
+def _get_device(t: Any) -> int:
+    return t.get_device()
+
+
+def _storage_is_cuda(st: Any) -> bool:
+    device = getattr(st, "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
+def _contained(what: str, ordering: bool = True) -> Callable[[Callable], Callable]:
+    """A hook boundary for a trace callback: torch calls it from C++ (a kernel launch, a free
+    during garbage collection), and whatever raceguard raises there must reach neither torch,
+    which would log it on every event, nor the target. The event is lost and counted."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def callback(self: "CudaTracker", *args: Any) -> None:
+            try:
+                method(self, *args)
+            except Exception as exc:
+                _hook_failed(self.session, what, exc, ordering)
+
+        return callback
+
+    return wrap
+
+
+def _hook_failed(session: Any, what: str, exc: BaseException, ordering: bool = False) -> None:
+    report = getattr(session, "hook_failed", None)
+    if report is not None:
+        report(what, exc, ordering)
+
 
 def _target_device(backend: Any, device: Any) -> int | None:
     """The CUDA device index a ``device=`` keyword names, or None when it is not a CUDA device."""
@@ -188,6 +244,12 @@ class CudaTracker:
         self._alloc_sites: dict[int, tuple] = {}  # base address -> site of the allocation callback
         self._handle_device: dict[int, int] = {}
         self._groups: dict[tuple, dict] = {}
+        # How the backend tells device tensors from host ones (the CPU simulation of
+        # raceguard.capture.cudasim calls every CPU tensor device memory).
+        self._is_device = getattr(backend, "is_device", None) or _is_cuda
+        self._device_of = getattr(backend, "device_of", None) or _get_device
+        self._is_device_storage = getattr(backend, "is_device_storage", None) or _storage_is_cuda
+        self._track_lifetime = getattr(backend, "track_lifetime", None)
 
     # -- activation ----------------------------------------------------------------------------
     def activate(self) -> None:
@@ -245,12 +307,16 @@ class CudaTracker:
 
         ``accessed`` is the session's ``[(tensor, is_write), ...]``. CUDA tensors are recorded on
         the current stream of the launching thread; so is a pinned host tensor of a
-        ``non_blocking`` copy. Everything else (all of it for a CPU-only op) is returned.
+        ``non_blocking`` copy, which the host path then skips. CUDA tensors are returned too: the
+        *launch* is checked on the host like any access (see "host order" in
+        :mod:`raceguard.engine.streams`), so two host threads launching on one stream with
+        nothing ordering their launches race although the stream runs their kernels in order.
         """
         device = None
+        is_device = self._is_device
         for t, _ in accessed:
-            if t.is_cuda:
-                device = t.get_device()
+            if is_device(t):
+                device = self._device_of(t)
                 break
         kind = self._kind(plan)
         non_blocking = False
@@ -271,13 +337,15 @@ class CudaTracker:
         with self.session.lock:
             stream = self._current(device)
             self.model.launch(host, stream)
+            info.stream = stream
             self._op_ctx[host] = (info, stream)
             for t, is_write in accessed:
-                if t.is_cuda:
+                if is_device(t):
                     if plan.fresh_input:  # torch.tensor(..., device="cuda"): a fresh allocation
                         self._allocate(t, stream, host, info, races)
                     else:
                         self._device_access(t, is_write, stream, host, info, races)
+                    left.append((t, is_write))
                 elif async_host is not None and t is async_host:
                     self._host_on_stream(t, is_write, stream, host, info, races)
                 else:
@@ -288,26 +356,30 @@ class CudaTracker:
 
     def after_op(self, state: Any, plan: Any, outs: list, args: tuple, kwargs: dict, info: Any) -> list:
         """Register the op's outputs and host synchronisation; return the outputs the host path
-        keeps (host tensors, except the pinned result of a ``non_blocking`` device→host copy)."""
+        keeps: all of them (device ones for the launch-order check), except the pinned result of a
+        ``non_blocking`` device→host copy, which the stream writes."""
         host = state.tid
         ctx = self._op_ctx.pop(host, None)
         stream = ctx[1] if ctx is not None and ctx[0] is info else None
-        cuda_outs = [o for o in outs if o.is_cuda]
+        is_device = self._is_device
+        cuda_outs = [o for o in outs if is_device(o)]
         if stream is None and not cuda_outs:
             return outs  # not a CUDA op
         kind = self._kind(plan)
-        left = [o for o in outs if not o.is_cuda] if cuda_outs else list(outs)
+        left = list(outs)
         host_sync = kind == _HOSTSYNC
         async_out = None
         if kind == _COPY or kind == _TOCOPY:
-            host_sync, async_out = self._copy_sync(kind, plan, args, kwargs, left)
+            host_outs = [o for o in outs if not is_device(o)] if cuda_outs else left
+            host_sync, async_out = self._copy_sync(kind, plan, args, kwargs, host_outs)
         races: list[Race] = []
         with self.session.lock:
             if stream is None:  # a factory op (no tensor input): launched on the current stream
-                stream = self._current(cuda_outs[0].get_device())
+                stream = self._current(self._device_of(cuda_outs[0]))
                 self.model.launch(host, stream)
+                info.stream = stream
             if cuda_outs:
-                inputs = _arg_bases(args, kwargs)
+                inputs = _arg_bases(args, kwargs, is_device)
                 for o in cuda_outs:
                     self._output(o, stream, host, info, inputs, races)
             if async_out is not None:
@@ -323,16 +395,19 @@ class CudaTracker:
         """The pinned host tensor of a non_blocking copy whose host side is an *input*."""
         if kind == _TOCOPY:
             src = args[0] if args else None
-            if src is not None and not src.is_cuda and self.backend.is_pinned(src):
+            if src is not None and not self._is_device(src) and self.backend.is_pinned(src):
                 return src  # host -> device: the stream reads the pinned source later
             return None
         dst_i, src_i = _COPY_OPS[plan.name.split(".", 1)[0]]
         if len(args) <= max(dst_i, src_i):
             return None
         dst, src = args[dst_i], args[src_i]
-        if dst.is_cuda and not src.is_cuda and self.backend.is_pinned(src):
+        if not (_tensorlike(dst) and _tensorlike(src)):
+            return None
+        dst_dev, src_dev = self._is_device(dst), self._is_device(src)
+        if dst_dev and not src_dev and self.backend.is_pinned(src):
             return src
-        if src.is_cuda and not dst.is_cuda and self.backend.is_pinned(dst):
+        if src_dev and not dst_dev and self.backend.is_pinned(dst):
             return dst
         return None
 
@@ -341,23 +416,27 @@ class CudaTracker:
         non_blocking = _non_blocking(kind, args, kwargs)
         if kind == _TOCOPY:
             src = args[0] if args else None
-            if src is None:
+            if not _tensorlike(src):
                 return False, None
-            if src.is_cuda and host_outs:  # device -> host
+            src_dev = self._is_device(src)
+            if src_dev and host_outs:  # device -> host
                 out = host_outs[0]
                 if non_blocking and self.backend.is_pinned(out):
                     return False, out
                 return True, None
-            if not src.is_cuda:  # host -> device: a blocking copy waits for the stream
+            if not src_dev:  # host -> device: a blocking copy waits for the stream
                 return not non_blocking, None
             return False, None
         dst_i, src_i = _COPY_OPS[plan.name.split(".", 1)[0]]
         if len(args) <= max(dst_i, src_i):
             return False, None
         dst, src = args[dst_i], args[src_i]
-        if dst.is_cuda == src.is_cuda:
+        if not (_tensorlike(dst) and _tensorlike(src)):
             return False, None
-        if dst.is_cuda:  # host -> device: from pageable memory the host buffer is staged at once
+        dst_dev = self._is_device(dst)
+        if dst_dev == self._is_device(src):
+            return False, None
+        if dst_dev:  # host -> device: from pageable memory the host buffer is staged at once
             return not non_blocking, None
         # device -> host: asynchronous only into pinned memory (recorded before the op)
         return not (non_blocking and self.backend.is_pinned(dst)), None
@@ -375,6 +454,8 @@ class CudaTracker:
         meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), alloc_site or site, seen_only=alloc_site is None)
         block = DeviceBlock(base, base + nbytes, meta, stream, host)
         blocks[base] = block
+        if self._track_lifetime is not None:
+            self._track_lifetime(st, block, blocks)
         return block
 
     def _allocate(self, t: Any, stream: StreamTimeline, host: int, info: Any, races: list) -> DeviceBlock | None:
@@ -394,6 +475,8 @@ class CudaTracker:
         meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site if info.site else alloc_site)
         block = DeviceBlock(base, base + nbytes, meta, stream, host)
         blocks[base] = block
+        if self._track_lifetime is not None:
+            self._track_lifetime(st, block, blocks)
         if self.memory.pending_frees:
             self.memory.reallocated(base, base + nbytes, host)
             self.model.launch(host, stream)  # what the host learned flows into the allocation
@@ -456,15 +539,18 @@ class CudaTracker:
         if not self.active and _ACTIVE is self:
             self.activate()
 
+    @_contained("following a CUDA event creation", ordering=False)
     def on_event_creation(self, event: int) -> None:
         self._seen_cuda()
         with self.session.lock:
             self.model.event_created(int(event))
 
+    @_contained("following a CUDA event deletion")
     def on_event_deletion(self, event: int) -> None:
         with self.session.lock:
             self.model.event_deleted(int(event))
 
+    @_contained("following a CUDA event record")
     def on_event_record(self, event: int, stream: int) -> None:
         if _in_api():
             return
@@ -472,6 +558,7 @@ class CudaTracker:
         with self.session.lock:
             self.model.record(host, int(event), self._stream_of_handle(stream))
 
+    @_contained("following a CUDA event wait")
     def on_event_wait(self, event: int, stream: int) -> None:
         if _in_api():
             return
@@ -479,6 +566,7 @@ class CudaTracker:
         with self.session.lock:
             self.model.wait(host, int(event), self._stream_of_handle(stream))
 
+    @_contained("following a CUDA allocation", ordering=False)
     def on_memory_allocation(self, data_ptr: int) -> None:
         self._seen_cuda()
         site = current_site(2)
@@ -488,6 +576,7 @@ class CudaTracker:
                 sites.clear()
             sites[int(data_ptr)] = site
 
+    @_contained("following a CUDA free")
     def on_memory_deallocation(self, data_ptr: int) -> None:
         site = current_site(2)
         host = self._host()
@@ -498,12 +587,14 @@ class CudaTracker:
             if block is not None:
                 self.memory.free(block, host, site)
 
+    @_contained("following a CUDA stream creation", ordering=False)
     def on_stream_creation(self, stream: int) -> None:
         self._seen_cuda()
         with self.session.lock:
             s = self._stream_of_handle(stream)
             self._handle_device.setdefault(int(stream), s.device)
 
+    @_contained("following a device synchronisation")
     def on_device_synchronization(self) -> None:
         if _in_api():
             return
@@ -513,6 +604,7 @@ class CudaTracker:
         with self.session.lock:
             self.model.sync_device(host, self.backend.current_device())
 
+    @_contained("following a stream synchronisation")
     def on_stream_synchronization(self, stream: int) -> None:
         if _in_api():
             return
@@ -522,6 +614,7 @@ class CudaTracker:
         with self.session.lock:
             self.model.sync_stream(host, self._stream_of_handle(stream))
 
+    @_contained("following an event synchronisation")
     def on_event_synchronization(self, event: int) -> None:
         if _in_api():
             return
@@ -596,7 +689,7 @@ class CudaTracker:
             self._forget_freed()
 
     def api_record_stream(self, tensor: Any, stream: Any) -> None:
-        if not getattr(tensor, "is_cuda", False):
+        if not _tensorlike(tensor) or not self._is_device(tensor):
             return
         host = self._host()
         with self.session.lock:
@@ -618,8 +711,22 @@ class CudaTracker:
 
     # -- reports ---------------------------------------------------------------------------------
     def owns(self, race: Race) -> bool:
+        """A race this tracker names: one involving a stream timeline, or a launch-order race
+        (two host timelines) on device memory."""
         by_tid = self.model.by_tid
-        return race.earlier.timeline in by_tid or race.later.timeline in by_tid
+        if race.earlier.timeline in by_tid or race.later.timeline in by_tid:
+            return True
+        return self._launch_race_storage(race) is not None
+
+    def _launch_race_storage(self, race: Race) -> Any:
+        """The device storage of a race found by the host path (launch order), else None."""
+        if race.shadow is self.memory.shadow:
+            return None
+        ref = getattr(race.shadow.meta, "ref", None)
+        storage = ref() if ref is not None else None
+        if storage is None or not self._is_device_storage(storage):
+            return None
+        return storage
 
     def take_races(self, races: list[Race]) -> list[Race]:
         """Report the races that involve a stream timeline; return the others (host-only) for
@@ -639,7 +746,9 @@ class CudaTracker:
                 if internal is not None:
                     internal("naming a CUDA data race", exc)
 
-    def _access(self, rec: AccessRecord) -> Access:
+    def _access(self, rec: AccessRecord, launch: bool = False) -> Access:
+        """The report's view of one access; ``launch``: a host record of a kernel launch (its
+        timeline is the stream it was launched on, its locks those held at the launch)."""
         stream = self.model.by_tid.get(rec.timeline)
         mode = "write" if rec.is_write else "read"
         if stream is not None:
@@ -658,19 +767,23 @@ class CudaTracker:
                 details=details,
             )
         name = self.session.thread_name(rec.timeline)
+        launched_on = getattr(rec.info, "stream", None) if launch else None
         return Access(
             thread=name,
-            timeline=f"thread:{name}",
+            timeline=launched_on.label if launched_on is not None else f"thread:{name}",
             mode=mode,
             op=rec.info.op,
             locks_held=[self.session.lock_name(lk) for lk in rec.info.locks],
             stack=render_site(rec.info.site),
+            details={"cuda_stream": hex(launched_on.handle), "launch_order": True} if launched_on is not None else {},
         )
 
     def _report_race(self, race: Race) -> None:
         e, l = race.earlier, race.later
         reuse = None
         offset = 0
+        launch = False
+        storage = None
         if race.shadow is self.memory.shadow:
             eb, lb = e.info.block, l.info.block
             block = lb or eb
@@ -692,9 +805,14 @@ class CudaTracker:
             storage = race.shadow.meta.ref()
             if storage is None:
                 return
+            launch = not (e.timeline in self.model.by_tid or l.timeline in self.model.by_tid)
             resource = self.session.namer.name_storage(storage, race.lo, race.hi, race.shadow.meta)
+        benign = None
+        if storage is not None and getattr(self.session, "benign_marks", None):
+            benign = self.session._benign_reason(storage)
         pair = tuple(sorted([(user_key(e.info.site), e.is_write), (user_key(l.info.site), l.is_write)]))
-        key = ("reuse" if reuse else "race", pair)
+        # A launch-order race and a stream race on the same two accesses are one finding.
+        key = ("reuse" if reuse else "race", pair, benign)
         with self.session.lock:
             group = self._groups.get(key)
             if group is None:
@@ -710,14 +828,16 @@ class CudaTracker:
             if fp != "pending":
                 self.session.emit({"type": "also_on", "fingerprint": fp, "resource": resource.name})
             return
-        finding = self._finding(race, resource, reuse, offset)
+        finding = self._finding(race, resource, reuse, offset, launch)
+        if benign is not None:
+            finding.suppressed = f"raceguard.benign: {benign}"
         group["fingerprint"] = finding.fingerprint
         room = getattr(self.session, "_room_for_report", None)
         if room is None or room():
             self.session.emit({"type": "finding", "finding": finding.to_dict()})
 
-    def _finding(self, race: Race, resource: Resource, reuse: tuple | None, offset: int) -> Finding:
-        first, second = self._access(race.earlier), self._access(race.later)
+    def _finding(self, race: Race, resource: Resource, reuse: tuple | None, offset: int, launch: bool = False) -> Finding:
+        first, second = self._access(race.earlier, launch), self._access(race.later, launch)
 
         def who(a: Access) -> str:
             if a.timeline.startswith("thread:"):
@@ -757,6 +877,10 @@ class CudaTracker:
                 "reused_allocation_stack": [f.to_dict() for f in render_site(new.meta.site)],
                 "record_stream": [s.label for s in old.users],
             }
+        elif launch:
+            message = f"data race on {what}: {who(first)} vs {who(second)}"
+            why = _launch_why(first, second, race)
+            hint = _launch_hint(first, second, resource)
         else:
             message = f"data race on {what}: {who(first)} vs {who(second)}"
             why = (
@@ -785,6 +909,29 @@ class CudaTracker:
             "cuda_launches": self.model.launches,
             "cuda_freed_blocks": self.memory.freed_blocks,
         }
+
+
+def _launch_why(first: Access, second: Access, race: Race) -> str:
+    """Why two kernels launched by unordered host threads race, even on one stream."""
+    order = (
+        f"'{second.thread}' had synchronised with '{first.thread}' only up to that thread's epoch "
+        f"{race.seen_epoch}, and the {first.mode} was launched in epoch {race.earlier.epoch} (no lock, "
+        f"join, event, queue, barrier or future in between)"
+    )
+    if first.timeline == second.timeline and not first.timeline.startswith("thread:"):
+        return (
+            f"both kernels ran on {first.timeline} in launch order, but nothing on the host fixed "
+            f"that order: {order}, so in another run the other thread launches first"
+        )
+    return f"nothing on the host orders the two launches: {order}"
+
+
+def _launch_hint(first: Access, second: Access, resource: Resource) -> str:
+    from .session import _race_hint
+
+    return _race_hint(first, second, resource) + (
+        " (a CUDA stream orders kernels only in the order the host launched them)"
+    )
 
 
 def _hint(first: Access, second: Access) -> str:
@@ -830,12 +977,12 @@ def _non_blocking(kind: int, args: tuple, kwargs: dict) -> bool:
     return bool(kwargs.get("non_blocking", False))
 
 
-def _arg_bases(args: tuple, kwargs: dict) -> set:
+def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool]) -> set:
     """Base addresses of the CUDA storages of an op's tensor arguments (views included)."""
     out = set()
 
     def add(v: Any) -> None:
-        if getattr(v, "is_cuda", False):
+        if _tensorlike(v) and is_device(v):
             try:
                 out.add(v.untyped_storage().data_ptr())
             except Exception:
@@ -943,10 +1090,8 @@ def _api(method: Callable, after: Callable[..., None]) -> Callable:
             _tls.depth -= 1
         try:
             after(tracker, result, *args, **kwargs)
-        except Exception as exc:
-            internal = getattr(tracker.session, "_internal_error", None)
-            if internal is not None:
-                internal(f"following {getattr(method, '__qualname__', method)}", exc)
+        except Exception as exc:  # the synchronisation is lost, the target's call stands
+            _hook_failed(tracker.session, f"following {getattr(method, '__qualname__', method)}", exc, True)
         return result
 
     return wrapper

@@ -33,6 +33,7 @@ across several activations (the pytest plugin holds them for the whole run under
 from __future__ import annotations
 
 import _thread
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ from . import hazards
 from . import session as session_mod
 from . import sync
 from .session import Session
+
+# Set to a non-empty value other than "0": CPU tensors are device memory (see capture/cudasim.py).
+cudasim_env = "RACEGUARD_SIMULATE_CUDA"
 
 # Guards ACTIVE hand-over and the install count. A raw lock: never an instrumented one.
 _guard = _thread.allocate_lock()
@@ -205,7 +209,13 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             hazards.install(session)
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
-            cuda.install(session)
+            # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
+            if os.environ.get(cudasim_env, "") not in ("", "0"):
+                from . import cudasim
+
+                cudasim.install(session)
+            else:
+                cuda.install(session)
         except BaseException:
             hazards.uninstall()
             session_mod.ACTIVE = None

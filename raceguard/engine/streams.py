@@ -106,8 +106,11 @@ class StreamModel:
         return tid in self.by_tid
 
     # -- edges -----------------------------------------------------------------------------
-    def _flow(self, src: TimelineId, dst: TimelineId) -> None:
-        """Everything ``src`` did so far happens before what ``dst`` does from now on."""
+    def _flow(self, src: TimelineId | None, dst: TimelineId | None) -> None:
+        """Everything ``src`` did so far happens before what ``dst`` does from now on. A side
+        that is None (a thread nobody watches, e.g. torch's own C++ threads) carries nothing."""
+        if src is None or dst is None:
+            return
         var = self._scratch
         var.clock = None
         self.hb.release(src, var)

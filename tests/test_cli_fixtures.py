@@ -39,14 +39,17 @@ def _markers(path: Path) -> dict[str, int]:
     return found
 
 
-def run_check(path: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def run_check(
+    path: Path, tmp_path: Path, *extra: str, env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), *extra, str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
+        env=env,
     )
     assert out.exists(), f"no report written; stderr:\n{proc.stderr}"
     report = json.loads(out.read_text())

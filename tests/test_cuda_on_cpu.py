@@ -1,0 +1,75 @@
+"""The CUDA path on the CPU: the whole CPU fixture suite through the CUDA tracker.
+
+With ``RACEGUARD_SIMULATE_CUDA=1`` (raceguard/capture/cudasim.py) every CPU tensor is device memory
+of a simulated ``cuda:0`` and every thread launches on the default stream, the way most GPU
+programs run: a model moved to the GPU, no stream ever created. Real ops go through the real
+tracker, so what broke on the first real GPU (``x * 2`` passing a Python number where the schema
+says ``Tensor``; a free from a shallow stack) breaks here first. Each race fixture must report
+the same race as on the CPU, now as kernels on ``cuda:0/stream 0`` whose launches nothing on the
+host ordered; each clean fixture must stay clean; no target may change behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_cli_fixtures import (
+    CLEAN_FIXTURES,
+    RACE_FIXTURES,
+    _expectation,
+    _innermost_user_line,
+    _markers,
+)
+from test_cli_fixtures import run_check as run_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+SIMULATED = {**os.environ, "RACEGUARD_SIMULATE_CUDA": "1"}
+DEFAULT_STREAM = "cuda:0/stream 0"
+
+
+def run_check(path: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    return run_fixture(path, tmp_path, env=SIMULATED)
+
+
+@pytest.mark.parametrize("path", RACE_FIXTURES, ids=lambda p: p.stem)
+def test_race_fixture_on_the_default_stream_reports_the_same_race(path: Path, tmp_path: Path) -> None:
+    kind, resource = _expectation(path)
+    markers = _markers(path)
+    proc, report = run_check(path, tmp_path)
+    assert "incomplete" not in report, report["incomplete"]
+    assert proc.returncode == 1, proc.stderr
+    assert report["target_exit_code"] == 0
+    expected_lines = {markers["A"], markers["B"]}
+    matching = [
+        f
+        for f in report["findings"]
+        if f["kind"] == kind
+        and (f["resource"] == resource or resource in f.get("details", {}).get("also_on", []))
+        and {_innermost_user_line(a, path) for a in f["accesses"]} == expected_lines
+    ]
+    assert matching, "\n".join(
+        f"{f['kind']} {f['resource']} {[(_innermost_user_line(a, path), a['timeline']) for a in f['accesses']]}"
+        for f in report["findings"]
+    )
+    finding = matching[0]
+    # Both accesses are kernels on the one default stream, launched by two host threads that
+    # nothing ordered: the stream's own order is no synchronisation.
+    assert [a["timeline"] for a in finding["accesses"]] == [DEFAULT_STREAM, DEFAULT_STREAM]
+    assert len({a["thread"] for a in finding["accesses"]}) == 2
+    assert "in launch order" in finding["details"]["why"]
+    assert "write" in {a["mode"] for a in finding["accesses"]}
+
+
+@pytest.mark.parametrize("path", CLEAN_FIXTURES, ids=lambda p: p.stem)
+def test_clean_fixture_on_the_default_stream_stays_clean(path: Path, tmp_path: Path) -> None:
+    proc, report = run_check(path, tmp_path)
+    assert report["findings"] == [], "\n".join(f["message"] for f in report["findings"])
+    assert "incomplete" not in report, report["incomplete"]
+    assert proc.returncode == 0, proc.stderr
+    assert report["stats"]["ops"] > 0
+    assert report["stats"]["cuda_launches"] > 0  # the ops really went through the CUDA tracker

@@ -1,0 +1,92 @@
+"""raceguard never changes what the target does, even when its own hooks fail.
+
+Each hook family is made to raise inside a real target (fixtures/faults/inject.py patches
+raceguard's internals in the target's process). The target's stdout, its own stderr and its
+exit code must be exactly those of plain python; the report must say the analysis is incomplete
+(``incomplete``, ``stats.internal_errors``, one stderr line) and carry no finding about the
+target that the failure could have made up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raceguard.report.document import validate_report
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "fixtures" / "faults" / "inject.py"
+FAMILIES = ["dispatch", "dispatch-after", "gpu-trace", "cuda-api", "module", "sync", "threads", "rng"]
+ENV = {**os.environ, "RACEGUARD_SIMULATE_CUDA": "1"}
+
+
+def _target_stderr(text: str) -> list[str]:
+    """The target's own stderr: raceguard's lines (they all start with 'raceguard') left out."""
+    return [line for line in text.splitlines() if not line.startswith("raceguard")]
+
+
+def _plain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TARGET), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+
+
+def _checked(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), str(TARGET), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+    )
+    report = json.loads(out.read_text())
+    validate_report(report)
+    return proc, report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_failing_hook_family_leaves_the_target_unchanged(family: str, tmp_path: Path) -> None:
+    plain = _plain(family)
+    assert plain.returncode == 0, plain.stderr
+    proc, report = _checked(tmp_path, family)
+    assert proc.stdout == plain.stdout
+    assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)
+    assert proc.returncode == 0, proc.stderr  # clean: the failure is raceguard's, not the target's
+    assert report["status"] == "clean", [f["message"] for f in report["findings"]]
+    assert report["findings"] == []
+    lost = report["incomplete"]
+    assert lost["internal_errors"] >= 1
+    assert report["stats"]["internal_errors"] == lost["internal_errors"]
+    assert any("InjectedFault" in e["message"] and "InjectedFault" in e["traceback"] for e in lost["errors"])
+    raceguard_lines = [line for line in proc.stderr.splitlines() if line.startswith("raceguard: internal error")]
+    assert len(raceguard_lines) == 1, proc.stderr
+    assert "analysis incomplete" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["dispatch", "sync"])
+def test_the_targets_own_exception_is_unchanged_when_a_hook_fails(family: str, tmp_path: Path) -> None:
+    plain = _plain(family, "raise")
+    assert plain.returncode == 1
+    proc, report = _checked(tmp_path, family, "raise")
+    assert proc.stdout == plain.stdout
+    assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)
+    assert "ValueError: the target's own error" in proc.stderr
+    assert proc.returncode == 3  # the target failed and no finding explains it
+    assert report["target_exit_code"] == 1
+    assert report["incomplete"]["internal_errors"] >= 1
+
+
+def test_text_report_says_the_analysis_is_incomplete(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "raceguard", "check", str(TARGET), "module"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env=ENV,
+    )
+    assert proc.returncode == 0
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("raceguard: clean")
+    assert "analysis incomplete" in summary

@@ -380,7 +380,7 @@ class Sim:
 
     @property
     def findings(self) -> list[dict]:
-        errors = [e for e in self.events if e["type"] == "internal-error"]
+        errors = [e for e in self.events if e["type"] in ("internal-error", "hook-error")]
         assert not errors, errors
         return [e["finding"] for e in self.events if e["type"] == "finding"]
 

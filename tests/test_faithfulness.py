@@ -113,7 +113,7 @@ class Capture:
         return [f for f in out if kind is None or f["kind"] == kind]
 
     def internal_errors(self) -> list[dict]:
-        return [e for e in self.events if e["type"] == "internal-error"]
+        return [e for e in self.events if e["type"] in ("internal-error", "hook-error")]
 
 
 @contextlib.contextmanager

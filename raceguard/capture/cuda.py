@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable
 from ..engine.hb import AccessRecord, Race, ShadowStorage
 from ..engine.streams import DEFAULT_STREAM, DeviceBlock, DeviceMemory, StreamModel, StreamTimeline
 from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import Resource, StorageMeta, describe_tensor
+from .naming import Resource, StorageMeta, describe_tensor, shape_of
 from .stacks import current_site, first_user_location, render_site, user_key
 from .torch_ops import byte_ranges
 
@@ -451,7 +451,7 @@ class CudaTracker:
         if block is not None:  # the old tensor's free was not seen (no trace): free it now
             self.memory.free(block, host)
         alloc_site = self._alloc_sites.pop(base, None)
-        meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), alloc_site or site, seen_only=alloc_site is None)
+        meta = StorageMeta(weakref.ref(st), t.dtype, shape_of(t), alloc_site or site, seen_only=alloc_site is None)
         block = DeviceBlock(base, base + nbytes, meta, stream, host)
         blocks[base] = block
         if self._track_lifetime is not None:
@@ -472,7 +472,7 @@ class CudaTracker:
         if old is not None:
             self.memory.free(old, host)
         alloc_site = self._alloc_sites.pop(base, None)
-        meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site if info.site else alloc_site)
+        meta = StorageMeta(weakref.ref(st), t.dtype, shape_of(t), info.site if info.site else alloc_site)
         block = DeviceBlock(base, base + nbytes, meta, stream, host)
         blocks[base] = block
         if self._track_lifetime is not None:
@@ -521,14 +521,14 @@ class CudaTracker:
         shadows = self.session.shadows
         rec = self.hb.record(stream.tid, is_write, StreamOpInfo(info.site, info.op, host, None))
         if fresh:
-            sh = ShadowStorage(StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site))
+            sh = ShadowStorage(StorageMeta(weakref.ref(st), t.dtype, shape_of(t), info.site))
             sh.reset(rec, 0, st.nbytes())
             shadows[cd] = sh
             return
         sh = shadows.get(cd)
         if sh is None or sh.meta.ref() is not st:
             sh = shadows[cd] = ShadowStorage(
-                StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site, seen_only=True)
+                StorageMeta(weakref.ref(st), t.dtype, shape_of(t), info.site, seen_only=True)
             )
         self.hb.access(sh, byte_ranges(t), rec, races)
 

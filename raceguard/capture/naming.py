@@ -58,6 +58,14 @@ class StorageMeta:
         self.seen_only = seen_only
 
 
+def shape_of(t: Any) -> tuple:
+    """``t``'s shape for naming it later; () for a nested tensor, which has no single shape."""
+    try:
+        return tuple(t.shape)
+    except Exception:
+        return ()
+
+
 def describe_tensor(meta: StorageMeta) -> str:
     dtype = str(meta.dtype).replace("torch.", "")
     shape = ", ".join(str(int(s)) for s in meta.shape)

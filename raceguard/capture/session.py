@@ -23,7 +23,7 @@ from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, compute_fingerprint
 from . import hazards
-from .naming import Namer, OpInfo, Resource, StorageMeta
+from .naming import Namer, OpInfo, Resource, StorageMeta, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
 
@@ -363,7 +363,7 @@ class Session:
                         sh = shadows.get(cd)
                         if sh is None or sh.meta.ref() is not st:
                             sh = shadows[cd] = ShadowStorage(
-                                StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
+                                StorageMeta(weakref.ref(st), t.dtype, shape_of(t), site, seen_only=True)
                             )
                         if is_write:
                             rec = write_rec
@@ -420,7 +420,7 @@ class Session:
         if sh is not None and sh.meta.ref() is st:
             return
         # (A second output in the same new storage finds this shadow and returns above.)
-        meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), info.site)
+        meta = StorageMeta(weakref.ref(st), t.dtype, shape_of(t), info.site)
         shadows[cd] = ShadowStorage(meta, self.hb.record(tid, True, info), st.nbytes())
         if len(shadows) > self._next_sweep:
             self._sweep()

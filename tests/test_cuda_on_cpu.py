@@ -73,3 +73,40 @@ def test_clean_fixture_on_the_default_stream_stays_clean(path: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert report["stats"]["ops"] > 0
     assert report["stats"]["cuda_launches"] > 0  # the ops really went through the CUDA tracker
+
+
+STREAM_RACES = sorted((FIXTURES / "cuda_on_cpu" / "races").glob("*.py"))
+STREAM_CLEAN = sorted((FIXTURES / "cuda_on_cpu" / "clean").glob("*.py"))
+
+
+def _expected_timelines(path: Path) -> list[str]:
+    for line in path.read_text().splitlines():
+        if line.startswith("# expect-timelines:"):
+            rest = line.split(":", 1)[1].split()
+            return [" ".join(rest[i : i + 2]) for i in range(0, len(rest), 2)]
+    raise AssertionError(f"{path} has no '# expect-timelines:' header")
+
+
+@pytest.mark.parametrize("path", STREAM_RACES, ids=lambda p: p.stem)
+def test_stream_race_through_real_ops(path: Path, tmp_path: Path) -> None:
+    kind, resource = _expectation(path)
+    markers = _markers(path)
+    proc, report = run_check(path, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    matching = [
+        f
+        for f in report["findings"]
+        if f["kind"] == kind
+        and f["resource"] == resource
+        and {_innermost_user_line(a, path) for a in f["accesses"]} == {markers["A"], markers["B"]}
+    ]
+    assert matching, [(f["resource"], [a["timeline"] for a in f["accesses"]]) for f in report["findings"]]
+    assert sorted(a["timeline"] for a in matching[0]["accesses"]) == sorted(_expected_timelines(path))
+
+
+@pytest.mark.parametrize("path", STREAM_CLEAN, ids=lambda p: p.stem)
+def test_stream_synchronisation_through_real_ops_is_clean(path: Path, tmp_path: Path) -> None:
+    proc, report = run_check(path, tmp_path)
+    assert report["findings"] == [], "\n".join(f["message"] for f in report["findings"])
+    assert proc.returncode == 0, proc.stderr
+    assert report["stats"]["cuda_streams"] >= 2

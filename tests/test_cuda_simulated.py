@@ -828,8 +828,8 @@ def test_the_tracker_handles_every_gpu_trace_callback_with_its_signature():
         assert len(params) == arity.get(registry, 1), method
 
 
+@pytest.mark.skipif(torch.cuda._is_compiled(), reason="documents a CPU-only torch build")
 def test_install_without_cuda_is_a_silent_no_op(capsys):
-    assert not torch.cuda._is_compiled(), "this test documents the CPU-only build"
     session = Session(lambda e: None)
     before = torch.cuda.Stream.__dict__.get("wait_stream"), torch.Tensor.__dict__.get("record_stream")
     assert cuda.install(session) is None

@@ -12,6 +12,7 @@ import io
 import pickle
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -45,7 +46,7 @@ class Run:
         return [e["resource"] for e in self.events if e["type"] == "also_on"]
 
     def errors(self) -> list[str]:
-        return [e["message"] + "\n" + e.get("traceback", "") for e in self.events if e["type"] == "internal-error"]
+        return [e["message"] + "\n" + e.get("traceback", "") for e in self.events if e["type"] in ("internal-error", "hook-error")]
 
 
 @pytest.fixture
@@ -642,3 +643,19 @@ def test_uninstall_restores_torch() -> None:
     after = _patched()
     assert after == before
     assert not hazards.installed()
+
+
+def test_locations_of_objects_that_cannot_be_weakly_referenced():
+    """torch 2.11's ``torch._C.Generator`` cannot be weakly referenced: its location holds it."""
+
+    class NoWeakref:
+        __slots__ = ()
+
+    obj = NoWeakref()
+    with pytest.raises(TypeError):
+        weakref.ref(obj)
+    ref = hazards._ref(obj)
+    assert ref() is obj
+    shadow = hazards._loc(("test-no-weakref", id(obj)), obj, "rng", "generator")
+    assert shadow.meta.ref() is obj
+    assert hazards._loc(("test-no-weakref", id(obj)), obj, "rng", "generator") is shadow

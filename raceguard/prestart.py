@@ -6,7 +6,9 @@ the CLI and the configuration, parse the arguments and read ``pyproject.toml``; 
 child starts, that time adds to every run. So the entry point (:func:`main`) starts the child
 first, when the command is ``check``: the child imports torch and raceguard's capture layer while
 the supervisor gets ready, then waits for its configuration (what to run, with which limits) on
-a pipe. Nothing of the target runs before the configuration arrives.
+a pipe. Nothing of the target runs before the configuration arrives, and what the child imported
+for itself (torch and its dependencies) stays out of the target's ``sys.modules`` until the target
+imports it (:mod:`raceguard.capture.hidden`): a program that never imports torch does not see it.
 
 If the supervisor ends without using the child (``--help``, a usage error, or a caller of
 ``supervisor.run_target`` asking for another interpreter), the child is killed at exit; it never

@@ -5,23 +5,11 @@ public CLI, compared with plain `python -m`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ROOT / "fixtures" / "targets"
-RACEGUARD = [sys.executable, "-m", "raceguard"]
-
-
-def raceguard(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*RACEGUARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def plain(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+from test_cli_targets import ROOT, TARGETS, plain, raceguard
 
 
 @pytest.fixture

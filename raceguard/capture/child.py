@@ -143,6 +143,7 @@ def _read_config(fd: int) -> dict:
 
 
 def main() -> None:
+    own_modules = set(sys.modules)  # what the child imports beyond these is hidden from the target
     config = json.loads(os.environ.pop(ENV_VAR))
     _hide_bootstrap_frames()
     bootstrap_path = config.get("bootstrap_path")
@@ -157,21 +158,22 @@ def main() -> None:
     import threading
     import warnings
 
-    # Warnings torch prints on import (e.g. "Failed to initialize NumPy") are shown only once the
-    # target is known to run: a usage error stays one line.
+    # Warnings torch prints on import (e.g. "Failed to initialize NumPy") are shown only when the
+    # target imports torch: a usage error stays one line, a program without torch never sees them.
     with warnings.catch_warnings(record=True) as import_warnings:
+        filters = list(warnings.filters)
         import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
 
-    from . import runner
+        # Leaving catch_warnings() drops the filters torch adds on import; put back with torch.
+        torch_filters = [f for f in warnings.filters if f not in filters]
+
+    from . import hidden, runner
     from .install import activate
     from .session import Session
 
     config.update(_read_config(config.pop("config_fd")))
 
     code = runner.prepare_or_exit(config, sink)
-
-    for message in import_warnings:
-        warnings._showwarnmsg(message)  # type: ignore[attr-defined]
 
     crash_log = config.get("crash_log")
     if crash_log:
@@ -190,6 +192,16 @@ def main() -> None:
     session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
     _flush_on_sigterm(session)
     _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
+
+    def torch_imported() -> None:
+        warnings.filters[:0] = torch_filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+        for message in import_warnings:
+            warnings._showwarnmsg(message)  # type: ignore[attr-defined]
+
+    # torch and what came with it stay out of sys.modules until the target imports them; torch's
+    # import warnings and filters arrive when it does, as they would under plain python.
+    hidden.hide(hidden.new_modules(own_modules), "torch", torch_imported)
 
     exit_code = 0
     outcome = "exit"

@@ -478,6 +478,8 @@ def _handle_remove(self: Any) -> None:
 def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     # The hot path: every module call of the target comes through here once a thread started.
     # Its frame is left out of the tracebacks the target process prints (runner.own_frames_removed).
+    if _compiling():  # Dynamo tracing: trace the original only (capture/compiled.py records graphs)
+        return _orig_call(self, *args, **kwargs)
     s = _session
     if s is not None and s.hb.timelines > 1:
         _on_module_call(s, self)
@@ -485,6 +487,8 @@ def _module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 _orig_call: Any = None
+# Constant True while Dynamo traces (it never traces a hook's bookkeeping), False in eager code.
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def watch_module_calls() -> None:
@@ -590,6 +594,8 @@ def _optimizer_pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
     """Global step pre-hook: the first step of a parameter creates its state (a write of the
     location ``optimizer.state[p]``), every later step reads it. Parameters without a gradient
     are skipped, as the optimizers themselves do."""
+    if _compiling():  # a compiled step: its graph call records the state (capture/compiled.py)
+        return None
     s = _session
     if s is None or s.hb.timelines <= 1:
         return None

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.hb import HappensBefore
+from . import compiled
 from . import cuda
 from . import hazards
 from . import session as session_mod
@@ -207,6 +208,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
         try:
             session_mod.ACTIVE = session
             hazards.install(session)
+            compiled.install()  # torch.compile: Dynamo never traces raceguard; graphs recorded
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
             # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
@@ -217,6 +219,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             else:
                 cuda.install(session)
         except BaseException:
+            compiled.uninstall()
             hazards.uninstall()
             session_mod.ACTIVE = None
             _unuse_primitives()
@@ -248,6 +251,7 @@ def deactivate(handle: Handle) -> None:
                 session.leave_thread(handle.state, None)
         finally:
             cuda.uninstall(session)
+            compiled.uninstall()
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None
             hazards.uninstall()

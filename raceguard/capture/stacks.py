@@ -48,7 +48,27 @@ _LIBRARY_PREFIXES = _library_prefixes()
 _HIDDEN_FILES = {os.path.abspath(__import__("threading").__file__)}
 
 
+# Files and pseudo-files of code torch generates at run time (see add_library_location).
+_generated_prefixes: tuple[str, ...] = ()
+
+
+def add_library_location(prefix: str) -> None:
+    """Frames of files whose name starts with ``prefix`` are library frames: code torch writes
+    at run time (Inductor's compiled graphs, FX's ``<eval_with_key>``) is never the user's."""
+    global _generated_prefixes
+    if prefix in _generated_prefixes:
+        return
+    _generated_prefixes += (prefix,)
+    _file_class.clear()
+    for code in _code_keep:  # forget what was decided before (hidden code stays hidden)
+        if code.co_filename.startswith(prefix) and _code_class.get(id(code)) == USER:
+            del _code_class[id(code)]
+    _captured_frames.clear()
+
+
 def classify_filename(filename: str) -> int:
+    if _generated_prefixes and filename.startswith(_generated_prefixes):
+        return LIBRARY
     if not filename or filename.startswith("<"):
         # <frozen runpy>, <string>, <stdin>: user code only when it is the target's -c text.
         return LIBRARY if filename.startswith("<frozen") else USER

@@ -236,6 +236,12 @@ class AccessMode(TorchDispatchMode):
         # would import dynamo (about a second) in every target.
         return False
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # torch.compile'd code runs compiled under raceguard: Dynamo compiles with this mode off
+        # instead of falling back to eager, and capture/compiled.py records each graph call.
+        return True
+
     def __init__(self, on_op: Callable, state: Any) -> None:
         super().__init__()
         self._on_op = on_op

@@ -64,7 +64,7 @@ from torch import nn
 
 from ..engine.hb import Race, ShadowStorage, SyncVar
 from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import OpInfo, StorageMeta
+from .naming import OpInfo, StorageMeta, shape_of
 from .stacks import current_site, op_site_function, render_site, user_key
 
 __all__ = [
@@ -253,13 +253,22 @@ def _loc(key: Any, obj: Any, kind: str, label: str | None = None) -> ShadowStora
         ref = sh.meta.ref
         if ref is None or ref() is obj:
             return sh
-    ref = weakref.ref(obj) if obj is not None else None
+    ref = _ref(obj) if obj is not None else None
     sh = _locs[key] = ShadowStorage(_LocMeta(kind, ref, label))
     if len(_locs) > _next_sweep:
         for k in [k for k, s in _locs.items() if s.meta.ref is not None and s.meta.ref() is None]:
             del _locs[k]
         _next_sweep = max(4096, 2 * len(_locs))
     return sh
+
+
+def _ref(obj: Any) -> Callable[[], Any]:
+    """A weak reference where the type allows one; else a strong one. torch 2.11's
+    ``torch._C.Generator`` cannot be weakly referenced, and generators are few and long-lived."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _module_loc(module: Any) -> ShadowStorage:
@@ -722,7 +731,7 @@ def record_tensor_reads(s: Any, state: Any, tensors: list, op: str) -> None:
             cd = st._cdata
             sh = s.shadows.get(cd)
             if sh is None or sh.meta.ref() is not st:
-                meta = StorageMeta(weakref.ref(st), t.dtype, tuple(t.shape), site, seen_only=True)
+                meta = StorageMeta(weakref.ref(st), t.dtype, shape_of(t), site, seen_only=True)
                 sh = s.shadows[cd] = ShadowStorage(meta)
             rec = rec or hb.record(state.tid, False, info)
             hb.access(sh, ranges, rec, races)

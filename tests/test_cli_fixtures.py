@@ -42,6 +42,8 @@ def _markers(path: Path) -> dict[str, int]:
 def run_check(
     path: Path, tmp_path: Path, *extra: str, env: dict | None = None
 ) -> tuple[subprocess.CompletedProcess, dict]:
+    """``raceguard check [EXTRA...] PATH``: EXTRA may end with a launcher script and its
+    arguments (tests/data/on_default_device.py DEVICE), which then runs PATH."""
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), *extra, str(path)],

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_cli_fixtures import (
     CLEAN_FIXTURES,
@@ -36,11 +37,25 @@ def run_check(path: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
     return run_fixture(path, tmp_path, env=SIMULATED)
 
 
+HAS_CUDA = torch.cuda.is_available()
+LAUNCHER = ROOT / "tests" / "data" / "on_default_device.py"
+# How a fixture runs on "the default stream": through the CPU backend here; on a machine with a
+# GPU also for real, with torch's default device set to cuda in every thread.
+WAYS = ["cuda-on-cpu"] + (["real-cuda"] if HAS_CUDA else [])
+
+
+def _run(way: str, path: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    if way == "real-cuda":
+        return run_fixture(path, tmp_path, str(LAUNCHER), "cuda", env=dict(os.environ))
+    return run_check(path, tmp_path)
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("path", RACE_FIXTURES, ids=lambda p: p.stem)
-def test_race_fixture_on_the_default_stream_reports_the_same_race(path: Path, tmp_path: Path) -> None:
+def test_race_fixture_on_the_default_stream_reports_the_same_race(path: Path, way: str, tmp_path: Path) -> None:
     kind, resource = _expectation(path)
     markers = _markers(path)
-    proc, report = run_check(path, tmp_path)
+    proc, report = _run(way, path, tmp_path)
     assert "incomplete" not in report, report["incomplete"]
     assert proc.returncode == 1, proc.stderr
     assert report["target_exit_code"] == 0
@@ -65,9 +80,10 @@ def test_race_fixture_on_the_default_stream_reports_the_same_race(path: Path, tm
     assert "write" in {a["mode"] for a in finding["accesses"]}
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("path", CLEAN_FIXTURES, ids=lambda p: p.stem)
-def test_clean_fixture_on_the_default_stream_stays_clean(path: Path, tmp_path: Path) -> None:
-    proc, report = run_check(path, tmp_path)
+def test_clean_fixture_on_the_default_stream_stays_clean(path: Path, way: str, tmp_path: Path) -> None:
+    proc, report = _run(way, path, tmp_path)
     assert report["findings"] == [], "\n".join(f["message"] for f in report["findings"])
     assert "incomplete" not in report, report["incomplete"]
     assert proc.returncode == 0, proc.stderr
@@ -110,3 +126,17 @@ def test_stream_synchronisation_through_real_ops_is_clean(path: Path, tmp_path: 
     assert report["findings"] == [], "\n".join(f["message"] for f in report["findings"])
     assert proc.returncode == 0, proc.stderr
     assert report["stats"]["cuda_streams"] >= 2
+
+
+def test_the_gpu_launcher_keeps_names_and_lines(tmp_path: Path) -> None:
+    """tests/data/on_default_device.py (the GPU check's way to move fixtures to cuda), tried on
+    the CPU: the fixture's own lines and names come through it unchanged."""
+    path = FIXTURES / "races" / "ema_reader.py"
+    kind, resource = _expectation(path)
+    markers = _markers(path)
+    proc, report = run_fixture(path, tmp_path, str(LAUNCHER), "cpu", env=SIMULATED)
+    assert proc.returncode == 1, proc.stderr
+    assert any(
+        f["resource"] == resource and {_innermost_user_line(a, path) for a in f["accesses"]} == {markers["A"], markers["B"]}
+        for f in report["findings"]
+    ), [f["resource"] for f in report["findings"]]

@@ -42,6 +42,7 @@ from typing import Any, Callable
 from ..engine.hb import HappensBefore
 from . import compiled
 from . import cuda
+from . import distributed
 from . import hazards
 from . import session as session_mod
 from . import sync
@@ -209,6 +210,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             session_mod.ACTIVE = session
             hazards.install(session)
             compiled.install()  # torch.compile: Dynamo never traces raceguard; graphs recorded
+            distributed.install(session)  # async collectives as timelines of their process group
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
             # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
@@ -219,6 +221,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             else:
                 cuda.install(session)
         except BaseException:
+            distributed.uninstall(session)
             compiled.uninstall()
             hazards.uninstall()
             session_mod.ACTIVE = None
@@ -251,6 +254,7 @@ def deactivate(handle: Handle) -> None:
                 session.leave_thread(handle.state, None)
         finally:
             cuda.uninstall(session)
+            distributed.uninstall(session)
             compiled.uninstall()
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None

@@ -109,6 +109,9 @@ class Session:
         # CUDA streams as timelines (raceguard.capture.cuda.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
         self.cuda: Any = None
+        # Asynchronous torch.distributed collectives (raceguard.capture.distributed.DistTracker),
+        # set by its install(); it names the races that involve a collective's timeline.
+        self.dist: Any = None
         # The controlled scheduler (raceguard stress / replay), None otherwise: then the hot path
         # pays exactly one attribute check for it (see on_op).
         self.sched: Any = None
@@ -452,6 +455,8 @@ class Session:
         return True
 
     def report_races(self, races: list[Race]) -> None:
+        if self.dist is not None and self.dist.model.by_tid:
+            races = self.dist.take_races(races)
         if self.cuda is not None:  # races involving a stream timeline are named by the tracker
             races = self.cuda.take_races(races)
         for race in races:

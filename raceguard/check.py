@@ -26,6 +26,7 @@ class CheckOptions:
     max_reports: int | None = None
     suppressions: Suppressions | None = None
     baseline: Baseline | None = None
+    children: bool = True  # check the Python processes the target starts (raceguard.workers)
     on_finding: Callable[[Finding], None] | None = field(default=None, repr=False)
 
     def target_argv(self) -> list[str]:
@@ -46,6 +47,7 @@ def run_check(options: CheckOptions) -> Report:
         max_reports=options.max_reports,
         on_finding=options.on_finding,
         on_started=import_report_layer,
+        children=options.children,
     )
     if result.usage_error is not None:
         raise TargetUsageError(result.usage_error)
@@ -78,6 +80,8 @@ def build_report(
     }
     if result.stats.get("dropped_reports"):
         stats["dropped_reports"] = result.stats["dropped_reports"]
+    if result.stats.get("processes"):  # the target's Python children were checked too
+        stats["processes"] = int(result.stats["processes"])
     for key in ("cuda_streams", "cuda_launches"):  # present once the target initialised CUDA
         if key in result.stats:
             stats[key] = int(result.stats[key])

@@ -37,8 +37,13 @@ def main() -> None:
 @main.command(cls=TargetCommand, context_settings=TARGET_CONTEXT)
 @module_option
 @report_options
+@click.option(
+    "--no-children",
+    is_flag=True,
+    help="Check only the target's own process, not the Python processes it starts (torchrun workers, spawn).",
+)
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
-def check(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
+def check(module: str | None, target: tuple[str, ...], no_children: bool, **opts: Any) -> None:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) and report data races between its threads.
 
     Options after the script or module name belong to the target; `--` also ends raceguard's
@@ -56,6 +61,7 @@ def check(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         max_reports=config["max-reports"],
         suppressions=suppressions_from(config["suppressions"]),
         baseline=baseline_from(config["baseline"]),
+        children=not no_children,
     )
     try:
         report = run_check(check_options)

@@ -16,7 +16,8 @@ ran any of the target's code. Set
 ``RACEGUARD_NO_PRESTART=1`` to start the child only once the arguments are parsed.
 
 This module imports only what starting a process needs (no click, no torch, no raceguard
-modules beyond it).
+modules beyond it and :mod:`raceguard.workers`, the standard-library socket the target's Python
+children report to).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Prestarted:
         self.proc = proc
         self.read_fd = read_fd  # the child's messages (findings, exit) arrive here
         self.config_fd = config_fd  # the configuration goes here, once
+        self.listener: Any = None  # raceguard.workers.Listener: the target's Python children
 
     def send(self, config: dict) -> None:
         data = (json.dumps(config) + "\n").encode()
@@ -72,6 +74,7 @@ def start(python: str | None = None) -> Prestarted:
     config_read, config_write = os.pipe()
     env = dict(os.environ)
     env[CHILD_ENV] = json.dumps({"fd": write_fd, "config_fd": config_read, "bootstrap_path": parent})
+    listener = _workers_listener(parent, env)
     try:
         proc = subprocess.Popen(
             [python or sys.executable, "-c", bootstrap_code(parent)],
@@ -81,11 +84,28 @@ def start(python: str | None = None) -> Prestarted:
     except BaseException:
         for fd in (read_fd, config_write):
             os.close(fd)
+        if listener is not None:
+            listener.close()
         raise
     finally:
         os.close(write_fd)
         os.close(config_read)
-    return Prestarted(proc, read_fd, config_write)
+    pre = Prestarted(proc, read_fd, config_write)
+    pre.listener = listener
+    return pre
+
+
+def _workers_listener(parent: str, env: dict) -> Any:
+    """The socket the target's Python children report to (raceguard.workers), its variables put
+    in ``env``; None where it cannot be made (the children then run unchecked)."""
+    try:
+        from .workers import Listener
+
+        listener = Listener()
+    except Exception:
+        return None
+    env.update(listener.env(parent, env))
+    return listener
 
 
 def take(python: str | None = None) -> Prestarted | None:
@@ -108,6 +128,8 @@ def _discard(pre: Prestarted | None) -> None:
         pre.proc.wait()
     except Exception:
         pass
+    if pre.listener is not None:
+        pre.listener.close()
     for fd in (pre.read_fd, pre.config_fd):
         if fd >= 0:
             try:

@@ -27,6 +27,9 @@ from .report.finding import Finding
 # then killed; after a timeout, SIGTERM is followed by SIGKILL.
 INTERRUPT_GRACE = 2.0
 KILL_GRACE = 3.0
+# After the target's process ended, how long its Python children may go on streaming findings
+# before the report is written without the rest (torchrun and spawn wait for theirs anyway).
+WORKER_GRACE = 5.0
 
 
 @dataclass
@@ -52,6 +55,8 @@ class _Collector:
         self.exit_message: dict | None = None
         self.target_exception: str | None = None
         self.on_finding = on_finding
+        # The target's process and its Python children (raceguard.workers) report concurrently.
+        self.lock = threading.Lock()
 
     def handle(self, event: dict) -> None:
         kind = event.get("type")
@@ -84,21 +89,17 @@ class _Collector:
             self.target_exception = event.get("exception")
 
     def read(self, fd: int) -> None:
-        buffer = b""
+        from .workers import for_each_json_line
+
+        def handle(event: dict) -> None:
+            with self.lock:
+                self.handle(event)
+
+        def bad(exc: Exception) -> None:
+            self.result.internal_errors.append(f"unreadable message from the target process: {exc}")
+
         with os.fdopen(fd, "rb", buffering=0) as stream:
-            while True:
-                chunk = stream.read(65536)
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        try:
-                            self.handle(json.loads(line))
-                        except (ValueError, KeyError, TypeError) as exc:
-                            self.result.internal_errors.append(f"unreadable message from the target process: {exc}")
-        # A partial last line means the child died mid-write: it carries nothing complete.
+            for_each_json_line(lambda: stream.read(65536), handle, bad)
 
 
 def run_target(
@@ -111,11 +112,13 @@ def run_target(
     on_finding: Callable[[Finding], None] | None = None,
     python: str | None = None,
     on_started: Callable[[], None] | None = None,
+    children: bool = True,
 ) -> RunResult:
     """Run ``python SCRIPT ARGS`` (or ``-m MODULE``) under instrumentation and collect findings.
 
     ``on_started`` runs once the child is started, while it imports torch: the place for work
     this process needs only afterwards (importing the report layer), off the critical path.
+    ``children``: check the Python processes the target starts too (:mod:`raceguard.workers`).
     """
     crash = tempfile.NamedTemporaryFile(prefix="raceguard-crash-", suffix=".log", delete=False)
     crash.close()
@@ -125,12 +128,26 @@ def run_target(
         "args": list(args),
         "max_reports": max_reports,
         "crash_log": crash.name,
+        "children": children,
     }
     collector = _Collector(on_finding)
     started = time.monotonic()
     # Started by the entry point, importing torch since (see raceguard.prestart), or now.
     child = prestart.take(python) or prestart.start(python)
     proc, read_fd = child.proc, child.read_fd
+    hub = None
+    if child.listener is not None:
+        if children:
+            from .workers import WorkerHub
+
+            hub = WorkerHub(child.listener, collector.handle, collector.lock, collector.by_fingerprint)
+        else:
+            child.listener.close()
+
+    def signal_tree(sig: int) -> None:
+        _signal(proc, sig)
+        if hub is not None:
+            hub.signal_all(sig)
     try:
         child.send(config)
     except OSError:
@@ -164,22 +181,26 @@ def run_target(
             if interrupted["at"] is not None:
                 # A terminal Ctrl-C reaches the child too; forward one only if it did not end.
                 if not forwarded and now - interrupted["at"] > INTERRUPT_GRACE:
-                    _signal(proc, signal.SIGINT)
+                    signal_tree(signal.SIGINT)
                     forwarded = True
                 elif forwarded and not killed and now - interrupted["at"] > INTERRUPT_GRACE + KILL_GRACE:
-                    _signal(proc, signal.SIGKILL)
+                    signal_tree(signal.SIGKILL)
                     killed = True
             if deadline is not None and now > deadline and not timed_out:
                 timed_out = True
-                _signal(proc, signal.SIGTERM)
+                signal_tree(signal.SIGTERM)
                 kill_at = now + KILL_GRACE
             if timed_out and not killed and now > kill_at:
-                _signal(proc, signal.SIGKILL)
+                signal_tree(signal.SIGKILL)
                 killed = True
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     reader.join(timeout=5.0)
+    if hub is not None:
+        if timed_out or killed:
+            hub.signal_all(signal.SIGKILL)  # what the target's process left behind ends with it
+        _add_worker_stats(collector, hub.finish(WORKER_GRACE))
     result = collector.result
     result.wall_seconds = time.monotonic() - started
     rc = proc.returncode
@@ -216,6 +237,18 @@ def run_target(
         detail = collector.target_exception if kind == "exception" else None
         result.outcome = {"kind": kind, "code": exit_message["code"], "signal": None, "detail": detail}
     return result
+
+
+def _add_worker_stats(collector: _Collector, totals: dict) -> None:
+    """The workers' threads and ops count in the report's totals, once the target's are in."""
+    if not totals["workers"]:
+        return
+    with collector.lock:
+        stats = collector.result.stats
+        for key in ("threads", "ops", "internal_errors", "dropped_reports"):
+            if totals[key]:
+                stats[key] = int(stats.get(key, 0) or 0) + totals[key]
+        stats["processes"] = 1 + totals["workers"]
 
 
 def _exit_waiter(proc: subprocess.Popen) -> Callable[[float], bool]:

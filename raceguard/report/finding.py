@@ -68,6 +68,9 @@ class Access:
     stack: list[Frame] = field(default_factory=list)
     # Free-form extras (e.g. "waits_for" for deadlocks, "lock" for lock-order edges).
     details: dict[str, Any] = field(default_factory=dict)
+    # In a multi-process job, the process the access happened in ("rank 1", "process 4242");
+    # None for the process raceguard started. Never part of the fingerprint.
+    process: str | None = None
 
     @property
     def user_frame(self) -> Frame | None:
@@ -91,6 +94,8 @@ class Access:
             d["user_frames"] = sum(user_flags)
         if self.details:
             d["details"] = dict(self.details)
+        if self.process is not None:
+            d["process"] = self.process
         return d
 
     @classmethod
@@ -107,6 +112,7 @@ class Access:
             locks_held=list(d.get("locks_held", [])),
             stack=stack,
             details=dict(d.get("details", {})),
+            process=d.get("process"),
         )
 
 

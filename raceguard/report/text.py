@@ -130,6 +130,8 @@ def access_line(access: Access) -> str:
     text = f"{what} by thread {access.thread!r}"
     if access.mode == "raise":
         text = f"exception raised in thread {access.thread!r}"
+    if access.process:  # a worker of a multi-process job: "write by rank 1 / thread 'trainer'"
+        text = text.replace(" thread ", f" {access.process} / thread ", 1)
     if access.timeline and access.timeline != f"thread:{access.thread}":
         text += f" on {access.timeline}"
     waits_for = access.details.get("waits_for")
@@ -267,6 +269,9 @@ def finding_lines(finding: Finding, *, verbose: bool = False, glyphs: Glyphs = U
         shown = also_on if verbose else also_on[:ALSO_ON_SHOWN]
         rest = len(also_on) - len(shown)
         lines.append(Text(f"  also on: {', '.join(str(r) for r in shown)}" + (f" (+{rest} more)" if rest else "")))
+    processes = details.get("processes")
+    if isinstance(processes, list) and len(processes) > 1:
+        lines.append(Text(f"  seen in: {', '.join(str(p) for p in processes)}"))
     picture = cycle_picture(finding, glyphs)
     if picture:
         lines.append(Text(f"  cycle: {picture}"))
@@ -277,7 +282,7 @@ def finding_lines(finding: Finding, *, verbose: bool = False, glyphs: Glyphs = U
         lines.append(Text("  traceback:"))
         lines.extend(Text(f"    {line}") for line in text.rstrip("\n").splitlines())
     if verbose:
-        shown_keys = {"why", "also_on", "cycle", "traceback", "exception"}
+        shown_keys = {"why", "also_on", "cycle", "traceback", "exception", "processes"}
         for key in sorted(k for k in details if k not in shown_keys):
             lines.extend(_labelled(key, _short(details[key]), style=STYLE_MUTED))
     if finding.hint:
@@ -419,6 +424,9 @@ def _scope(report: "Report") -> str:
     threads = int(stats.get("threads") or 0)
     ops = int(stats.get("ops") or 0)
     parts = [f"{threads} {_plural(threads, 'thread')}", f"{ops} {_plural(ops, 'op')}"]
+    processes = int(stats.get("processes") or 0)
+    if processes > 1:  # a multi-process job: the target's process and the workers it started
+        parts.insert(0, f"{processes} processes")
     schedules = int(stats.get("schedules_run") or 0)
     if report.command == "stress" or schedules > 1:
         parts.append(f"{schedules} {_plural(schedules, 'schedule')}")

@@ -1,0 +1,134 @@
+"""A worker process of a checked multi-process job: its session, streaming to the supervisor.
+
+Started by ``raceguard/capture/bootstrap/sitecustomize.py`` in every Python the target starts
+with ``sys.executable`` (see :mod:`raceguard.workers`), before the worker's ``__main__``. It sets up
+what :mod:`raceguard.capture.child` sets up for the target's own process (instrumented
+primitives, the dispatch mode in the main thread, the heartbeat and its deadlock watchdog,
+lock-order cycles on SIGTERM), with two differences: the worker's own interpreter runs its
+``__main__`` (nothing to run here), and every finding's accesses carry the process they
+happened in (``rank 1``, else ``process PID``), so that one report can say where.
+
+If the supervisor cannot be reached the worker runs unchecked, exactly as without raceguard.
+"""
+
+from __future__ import annotations
+
+import _thread
+import atexit
+import os
+import socket
+import sys
+from typing import Any
+
+from .child import PipeSink
+
+# Processes that never run the target's code: not worth torch's import.
+SKIP_COMMANDS = ("from multiprocessing.resource_tracker import main",)
+
+
+def process_label(known: list) -> str:
+    """``rank N`` once torch.distributed is initialised in this process (remembered after it is
+    destroyed: a report at exit still names the rank), else ``process PID``."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            known[:] = [dist.get_rank()]
+    except Exception:
+        pass
+    return f"rank {known[0]}" if known else f"process {os.getpid()}"
+
+
+class ProcessSink(PipeSink):
+    """A :class:`~raceguard.capture.child.PipeSink` on the worker's socket that labels each
+    finding's accesses with this process."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.rank: list = []
+
+    def __call__(self, event: dict) -> None:
+        if event.get("type") == "finding":
+            label = process_label(self.rank)
+            finding = event["finding"]
+            event = {**event, "finding": {**finding, "accesses": [{**a, "process": label} for a in finding["accesses"]]}}
+        super().__call__(event)
+
+
+def _connect(path: str) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    fd = sock.detach()
+    os.set_inheritable(fd, False)  # the worker's own children connect for themselves
+    return fd
+
+
+def start(config: dict) -> None:
+    orig_argv = getattr(sys, "orig_argv", [])
+    if any(part.startswith(SKIP_COMMANDS) for part in orig_argv):
+        return
+    try:
+        fd = _connect(config["socket"])
+    except OSError:
+        return  # the supervisor is gone (or child checking is off): run unchecked
+    sink = ProcessSink(fd)
+    sink({"type": "hello", "pid": os.getpid(), "process": process_label(sink.rank), "argv": orig_argv})
+    try:
+        _activate(sink, config)
+    except Exception as exc:  # the worker runs unchecked, exactly as without raceguard
+        sink({"type": "internal-error", "message": f"could not check worker process {os.getpid()}: {exc!r}"})
+
+    def reconnect() -> None:
+        # A forked child of this worker (a forkserver's workers) gets its own connection, so
+        # that two processes never interleave their lines; it keeps the session, as forks do.
+        try:
+            old, sink.fd = sink.fd, _connect(config["socket"])
+            os.close(old)
+            sink({"type": "hello", "pid": os.getpid(), "process": process_label(sink.rank)})
+        except OSError:
+            sink.broken = True
+
+    os.register_at_fork(after_in_child=reconnect)
+
+
+def _activate(sink: ProcessSink, config: dict) -> None:
+    import threading
+    import warnings
+
+    from . import child
+
+    own_modules = set(sys.modules)
+    with warnings.catch_warnings(record=True) as import_warnings:
+        filters = list(warnings.filters)
+        import torch  # noqa: F401 - the dispatch mode needs it before the worker's first line
+
+        torch_filters = [f for f in warnings.filters if f not in filters]
+
+    from . import hidden
+    from .install import activate
+    from .session import Session
+
+    session = Session(
+        sink,
+        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
+        max_reports=config.get("max_reports"),
+    )
+    state = activate(session, thread=threading.main_thread()).state
+    session.on_deadlock = lambda: child._end_run_after_deadlock(session, sink)
+    child._flush_on_sigterm(session)
+    _thread.start_new_thread(child._heartbeat, (session, sink, 0.5))
+
+    def torch_imported() -> None:
+        warnings.filters[:0] = torch_filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+        for message in import_warnings:
+            warnings._showwarnmsg(message)  # type: ignore[attr-defined]
+
+    hidden.hide(hidden.new_modules(own_modules), "torch", torch_imported)
+
+    def at_exit() -> None:
+        # Registered first, so it runs last: after the worker's own atexit handlers.
+        session.report_lock_cycles()
+        session.leave_thread(state, None)
+        sink({"type": "exit", "code": None, "outcome": "exit", "stats": session.stats()})
+
+    atexit.register(at_exit)

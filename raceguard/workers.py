@@ -1,0 +1,254 @@
+"""Python processes the target starts, checked too and reported in the same report.
+
+torchrun's workers, ``multiprocessing`` with ``spawn`` or ``forkserver``,
+``torch.multiprocessing.spawn`` and ``subprocess`` running ``sys.executable`` all start a *new*
+Python, which inherits the environment. The supervisor listens on a unix socket and puts two
+variables in the target's environment:
+
+* ``RACEGUARD_WORKERS``: where to connect, and where raceguard itself is;
+* ``PYTHONPATH``, with ``raceguard/capture/bootstrap`` first: its ``sitecustomize.py`` runs in
+  every such Python before its ``__main__``, takes its directory back out of ``sys.path``, runs
+  the environment's own ``sitecustomize`` if there is one, then connects and starts a session
+  exactly like the target's (:mod:`raceguard.capture.worker`): instrumented primitives, the
+  dispatch mode, findings streamed as JSON lines the moment they are made.
+
+Each worker labels its accesses with its process (``rank 1`` once torch.distributed is
+initialised there, else ``process PID``); :class:`WorkerHub` merges their findings into the
+supervisor's collector, one finding per fingerprint listing every process it was seen in
+(``details.processes``). A worker that crashes loses nothing already streamed; a timeout or a
+Ctrl-C ends every worker that said hello too.
+
+Left out: forked children (they keep the parent's session, as before), Pythons started with
+``-I``, ``-E`` or ``-S`` or with an environment of their own (they ignore or lack
+``PYTHONPATH``), and multiprocessing's resource tracker (it never runs target code).
+
+This module is imported by :mod:`raceguard.prestart`: standard library only, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+ENV_VAR = "RACEGUARD_WORKERS"
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "capture", "bootstrap")
+
+
+def for_each_json_line(recv: Callable[[], bytes], handle: Callable[[dict], None], bad: Callable[[Exception], None]) -> None:
+    """Read JSON lines from ``recv`` (b"" at the end) into ``handle`` until the end; a line that
+    does not parse, or that ``handle`` cannot take, goes to ``bad``. A partial last line means
+    the writer died mid-write: it carries nothing complete and is dropped."""
+    buffer = b""
+    while True:
+        chunk = recv()
+        if not chunk:
+            return
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                try:
+                    handle(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    bad(exc)
+
+
+class Listener:
+    """The socket workers connect to, bound before the target's process starts."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="raceguard-")
+        self.path = os.path.join(self.dir, "workers.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(64)
+        os.set_inheritable(self.sock.fileno(), False)
+
+    def env(self, package_parent: str, environ: dict[str, str]) -> dict[str, str]:
+        """What to add to the target's environment."""
+        previous = environ.get("PYTHONPATH")
+        config = {"socket": self.path, "package": package_parent, "pythonpath": previous}
+        return {
+            ENV_VAR: json.dumps(config),
+            "PYTHONPATH": BOOTSTRAP_DIR + (os.pathsep + previous if previous else ""),
+        }
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def forget_bootstrap(children: bool, environ: Any = os.environ) -> None:
+    """In the target's own process, before its first line: the bootstrap ``sitecustomize`` ran
+    there too (it only chained to the environment's own); leave no trace of it. With child
+    checking off, also take the variables back out, so the target's children start as they
+    would without raceguard."""
+    import sys
+
+    module = sys.modules.get("sitecustomize")
+    if module is not None and os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == BOOTSTRAP_DIR:
+        del sys.modules["sitecustomize"]
+    if not children:
+        scrub_environment(environ)
+
+
+def scrub_environment(environ: Any = os.environ) -> None:
+    """Take the variables :meth:`Listener.env` added back out of ``environ``."""
+    raw = environ.pop(ENV_VAR, None)
+    if raw is None:
+        return
+    try:
+        previous = json.loads(raw).get("pythonpath")
+    except ValueError:
+        previous = None
+    if previous is None:
+        environ.pop("PYTHONPATH", None)
+    else:
+        environ["PYTHONPATH"] = previous
+
+
+class _Worker:
+    __slots__ = ("pid", "label", "stats", "exited", "conn")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.pid: int | None = None
+        self.label: str | None = None
+        self.stats: dict = {}
+        self.exited = False
+
+
+class WorkerHub:
+    """Accepts workers and feeds what they stream into the supervisor's collector.
+
+    ``handle(event)`` is the collector's (called under ``lock``); findings from workers are
+    merged here first: the same fingerprint from another process adds that process to
+    ``details.processes`` instead of a second finding.
+    """
+
+    def __init__(self, listener: Listener, handle: Callable[[dict], None], lock: Any, by_fingerprint: dict) -> None:
+        self.listener = listener
+        self.handle = handle
+        self.lock = lock
+        self.by_fingerprint = by_fingerprint
+        self.workers: list[_Worker] = []
+        self.readers: list[threading.Thread] = []
+        self._closing = False
+        self._accepter = threading.Thread(target=self._accept, name="raceguard-workers", daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        sock = self.listener.sock
+        sock.settimeout(0.1)  # to notice finish(), after taking every connection already made
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except socket.timeout:
+                if self._closing:
+                    return
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            worker = _Worker(conn)
+            reader = threading.Thread(target=self._read, args=(worker,), name="raceguard-worker-reader", daemon=True)
+            with self.lock:
+                self.workers.append(worker)
+                self.readers.append(reader)
+            reader.start()
+
+    def _read(self, worker: _Worker) -> None:
+        def recv() -> bytes:
+            try:
+                return worker.conn.recv(65536)
+            except OSError:
+                return b""
+
+        def handle(event: dict) -> None:
+            with self.lock:
+                self._event(worker, event)
+
+        with worker.conn:
+            # An unreadable line: a worker killed mid-write, nothing complete in it.
+            for_each_json_line(recv, handle, lambda exc: None)
+
+    def _event(self, worker: _Worker, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "hello":
+            worker.pid = event.get("pid")
+            worker.label = event.get("process")
+        elif kind == "finding":
+            finding = event["finding"]
+            labels = [a.get("process") for a in finding.get("accesses", []) if a.get("process")]
+            label = labels[0] if labels else worker.label
+            known = self.by_fingerprint.get(finding.get("fingerprint"))
+            if known is not None:
+                seen = known.details.setdefault("processes", _processes_of(known))
+                if label and label not in seen:
+                    seen.append(label)
+                    seen.sort(key=_label_order)
+                return
+            if label:
+                finding.setdefault("details", {})["processes"] = [label]
+            self.handle(event)
+        elif kind in ("stats", "exit"):
+            worker.stats = dict(event.get("stats") or {})
+            if kind == "exit":
+                worker.exited = True
+        elif kind in ("also_on", "hook-error", "internal-error"):
+            self.handle(event)
+        # usage-error and target-exception describe the target's own process only
+
+    def pids(self) -> list[int]:
+        with self.lock:
+            return [w.pid for w in self.workers if w.pid and not w.exited]
+
+    def signal_all(self, sig: int) -> None:
+        """End the tree: the target's own process is signalled by the supervisor."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def finish(self, grace: float) -> dict:
+        """Wait up to ``grace`` seconds for workers still streaming, stop listening, and return
+        their totals for the report's statistics."""
+        deadline = time.monotonic() + grace
+        self._closing = True
+        self._accepter.join(timeout=1.0)
+        self.listener.close()
+        with self.lock:
+            readers = list(self.readers)
+        for reader in readers:
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            totals = {"workers": len(self.workers), "threads": 0, "ops": 0, "internal_errors": 0, "dropped_reports": 0}
+            for w in self.workers:
+                for key in ("threads", "ops", "internal_errors", "dropped_reports"):
+                    totals[key] += int(w.stats.get(key, 0) or 0)
+        return totals
+
+
+def _processes_of(finding: Any) -> list[str]:
+    labels = []
+    for access in finding.accesses:
+        label = access.process or "main process"
+        if label not in labels:
+            labels.append(label)
+    return labels[:1]
+
+
+def _label_order(label: str) -> tuple:
+    """``rank 2`` before ``rank 10``; ranks before pids; the target's own process first."""
+    kind, _, number = label.partition(" ")
+    order = {"main": 0, "rank": 1}.get(kind, 2)
+    return (order, int(number) if number.isdigit() else 0, label)

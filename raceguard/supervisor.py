@@ -9,7 +9,6 @@ timeout, turns Ctrl-C into "stop and report what was found", and says how the ta
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import random
 import sys
 import threading
 import weakref
@@ -857,37 +856,6 @@ def test_uninstall_restores_the_patched_classes_and_callbacks():
     assert {name: FakeStream.__dict__[name] for name in originals} == originals
     assert tracker.on_event_record not in gpu_trace.EventRecordCallbacks.callback_list
     cuda.uninstall(session)  # idempotent
-
-
-def test_random_stream_delay_is_deterministic_and_never_initialises_cuda():
-    slept: list[int] = []
-    rng_a, rng_b = random.Random(42), random.Random(42)
-    a = [cuda.random_stream_delay(rng_a, sleep=slept.append, max_cycles=1000) for _ in range(50)]
-    b = [cuda.random_stream_delay(rng_b, sleep=lambda c: None, max_cycles=1000) for _ in range(50)]
-    assert a == b and any(a) and not all(a) and all(0 <= c <= 1000 for c in a)
-    assert [c for c in a if c] == slept
-    # Two draws per call, slept or not: the schedule's random stream does not depend on outcomes.
-    rng_c = random.Random(42)
-    for _ in range(50):
-        rng_c.random()
-        rng_c.randint(1, 1000)
-    assert rng_a.random() == rng_c.random()
-    # Without CUDA initialised (always so on this CPU-only build): nothing drawn, nothing slept.
-    rng = random.Random(1)
-    state = rng.getstate()
-    assert cuda.random_stream_delay(rng) == 0
-    assert rng.getstate() == state
-
-
-def test_delay_rng_hook_delays_before_each_launch(api_sim, monkeypatch):
-    calls = []
-    monkeypatch.setattr(cuda, "random_stream_delay", lambda rng: calls.append(rng) or 0)
-    rng = random.Random(0)
-    api_sim.tracker.delay_rng = rng
-    x = api_sim.gpu.alloc(api_sim.main, (4,))
-    api_sim.gpu.kernel(api_sim.main, "aten::mul_.Tensor", writes=[x])
-    host_op(api_sim.main, aten.add_.Tensor, torch.ones(2), torch.ones(2))  # a CPU op: no delay
-    assert calls == [rng]
 
 
 def test_stream_labels_follow_first_use_per_device():

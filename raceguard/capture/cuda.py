@@ -237,8 +237,6 @@ class CudaTracker:
         self.model = StreamModel(session.hb)
         self.memory = DeviceMemory(self.model)
         self.active = False
-        # Set by `stress`: a random.Random; before each launch, random_stream_delay(rng).
-        self.delay_rng: Any = None
         self._kinds: dict[Any, int] = {}
         self._op_ctx: dict[int, tuple[Any, StreamTimeline]] = {}  # host tid -> (info, stream)
         self._alloc_sites: dict[int, tuple] = {}  # base address -> site of the allocation callback
@@ -329,8 +327,6 @@ class CudaTracker:
                 async_host = self._async_host_tensor(kind, plan, args)
         if device is None:
             return accessed  # not a CUDA op
-        if self.delay_rng is not None:
-            random_stream_delay(self.delay_rng)
         races: list[Race] = []
         left = []
         host = state.tid
@@ -997,52 +993,6 @@ def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool]) -> s
     return out
 
 
-# -- stress: random delays on streams ----------------------------------------------------------------
-def random_stream_delay(
-    rng: Any,
-    *,
-    probability: float = 0.5,
-    max_cycles: int = 2_000_000,
-    sleep: Callable[[int], None] | None = None,
-) -> int:
-    """Maybe delay the current CUDA stream before the next kernel, to shake out GPU timing bugs.
-
-    Meant for ``raceguard stress``: called right before a kernel launch, it enqueues
-    ``torch.cuda._sleep(cycles)`` on the calling thread's current stream with probability
-    ``probability``, ``cycles`` drawn uniformly from ``[1, max_cycles]`` (2e6 cycles are about
-    1-2 ms on a 1-2 GHz GPU). The sleep is a kernel that spins on the device: it delays everything
-    enqueued after it *on that stream only*, never the host and never other streams, so work
-    that is correct only because one stream usually wins (a missing ``wait_stream``, a host read
-    of a ``non_blocking`` copy's destination, a freed block another stream still reads) fails,
-    or shows wrong values, under some schedules. The happens-before checks find such races
-    without delays; delays make their *consequences* visible (wrong numbers, NaNs, crashes) and
-    help confirm a report.
-
-    Deterministic for a given ``rng`` state: it always draws exactly two numbers
-    (``rng.random()`` then ``rng.randint(1, max_cycles)``), whether it sleeps or not, so the
-    random sequence of a schedule does not depend on which launches were delayed. Does nothing
-    (returns 0, draws nothing) when CUDA is not initialised: it never initialises CUDA itself.
-
-    Returns the number of cycles enqueued (0 when it did not sleep). ``sleep`` replaces
-    ``torch.cuda._sleep`` (for tests).
-    """
-    if sleep is None:
-        try:
-            import torch
-
-            if not torch.cuda.is_initialized():
-                return 0
-            sleep = torch.cuda._sleep
-        except Exception:
-            return 0
-    roll = rng.random()
-    cycles = rng.randint(1, max_cycles)
-    if roll >= probability:
-        return 0
-    sleep(cycles)
-    return cycles
-
-
 # -- installation --------------------------------------------------------------------------------------
 _MISSING = object()
 
@@ -1083,6 +1033,14 @@ def _api(method: Callable, after: Callable[..., None]) -> Callable:
         tracker = _ACTIVE
         if tracker is None or not tracker.active or _in_api():
             return method(*args, **kwargs)
+        sched = tracker.session.sched
+        if sched is not None:
+            # Under stress/replay a stream or event call is a scheduling point, like a tensor op:
+            # which host thread records or waits first is what the schedule decides.
+            try:
+                sched.op_point()
+            except Exception as exc:  # ScheduleAborted is a SystemExit: it passes
+                _hook_failed(tracker.session, "a scheduling point before a CUDA API call", exc)
         _tls.depth = getattr(_tls, "depth", 0) + 1
         try:
             result = method(*args, **kwargs)
@@ -1184,6 +1142,22 @@ def install(
         session.cuda = None
         LAST_NOTE = f"CUDA streams not tracked: installing raceguard's CUDA hooks failed ({exc!r})"
         return None
+
+
+SIMULATE_ENV = "RACEGUARD_SIMULATE_CUDA"
+
+
+def install_tracking(session: Any) -> CudaTracker | None:
+    """What every front end calls (``check``'s child, ``watch()``, each ``stress`` schedule):
+    the real tracker, or with ``RACEGUARD_SIMULATE_CUDA`` set (not "0") the CUDA-on-CPU backend
+    of :mod:`.cudasim` (CPU tensors as device memory, raceguard's own GPU tests)."""
+    import os
+
+    if os.environ.get(SIMULATE_ENV, "") not in ("", "0"):
+        from . import cudasim
+
+        return cudasim.install(session)
+    return install(session)
 
 
 def _install(session: Any, backend: Any, trace: Any, targets: dict | None, lazy: bool | None) -> CudaTracker | None:

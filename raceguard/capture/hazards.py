@@ -818,7 +818,9 @@ _MODES: list[tuple[str, str, Callable[[], bool], bool]] = [
     ("inference", "inference mode", torch.is_inference_mode_enabled, False),
     ("autocast_cpu", "autocast (cpu)", lambda: torch.is_autocast_enabled("cpu"), False),
 ]
-if torch.cuda.is_available():  # pragma: no cover - CPU-only development machine
+# _is_compiled(), not is_available(): asking the CUDA runtime at import would poison the stress
+# fork server's children ("Cannot re-initialize CUDA in forked subprocess").
+if torch.cuda._is_compiled():  # pragma: no cover - CPU-only development machine
     _MODES.append(("autocast_cuda", "autocast (cuda)", lambda: torch.is_autocast_enabled("cuda"), False))
 
 

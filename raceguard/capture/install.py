@@ -33,7 +33,6 @@ across several activations (the pytest plugin holds them for the whole run under
 from __future__ import annotations
 
 import _thread
-import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from . import sync
 from .session import Session
 
 # Set to a non-empty value other than "0": CPU tensors are device memory (see capture/cudasim.py).
-cudasim_env = "RACEGUARD_SIMULATE_CUDA"
+cudasim_env = cuda.SIMULATE_ENV
 
 # Guards ACTIVE hand-over and the install count. A raw lock: never an instrumented one.
 _guard = _thread.allocate_lock()
@@ -214,12 +213,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
             # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
-            if os.environ.get(cudasim_env, "") not in ("", "0"):
-                from . import cudasim
-
-                cudasim.install(session)
-            else:
-                cuda.install(session)
+            cuda.install_tracking(session)
         except BaseException:
             distributed.uninstall(session)
             compiled.uninstall()

@@ -72,24 +72,39 @@ def server_main() -> None:
         _write_all(out_fd, (json.dumps(obj, default=str) + "\n").encode())
 
     from ..capture import runner
-    from .runchild import Target
 
     code = runner.prepare_or_exit(config, send)
 
     started = time.monotonic()
     import torch  # noqa: F401 - once, for every schedule
 
-    from ..capture import lockreport, naming, session, stacks, sync, torch_ops  # noqa: F401
-    from . import failures, runchild, scheduler, strategies  # noqa: F401
+    from .cudaguard import Guard, cuda_initialized
 
-    sync.install()
-    _preimport(config, code)
+    # Nothing imported here may initialise CUDA (or ask the CUDA runtime for the device count):
+    # the forked schedules could not use CUDA any more. A library that insists is imported by
+    # each schedule instead (see .cudaguard).
+    guard = Guard()
+    guard.arm()
+    try:
+        from ..capture import lockreport, naming, session, stacks, sync, torch_ops  # noqa: F401
+        from . import failures, runchild, scheduler, strategies  # noqa: F401
+        from .runchild import Target
+
+        sync.install()
+        _preimport(config, code)
+    finally:
+        guard.lift()
+    cuda_state = {"initialized": cuda_initialized(), "refused": guard.refused[:20]}
+    if cuda_state["initialized"]:  # not through Python's entry points (a C extension): say so
+        sys.stderr.write("raceguard: the fork server initialised CUDA while importing the target's libraries; "
+                         "schedules that use CUDA will fail\n")
     import gc
 
     gc.collect()
     gc.freeze()  # children share these pages: no copy-on-write from the collector touching them
     target = Target(config.get("script"), config.get("module"), config.get("args", []), code)
-    send({"type": "ready", "pid": os.getpid(), "import_seconds": round(time.monotonic() - started, 3)})
+    send({"type": "ready", "pid": os.getpid(), "import_seconds": round(time.monotonic() - started, 3),
+          "cuda": cuda_state})
     _serve(ctl_fd, out_fd, target, send)
 
 

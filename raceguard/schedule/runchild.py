@@ -24,6 +24,7 @@ import time
 from typing import Any, NoReturn
 
 from ..capture import child as child_mod
+from ..capture import cuda
 from ..capture import hazards
 from ..capture import runner
 from ..capture import session as session_mod
@@ -138,6 +139,10 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
     session_mod.ACTIVE = session
     hazards.install(session)
     main_state = session.enter_thread(threading.main_thread(), None)
+    # CUDA streams as timelines, as under `check`: installed here, in the schedule's own process,
+    # never in the fork server (it initialises nothing: the target's first CUDA call does, in
+    # this child). With RACEGUARD_SIMULATE_CUDA, the CUDA-on-CPU backend.
+    cuda.install_tracking(session)
     main_t = sched.add_main(threading.main_thread().name)
     hooks.yield_hook = yield_hook(sched)
     time.sleep = virtual_sleep(sched)  # type: ignore[assignment]

@@ -23,6 +23,22 @@ from typing import Any
 ENV_VAR = "RACEGUARD_CHILD"
 
 
+# The pid of the process raceguard checks, in the environment every interpreter of the process
+# shares: a subinterpreter (the target's or a worker's) imports sitecustomize again, and must not
+# start a second session or import torch, which supports one interpreter per process.
+CHECKED_PID = "RACEGUARD_CHECKED_PID"
+
+
+def mark_checked() -> None:
+    """This process is checked (and so is each of its forks, which keep the session)."""
+
+    def mark() -> None:
+        os.environ[CHECKED_PID] = str(os.getpid())
+
+    mark()
+    os.register_at_fork(after_in_child=mark)
+
+
 class PipeSink:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -145,6 +161,7 @@ def _read_config(fd: int) -> dict:
 def main() -> None:
     own_modules = set(sys.modules)  # what the child imports beyond these is hidden from the target
     config = json.loads(os.environ.pop(ENV_VAR))
+    mark_checked()  # the target's own subinterpreters must not start a worker session
     _hide_bootstrap_frames()
     bootstrap_path = config.get("bootstrap_path")
     if bootstrap_path and sys.path and sys.path[0] == bootstrap_path:

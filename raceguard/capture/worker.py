@@ -20,7 +20,7 @@ import socket
 import sys
 from typing import Any
 
-from .child import PipeSink
+from .child import PipeSink, mark_checked
 
 # Processes that never run the target's code: not worth torch's import.
 SKIP_COMMANDS = ("from multiprocessing.resource_tracker import main",)
@@ -70,6 +70,7 @@ def start(config: dict) -> None:
         fd = _connect(config["socket"])
     except OSError:
         return  # the supervisor is gone (or child checking is off): run unchecked
+    mark_checked()
     sink = ProcessSink(fd)
     sink({"type": "hello", "pid": os.getpid(), "process": process_label(sink.rank), "argv": orig_argv})
     try:

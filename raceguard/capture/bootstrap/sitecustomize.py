@@ -27,6 +27,8 @@ def _bootstrap() -> None:
     raw = _os.environ.get("RACEGUARD_WORKERS")
     if not raw or "RACEGUARD_CHILD" in _os.environ:
         return  # not under raceguard, or the target's own process (raceguard.capture.child)
+    if _os.environ.get("RACEGUARD_CHECKED_PID") == str(_os.getpid()):
+        return  # a subinterpreter of a process raceguard already checks: torch cannot load there
     import json
 
     config = json.loads(raw)

@@ -44,6 +44,9 @@ _get_ident = _thread.get_ident
 _op_site = op_site_function()  # the site of a tensor op (see on_op)
 _plans_by_id = plans_by_id
 _Tensor = torch.Tensor
+# The autograd node running in this thread (None outside backward): checked inline per op, so the
+# common case pays one C call (hazards.grad_accumulation does the rest; None on an old torch).
+_autograd_node = getattr(torch._C, "_current_autograd_node", None)
 
 
 class ThreadState:
@@ -339,7 +342,9 @@ class Session:
             tid = state.tid
             # Inside the autograd engine's AccumulateGrad: its per-parameter mutex, taken (else None).
             # Taken before the launch below, so a CUDA accumulation is ordered by it too.
-            acc = hazards.grad_accumulation(self, state)
+            acc = None
+            if _autograd_node is not None and _autograd_node() is not None:  # inside backward
+                acc = hazards.grad_accumulation(self, state)
             cuda = self.cuda
             if cuda is not None and accessed:
                 # CUDA tensors (and the pinned host side of non_blocking copies) also go to

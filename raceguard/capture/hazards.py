@@ -65,7 +65,9 @@ from torch import nn
 from ..engine.hb import Race, ShadowStorage, SyncVar
 from ..report.finding import Access, Finding, compute_fingerprint
 from .naming import OpInfo, StorageMeta, shape_of
+from .rng_ops import RNG_ALWAYS_DEFAULT, RNG_OPS, default_generator_name, is_rng_op, rng_generator
 from .stacks import current_site, op_site_function, render_site, user_key
+from .torch_ops import byte_ranges
 
 __all__ = [
     "RNG_OPS",
@@ -82,127 +84,8 @@ __all__ = [
     "record_tensor_reads",
 ]
 
-# -- RNG ops ---------------------------------------------------------------------------------
-# Base names of the aten ops that draw from (or reseed) a random generator. An overload with a
-# ``Generator?`` argument draws from that generator, or from the default generator of the op's
-# device when the argument is None; an overload without one (``aten::randn``,
-# ``aten::native_dropout``) always draws from the default generator. The table is checked
-# against every schema torch registers by tests/test_hazards.py.
-RNG_OPS = frozenset(
-    {
-        "aten::_fused_dropout", "aten::_no_grad_normal_", "aten::_no_grad_uniform_",
-        "aten::_sample_dirichlet", "aten::_standard_gamma", "aten::bernoulli", "aten::bernoulli_",
-        "aten::binomial", "aten::cauchy", "aten::cauchy_", "aten::exponential", "aten::exponential_",
-        "aten::geometric", "aten::geometric_", "aten::log_normal", "aten::log_normal_",
-        "aten::manual_seed", "aten::multinomial", "aten::normal", "aten::normal_",
-        "aten::normal_functional", "aten::poisson", "aten::rand", "aten::rand_like", "aten::randint",
-        "aten::randint_like", "aten::randn", "aten::randn_like", "aten::random", "aten::random_",
-        "aten::randperm", "aten::rrelu", "aten::rrelu_", "aten::rrelu_with_noise",
-        "aten::rrelu_with_noise_", "aten::rrelu_with_noise_functional", "aten::seed", "aten::uniform",
-        "aten::uniform_",
-        # No Generator argument in any overload, but draws from the default generator.
-        "aten::native_dropout",
-    }
-)
-# Ops of RNG_OPS that take no generator argument at all.
-RNG_ALWAYS_DEFAULT = frozenset({"aten::native_dropout"})
-# Ops that draw only when a boolean argument says so: base name -> (index, name) of that flag.
-_RNG_CONDITION = {
-    "aten::native_dropout": (2, "train"),
-    "aten::rrelu": (3, "training"),
-    "aten::rrelu_": (3, "training"),
-    "aten::rrelu_with_noise": (4, "training"),
-    "aten::rrelu_with_noise_": (4, "training"),
-    "aten::rrelu_with_noise_functional": (4, "training"),
-}
-
-
-class _RngSpec:
-    __slots__ = ("name", "gen_index", "gen_name", "gen_kwarg_only", "cond")
-
-    def __init__(self, name: str, gen_index: int | None, gen_name: str | None, kwarg_only: bool, cond: Any) -> None:
-        self.name = name
-        self.gen_index = gen_index
-        self.gen_name = gen_name
-        self.gen_kwarg_only = kwarg_only
-        self.cond = cond
-
-
-_rng_specs: dict[Any, _RngSpec | None] = {}
-
-
-def _build_rng_spec(func: Any) -> _RngSpec | None:
-    name = func.name()
-    base = name.split(".", 1)[0]
-    if base not in RNG_OPS:
-        return None
-    gen_index = gen_name = None
-    kwarg_only = False
-    for i, a in enumerate(func._schema.arguments):
-        if "Generator" in str(a.type):
-            gen_index, gen_name, kwarg_only = i, a.name, bool(a.kwarg_only)
-            break
-    return _RngSpec(name, gen_index, gen_name, kwarg_only, _RNG_CONDITION.get(base))
-
-
-def is_rng_op(func: Any) -> bool:
-    """Whether the op overload ``func`` draws from (or reseeds) a random generator. Cached; cheap
-    enough to compute once per overload in ``torch_ops.build_plan``."""
-    spec = _rng_specs.get(func, False)
-    if spec is False:
-        spec = _rng_specs[func] = _build_rng_spec(func)
-    return spec is not None
-
-
-def rng_generator(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | None:
-    """``(location key, generator or None)`` of the generator an RNG op draws from; None when
-    the op does not draw this time (dropout in eval mode). The key is ``("default", device)``
-    for a device's default generator."""
-    spec = _rng_specs.get(func, False)
-    if spec is False:
-        is_rng_op(func)
-        spec = _rng_specs[func]
-    if spec is None:
-        return None
-    if spec.cond is not None:
-        index, flag = spec.cond
-        value = args[index] if index < len(args) else kwargs.get(flag)
-        if value is not None and not value:
-            return None
-    gen = None
-    if spec.gen_index is not None:
-        if spec.gen_index < len(args) and not spec.gen_kwarg_only:
-            gen = args[spec.gen_index]
-        else:
-            gen = kwargs.get(spec.gen_name)
-    if gen is not None:
-        return id(gen), gen
-    return ("default", _device_of(args, kwargs)), None
-
-
-def _device_of(args: tuple, kwargs: dict) -> str:
-    device = kwargs.get("device")
-    if device is None:
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                device = a.device
-                break
-    if device is None:
-        return "cpu"
-    device = torch.device(device)
-    if device.type != "cpu" and device.index is None:
-        try:
-            device = torch.device(device.type, getattr(torch, device.type).current_device())
-        except Exception:
-            pass
-    return str(device)
-
-
-def _default_generator_name(device: str) -> str:
-    if device == "cpu":
-        return "torch.default_generator (cpu)"
-    kind, _, index = device.partition(":")
-    return f"torch.{kind}.default_generators[{index or 0}] ({device})"
+# -- RNG ops: raceguard/capture/rng_ops.py --------------------------------------------------
+_default_generator_name = default_generator_name
 
 
 # -- locations -------------------------------------------------------------------------------
@@ -714,8 +597,6 @@ def record_tensor_reads(s: Any, state: Any, tensors: list, op: str) -> None:
     ``Session.on_op`` records an op's inputs, and report the races through the session."""
     if not tensors or s.hb.timelines <= 1 or getattr(s, "closed", False):
         return
-    from .torch_ops import byte_ranges  # not at the top: torch_ops imports this module
-
     site = _site()
     info = OpInfo(site, op, state.locks)
     races: list[Race] = []

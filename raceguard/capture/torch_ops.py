@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .hazards import is_rng_op
+from .rng_ops import is_rng_op
 
 # Ops that touch only metadata of their tensor arguments (or nothing at all).
 METADATA_ONLY = frozenset(

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .config import ConfigError, load_config, merge_cli
-from .report.document import FORMATS, Report, render, write_atomic
+from .report.document import FORMATS, Report, write_atomic
+from .report.render import render
 
 if TYPE_CHECKING:  # imported where used: not needed before the target starts
     from .report.filters import Suppressions

@@ -17,12 +17,12 @@ from raceguard.report.document import (
     FORMATS,
     Report,
     load_schema,
-    render,
     tool_version,
     validate_report,
     write_atomic,
 )
 from raceguard.report.finding import KINDS, MODES, RESOURCE_KINDS, SEVERITIES, Access, Finding, Frame
+from raceguard.report.render import render
 
 DATA = Path(__file__).parent / "data"
 

@@ -6,7 +6,8 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from raceguard.report.document import Report, render
+from raceguard.report.document import Report
+from raceguard.report.render import render
 from raceguard.report.finding import Access, Finding, Frame
 from raceguard.report.junit import to_junit
 

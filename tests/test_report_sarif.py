@@ -8,7 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from raceguard.report.document import Report, render
+from raceguard.report.document import Report
+from raceguard.report.render import render
 from raceguard.report.finding import KINDS, Access, Finding, Frame
 from raceguard.report.sarif import FINGERPRINT_KEY, SRCROOT, to_sarif
 

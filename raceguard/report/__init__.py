@@ -25,9 +25,10 @@ _EXPORTS: dict[str, str] = {
     "FORMATS": "document",
     "Report": "document",
     "load_schema": "document",
-    "render": "document",
     "validate_report": "document",
     "write_atomic": "document",
+    # render.py
+    "render": "render",
     # text.py
     "print_report": "text",
     "render_text": "text",

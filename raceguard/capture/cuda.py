@@ -48,9 +48,12 @@ from ..engine.hb import AccessRecord, Race, ShadowStorage
 from ..engine.streams import DEFAULT_STREAM, DeviceBlock, DeviceMemory, StreamModel, StreamTimeline
 from ..report.finding import Access, Finding, compute_fingerprint
 from .naming import Resource, StorageMeta, describe_tensor, shape_of
-from .stacks import current_site, first_user_location, render_site, user_key
+from .stacks import current_site, first_user_location, op_site_function, render_site, user_key
 from .torch_ops import byte_ranges
 
+# Site capture for the trace callbacks: torch's C++ stack capture when it has one (a few µs, not
+# a Python walk of the whole stack); raceguard's own frames are hidden when rendered.
+_site = op_site_function()
 # The tracker the patched torch.cuda APIs report to (one session at a time, like session.ACTIVE).
 _ACTIVE: "CudaTracker | None" = None
 # Why the last install() did nothing / what it did: one line for a verbose log or the stats.
@@ -237,7 +240,8 @@ class CudaTracker:
         self.model = StreamModel(session.hb)
         self.memory = DeviceMemory(self.model)
         self.active = False
-        self._kinds: dict[Any, int] = {}
+        self._kinds: dict[int, tuple[Any, int]] = {}
+        self._seen_streams: dict[tuple[int, int], StreamTimeline] = {}
         self._op_ctx: dict[int, tuple[Any, StreamTimeline]] = {}  # host tid -> (info, stream)
         self._alloc_sites: dict[int, tuple] = {}  # base address -> site of the allocation callback
         self._handle_device: dict[int, int] = {}
@@ -259,8 +263,12 @@ class CudaTracker:
 
     # -- helpers -------------------------------------------------------------------------------
     def _kind(self, plan: Any) -> int:
-        kind = self._kinds.get(plan)
-        if kind is None:
+        # By id: plans are frozen dataclasses, whose hash walks every field (per op, twice). The
+        # entry keeps the plan alive, so its id cannot be reused by another plan.
+        entry = self._kinds.get(id(plan))
+        if entry is not None and entry[0] is plan:
+            return entry[1]
+        if True:
             name = plan.name
             base = name.split(".", 1)[0]
             if base in _COPY_OPS:
@@ -271,13 +279,17 @@ class CudaTracker:
                 kind = _HOSTSYNC
             else:
                 kind = _NORMAL
-            self._kinds[plan] = kind
+            self._kinds[id(plan)] = (plan, kind)
         return kind
 
     def _current(self, device: int) -> StreamTimeline:
-        dev, handle = self.backend.current_stream(device)
-        self._handle_device.setdefault(handle, dev)
-        return self.model.stream(dev, handle)
+        key = self.backend.current_stream(device)  # (device, handle): per op, so kept cheap
+        s = self._seen_streams.get(key)
+        if s is None:
+            dev, handle = key
+            self._handle_device.setdefault(handle, dev)
+            s = self._seen_streams[key] = self.model.stream(dev, handle)
+        return s
 
     def _stream_of_handle(self, handle: int) -> StreamTimeline:
         """A stream named only by its handle (trace callbacks): its device from earlier sightings,
@@ -370,14 +382,16 @@ class CudaTracker:
             host_sync, async_out = self._copy_sync(kind, plan, args, kwargs, host_outs)
         races: list[Race] = []
         with self.session.lock:
-            if stream is None:  # a factory op (no tensor input): launched on the current stream
-                stream = self._current(self._device_of(cuda_outs[0]))
+            fresh = self._new_outputs(cuda_outs, args, kwargs) if cuda_outs else ()
+            if stream is None:
+                if not fresh:
+                    return left  # a view (no input access recorded): no kernel, no launch
+                # a factory op (no tensor input): launched on the current stream
+                stream = self._current(self._device_of(fresh[0]))
                 self.model.launch(host, stream)
                 info.stream = stream
-            if cuda_outs:
-                inputs = _arg_bases(args, kwargs, is_device)
-                for o in cuda_outs:
-                    self._output(o, stream, host, info, inputs, races)
+            for o in fresh:
+                self._allocate(o, stream, host, info, races)
             if async_out is not None:
                 self._host_on_stream(async_out, True, stream, host, info, races, fresh=True)
                 left = [o for o in left if o is not async_out]
@@ -491,21 +505,35 @@ class CudaTracker:
             return
         block = self._block(st, base, nbytes, t, info.site, host, stream)
         rec = self.hb.record(stream.tid, is_write, StreamOpInfo(info.site, info.op, host, block))
+        if t.is_contiguous():  # one byte range, without building a list (as the host path does)
+            es = t.element_size()
+            lo = base + t.storage_offset() * es
+            self.hb.access_range(self.memory.shadow, lo, lo + t.numel() * es, rec, races)
+            return
         ranges = [(base + lo, base + hi) for lo, hi in byte_ranges(t)]
         self.hb.access(self.memory.shadow, ranges, rec, races)
 
-    def _output(self, o: Any, stream: StreamTimeline, host: int, info: Any, inputs: set, races: list) -> None:
-        try:
-            st = o.untyped_storage()
-        except Exception:
-            return
-        base = st.data_ptr()
-        if base in inputs:
-            return  # a view of an input, or an in-place / out= result: recorded as an input
-        block = self.memory.blocks.get(base)
-        if block is not None and block.meta.ref() is st:
-            return
-        self._allocate(o, stream, host, info, races)
+    def _new_outputs(self, cuda_outs: list, args: tuple, kwargs: dict) -> list:
+        """The outputs in memory that no input had: fresh allocations. A view of an input, an
+        in-place or ``out=`` result is recorded as an input. Known blocks are checked first, so
+        the input addresses are collected only for an op that has a new output."""
+        blocks = self.memory.blocks
+        inputs = None
+        fresh = []
+        for o in cuda_outs:
+            try:
+                st = o.untyped_storage()
+            except Exception:
+                continue
+            base = st.data_ptr()
+            block = blocks.get(base)
+            if block is not None and block.meta.ref() is st:
+                continue
+            if inputs is None:
+                inputs = _arg_bases(args, kwargs, self._is_device)
+            if base not in inputs:
+                fresh.append(o)
+        return fresh
 
     def _host_on_stream(
         self, t: Any, is_write: bool, stream: StreamTimeline, host: int, info: Any, races: list, fresh: bool = False
@@ -562,23 +590,31 @@ class CudaTracker:
         with self.session.lock:
             self.model.wait(host, int(event), self._stream_of_handle(stream))
 
+    # The two memory callbacks fire for every tensor (several per op): they take no lock and
+    # capture no stack unless they have to (a dict store or pop is atomic under the GIL).
     @_contained("following a CUDA allocation", ordering=False)
     def on_memory_allocation(self, data_ptr: int) -> None:
-        self._seen_cuda()
-        site = current_site(2)
-        with self.session.lock:
-            sites = self._alloc_sites
-            if len(sites) > 65536:  # allocations never seen as tensors (workspaces, temporaries)
-                sites.clear()
-            sites[int(data_ptr)] = site
+        if not self.active:
+            self._seen_cuda()
+        if _thread.get_ident() in self.session.states:
+            # A watched thread allocates inside an op, whose after_op registers the output with
+            # the op's own site; a workspace is never seen as a tensor. Nothing to remember.
+            return
+        sites = self._alloc_sites
+        if len(sites) > 65536:  # allocations never seen as tensors (workspaces, temporaries)
+            sites.clear()
+        sites[int(data_ptr)] = _site()  # e.g. the autograd engine's device threads
 
     @_contained("following a CUDA free")
     def on_memory_deallocation(self, data_ptr: int) -> None:
-        site = current_site(2)
+        ptr = int(data_ptr)
+        if self._alloc_sites:
+            self._alloc_sites.pop(ptr, None)
+        if ptr not in self.memory.blocks:
+            return  # memory no tensor op saw (a workspace): nothing recorded to free
+        site = _site()  # for "freed at" in a reuse report
         host = self._host()
         with self.session.lock:
-            ptr = int(data_ptr)
-            self._alloc_sites.pop(ptr, None)
             block = self.memory.blocks.get(ptr)
             if block is not None:
                 self.memory.free(block, host, site)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .hb import HappensBefore, ShadowStorage, SyncVar, TimelineId
+from .hb import HappensBefore, ShadowStorage, SyncVar, TimelineId, _join_into
 
 DEFAULT_STREAM = 0  # the handle of the legacy default stream (cudaStreamLegacy / NULL)
 
@@ -80,7 +80,6 @@ class StreamModel:
         # Event handle -> the clock of its latest record (None until recorded).
         self.events: dict[int, SyncVar] = {}
         self._next_index: dict[int, int] = {}
-        self._scratch = SyncVar()
         self.launches = 0
 
     # -- streams ---------------------------------------------------------------------------
@@ -111,10 +110,10 @@ class StreamModel:
         that is None (a thread nobody watches, e.g. torch's own C++ threads) carries nothing."""
         if src is None or dst is None:
             return
-        var = self._scratch
-        var.clock = None
-        self.hb.release(src, var)
-        self.hb.acquire(dst, var)
+        # release(src) then acquire(dst) through a scratch variable, without copying the clock.
+        hb = self.hb
+        _join_into(hb.clock(dst), hb.clock(src))
+        hb._tick(src)
 
     def launch(self, host: TimelineId, stream: StreamTimeline) -> None:
         """``host`` enqueues work on ``stream``."""

@@ -28,7 +28,11 @@ from raceguard.schedule.cudaguard import CudaRefused, Guard
 ROOT = Path(__file__).resolve().parent.parent
 RACEGUARD = [sys.executable, "-m", "raceguard"]
 FIXTURES = ["device_torn_reload", "device_item_lost_update"]
-WAYS = {"cpu": {}, "cuda-on-cpu": {"RACEGUARD_SIMULATE_CUDA": "1"}}
+# "native": the fixtures on their own device (cuda on a GPU machine, the CPU here); "cuda-on-cpu":
+# with the CUDA tracker driven by the CPU backend (on a GPU machine the fixtures' cuda tensors are
+# then host memory to raceguard; the target-failure shape does not depend on it).
+WAYS = {"native": {}, "cuda-on-cpu": {"RACEGUARD_SIMULATE_CUDA": "1"}}
+HAS_CUDA = torch.cuda.is_available()
 
 
 def raceguard(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -168,7 +172,7 @@ def test_schedules_track_cuda_streams_as_check_does(tmp_path: Path):
     kernels on the default stream whose launches no host order fixed."""
     out = tmp_path / "report.json"
     proc = raceguard("stress", "--seed", "1", "--schedules", "2", "--format", "json", "--output", str(out),
-                     "fixtures/stress/device_torn_reload.py", env=WAYS["cuda-on-cpu"])
+                     "fixtures/stress/device_torn_reload.py", env=WAYS["native" if HAS_CUDA else "cuda-on-cpu"])
     assert proc.returncode == 1, proc.stderr
     races = [f for f in load(out)["findings"] if f["kind"] == "data-race"]
     assert races, proc.stderr

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""CPU proxy for raceguard's CUDA overhead: the tracker's own cost per op, measurable without a GPU.
+
+``RACEGUARD_SIMULATE_CUDA=1`` makes every CPU tensor device memory of a simulated ``cuda:0``, so
+every op goes through the same :class:`raceguard.capture.cuda.CudaTracker` code a GPU run does
+(stream lookup, launch edge, device shadow, allocation and free bookkeeping), on top of the host
+capture. Each workload runs in-process in a fresh child per mode, the modes alternating:
+
+* ``plain``: no capture;
+* ``host``: raceguard's capture as ``raceguard check`` installs it on a CPU machine;
+* ``sim``: the same with the CUDA tracker driven by the simulation.
+
+Printed per workload: medians of the in-process CPU time of the workload (import torch
+excluded; CPU time, not wall time, because the development machine's cores are shared), ops per run, ``host µs/op = (host − plain) / ops``, ``sim µs/op = (sim − plain) / ops``
+and ``tracker µs/op = (sim − host) / ops``, the CUDA path's own cost (what issue 14 asks to shrink;
+on an H200 the whole CUDA path cost ≈170 µs per op against ≈10 µs on CPU). Timings are
+information, never a pass/fail gate.
+
+Usage: python benchmarks/gpu/proxy.py [--runs 3] [--only NAME ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+# (name, script, arguments): small enough for a shared 2-core machine, same op mix as on a GPU.
+WORKLOADS = [
+    ("transformer_adamw_ema", HERE / "workloads" / "transformer_adamw_ema.py",
+     ["--steps", "20", "--warmup", "2", "--d-model", "32"]),
+    ("stream_requests", HERE / "workloads" / "stream_requests.py", ["--requests", "50"]),
+]
+MODES = ("plain", "host", "sim")
+
+
+def child(mode: str, script: str, args: list[str]) -> None:
+    """Run one workload once in this process under ``mode``; print a JSON line."""
+    import io
+    import runpy
+    from contextlib import redirect_stdout
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path[:0] = [str(ROOT), str(HERE.parent)]  # this checkout's raceguard, whatever is installed
+    cap = None
+    if mode != "plain":
+        from _capture import install_capture
+
+        cap = install_capture()
+    sys.argv = [script, *args]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with redirect_stdout(io.StringIO()):
+        runpy.run_path(script, run_name="__main__")
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    ops = cap.session.ops if cap is not None else 0
+    launches = cap.session.cuda.model.launches if cap is not None and cap.session.cuda is not None else 0
+    findings = cap.findings() if cap is not None else 0
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "ops": ops, "launches": launches, "findings": findings}))
+
+
+def run_one(mode: str, script: Path, args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("RACEGUARD_SIMULATE_CUDA", None)
+    if mode == "sim":
+        env["RACEGUARD_SIMULATE_CUDA"] = "1"
+    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"proxy: {script.name} under {mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs per mode, alternating [3]")
+    ap.add_argument("--only", nargs="*", help="workload names")
+    ap.add_argument("--json", help="write the raw runs here")
+    opts = ap.parse_args()
+    results = {}
+    print(f"{'workload':24} {'ops':>7} {'plain s':>8} {'host s':>8} {'sim s':>8} "
+          f"{'host µs/op':>11} {'sim µs/op':>10} {'tracker µs/op':>14} {'findings':>8}")
+    for name, script, args in WORKLOADS:
+        if opts.only and name not in opts.only:
+            continue
+        runs: dict[str, list[dict]] = {m: [] for m in MODES}
+        for _ in range(opts.runs):
+            for mode in MODES:
+                runs[mode].append(run_one(mode, script, args))
+        # CPU time of the process (all its threads): steadier than wall time on a shared machine.
+        med = {m: statistics.median(r["cpu"] for r in runs[m]) for m in MODES}
+        ops = runs["sim"][0]["ops"] or 1
+        findings = max(r["findings"] for m in ("host", "sim") for r in runs[m])
+        row = {
+            "ops": ops,
+            "launches": runs["sim"][0]["launches"],
+            "seconds": med,
+            "host_us_per_op": (med["host"] - med["plain"]) / ops * 1e6,
+            "sim_us_per_op": (med["sim"] - med["plain"]) / ops * 1e6,
+            "tracker_us_per_op": (med["sim"] - med["host"]) / ops * 1e6,
+            "findings": findings,
+            "runs": runs,
+        }
+        results[name] = row
+        print(f"{name:24} {ops:>7} {med['plain']:>8.2f} {med['host']:>8.2f} {med['sim']:>8.2f} "
+              f"{row['host_us_per_op']:>11.1f} {row['sim_us_per_op']:>10.1f} {row['tracker_us_per_op']:>14.1f} "
+              f"{findings:>8}")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

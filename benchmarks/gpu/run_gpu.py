@@ -42,7 +42,9 @@ def cuda_available() -> bool:
 
 
 def run(tool: str, script: Path, args: list[str]) -> dict:
-    env = {**os.environ}
+    # One intra-op thread for every tool: a spinning pool on shared cores made plain CPU runs vary
+    # by 3x (benchmarks/README.md); on a GPU the host threads only launch.
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **os.environ}
     env.pop("RACEGUARD_SIMULATE_CUDA", None)
     if tool == "raceguard":
         cmd = [sys.executable, "-m", "raceguard", "check", "-q", str(script), *args]
@@ -71,7 +73,7 @@ def rss_of(tool: str, script: Path, args: list[str]) -> int:
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
         "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    env = {**os.environ}
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **os.environ}
     env.pop("RACEGUARD_SIMULATE_CUDA", None)
     if tool == "sanitizer":
         env["TORCH_CUDA_SANITIZER"] = "1"

@@ -21,7 +21,17 @@ from raceguard.report.document import (
     validate_report,
     write_atomic,
 )
-from raceguard.report.finding import KINDS, MODES, RESOURCE_KINDS, SEVERITIES, Access, Finding, Frame
+from raceguard.report.finding import (
+    KINDS,
+    MODES,
+    ORIGIN_KINDS,
+    RESOURCE_KINDS,
+    SEVERITIES,
+    Access,
+    Finding,
+    Frame,
+    Origin,
+)
 from raceguard.report.render import render
 
 DATA = Path(__file__).parent / "data"
@@ -330,3 +340,74 @@ def test_importing_findings_does_not_import_the_writers() -> None:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+# --- origins (where an access's thread was started or its task submitted) ------------------------
+
+
+def _save_race(origin: Origin | None) -> Finding:
+    """pool.submit(torch.save, ...) racing the loop: the pool access has only torch's frames."""
+    return Finding(
+        kind="data-race",
+        resource="model.fc1.weight",
+        resource_kind="parameter",
+        message="data race on parameter model.fc1.weight",
+        accesses=[
+            Access("MainThread", "thread:MainThread", "write", "aten::add_.Tensor", [], [Frame("train.py", 32, "<module>")]),
+            Access(
+                "ThreadPoolExecutor-0_0",
+                "thread:ThreadPoolExecutor-0_0",
+                "read",
+                "torch.save",
+                [],
+                [Frame("torch/serialization.py", 1253, "_save", user=False)],
+                origin=origin,
+            ),
+        ],
+    )
+
+
+SUBMIT = Origin(
+    kind="task-submit",
+    stack=[Frame("train.py", 29, "<module>"), Frame("concurrent/futures/thread.py", 173, "submit", user=False)],
+    thread="MainThread",
+)
+
+
+def test_origin_round_trips_and_validates() -> None:
+    report = Report(command="check", target=["train.py"], findings=[_save_race(SUBMIT)], target_exit_code=0)
+    d = report.to_dict()
+    validate_report(d)
+    jsonschema.Draft202012Validator(load_schema()).validate(d)
+    origin = d["findings"][0]["accesses"][1]["origin"]
+    assert origin == {
+        "kind": "task-submit",
+        "stack": [
+            {"file": "train.py", "line": 29, "function": "<module>"},
+            {"file": "concurrent/futures/thread.py", "line": 173, "function": "submit"},
+        ],
+        "user_frames": 1,
+        "thread": "MainThread",
+    }
+    assert "origin" not in d["findings"][0]["accesses"][0]  # the main thread has none
+    back = Report.from_dict(d)
+    assert back.to_dict() == d
+    assert [f.user for f in back.findings[0].accesses[1].origin.stack] == [True, False]
+
+
+def test_origin_never_changes_the_fingerprint() -> None:
+    started = Origin(kind="thread-start", stack=[Frame("elsewhere.py", 3, "helper")])
+    assert _save_race(None).fingerprint == _save_race(SUBMIT).fingerprint == _save_race(started).fingerprint
+
+
+def test_schema_origin_kinds_match_the_finding_module() -> None:
+    origin = load_schema()["$defs"]["origin"]
+    assert origin["properties"]["kind"]["enum"] == list(ORIGIN_KINDS)
+    assert load_schema()["$defs"]["access"]["properties"]["origin"] == {"$ref": "#/$defs/origin"}
+
+
+def test_unknown_origin_kind_fails_validation() -> None:
+    d = Report(command="check", target=["train.py"], findings=[_save_race(SUBMIT)], target_exit_code=0).to_dict()
+    d["findings"][0]["accesses"][1]["origin"]["kind"] = "spawned"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(load_schema()).validate(d)

@@ -10,7 +10,7 @@ import pytest
 
 from raceguard.report.document import Report
 from raceguard.report.render import render
-from raceguard.report.finding import KINDS, Access, Finding, Frame
+from raceguard.report.finding import KINDS, Access, Finding, Frame, Origin
 from raceguard.report.sarif import FINGERPRINT_KEY, SRCROOT, to_sarif
 
 DATA = Path(__file__).parent / "data"
@@ -158,3 +158,65 @@ def test_odd_file_names(tmp_path: Path, sarif_validator) -> None:
     first_step = result["codeFlows"][0]["threadFlows"][0]["locations"][1]["location"]
     assert "physicalLocation" not in first_step
     assert first_step["logicalLocations"] == [{"name": "exec_body", "kind": "function"}]
+
+
+def _save_race() -> Report:
+    """pool.submit(torch.save, ...) racing the loop: the pool thread's read has only torch's
+    frames, listed first; the main thread's write is the loop's line."""
+    submit = Origin(
+        kind="task-submit",
+        stack=[Frame(f"{BASE}/train.py", 29, "<module>"), Frame("/usr/lib/python3.11/concurrent/futures/thread.py", 173, "submit", user=False)],
+        thread="MainThread",
+    )
+    started = Origin(kind="thread-start", stack=[Frame(f"{BASE}/train.py", 12, "start_all")], thread="MainThread")
+    finding = Finding(
+        kind="data-race",
+        resource="model.fc1.weight",
+        resource_kind="parameter",
+        message="data race on parameter model.fc1.weight",
+        accesses=[
+            Access(
+                "ThreadPoolExecutor-0_0",
+                "thread:ThreadPoolExecutor-0_0",
+                "read",
+                "torch.save",
+                [],
+                [Frame("/usr/lib/python3.11/site-packages/torch/serialization.py", 1253, "_save", user=False)],
+                origin=submit,
+            ),
+            Access("trainer", "thread:trainer", "write", "aten::add_.Tensor", [], [Frame(f"{BASE}/train.py", 32, "step")], origin=started),
+        ],
+    )
+    return Report(command="check", target=["train.py"], findings=[finding], target_exit_code=0)
+
+
+def _where(location: dict) -> tuple[str, int]:
+    physical = location["physicalLocation"]
+    return physical["artifactLocation"]["uri"], physical["region"]["startLine"]
+
+
+def test_library_only_access_is_located_at_its_submission(sarif_validator) -> None:
+    log = to_sarif(_save_race(), base_dir=BASE)
+    assert_valid(sarif_validator, log)
+    result = log["runs"][0]["results"][0]
+    primary = result["locations"][0]
+    assert _where(primary) == ("train.py", 29)  # not torch/serialization.py
+    assert primary["message"]["text"] == (
+        "read by thread 'ThreadPoolExecutor-0_0' (torch.save) with locks held: none, in library code; "
+        f"task submitted at {BASE}/train.py:29 in <module> by thread 'MainThread'"
+    )
+    related = result["relatedLocations"]
+    # The write at its own line, then the writer's thread start; the read's origin is already its location.
+    assert [(r["id"], _where(r)) for r in related] == [(1, ("train.py", 32)), (3, ("train.py", 12))]
+    assert related[1]["message"]["text"] == (
+        f"thread started at {BASE}/train.py:12 in start_all by thread 'MainThread' (for the write by thread 'trainer')"
+    )
+
+
+def test_access_with_user_frames_keeps_its_own_location() -> None:
+    report = _save_race()
+    report.findings[0].accesses.reverse()
+    result = to_sarif(report, base_dir=BASE)["runs"][0]["results"][0]
+    assert _where(result["locations"][0]) == ("train.py", 32)
+    ids = [(r["id"], _where(r)) for r in result["relatedLocations"]]
+    assert ids == [(1, ("train.py", 29)), (2, ("train.py", 12))]

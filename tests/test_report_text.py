@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raceguard.report.document import Report
-from raceguard.report.finding import Access, Finding, Frame
+from raceguard.report.finding import Access, Finding, Frame, Origin
 from raceguard.report.text import headline, print_report, render_finding_text, render_text, summary_line
 
 DATA = Path(__file__).parent / "data"
@@ -268,3 +268,43 @@ def test_a_program_that_needs_cuda_on_a_machine_without_it_says_so_in_one_line()
     line = summary_line(report)
     assert "needs CUDA, which this machine does not have" in line
     assert "\n" not in line.strip()
+
+
+def _with_origins() -> Finding:
+    finding = race()
+    finding.accesses[0].origin = Origin(
+        kind="thread-start",
+        stack=[Frame("train.py", 70, "start_trainer"), Frame("train.py", 80, "<module>"), Frame("threading.py", 9, "start", user=False)],
+        thread="MainThread",
+    )
+    finding.accesses[1].origin = Origin(kind="task-submit", stack=[Frame("train.py", 90, "<module>")], thread="MainThread")
+    return finding
+
+
+def test_origins_follow_each_stack() -> None:
+    lines = render_finding_text(_with_origins()).splitlines()
+    started = lines.index("    thread started at train.py:70 in start_trainer by thread 'MainThread'")
+    submitted = lines.index("    task submitted at train.py:90 in <module> by thread 'MainThread'")
+    # Each under its own access: after that access's frames, before the next access.
+    assert lines[started - 1] == "    ... 1 more library frame (--verbose shows them)"
+    assert lines[started + 1].startswith("  read by thread 'checkpointer'")
+    assert lines[submitted - 1] == "    #0 save train.py:30"
+    assert "start_trainer train.py:70" not in "\n".join(lines)  # the origin's stack only with --verbose
+
+
+def test_verbose_shows_the_origin_call_chain() -> None:
+    text = render_finding_text(_with_origins(), verbose=True)
+    assert (
+        "    thread started at train.py:70 in start_trainer by thread 'MainThread'\n"
+        "      #0 start_trainer train.py:70\n"
+        "      #1 <module> train.py:80\n"
+        "      #2 start threading.py:9\n"
+    ) in text
+
+
+def test_origin_without_user_frames_or_thread() -> None:
+    finding = race()
+    finding.accesses[1].origin = Origin(kind="task-submit", stack=[Frame("asyncio/threads.py", 25, "to_thread", user=False)])
+    assert "    task submitted at asyncio/threads.py:25 in to_thread\n" in render_finding_text(finding)
+    finding.accesses[1].origin = Origin(kind="thread-start", stack=[])
+    assert "    thread started\n" in render_finding_text(finding)

@@ -58,6 +58,61 @@ class Frame:
         return f"{self.file}:{self.line} in {self.function}"
 
 
+# Where an access's work came from: the Thread.start() that started its thread, or the
+# executor/pool submission of the task it ran in.
+ORIGIN_KINDS = ("thread-start", "task-submit")
+
+
+# A stack as the contract writes it (accesses and origins alike): frames innermost first, user
+# frames first, and "user_frames" saying how many lead when not all do.
+def _first_user_frame(stack: list[Frame]) -> Frame | None:
+    for f in stack:
+        if f.user:
+            return f
+    return stack[0] if stack else None
+
+
+def _put_stack(d: dict[str, Any], stack: list[Frame]) -> None:
+    d["stack"] = [f.to_dict() for f in stack]
+    user_flags = [f.user for f in stack]
+    if not all(user_flags):
+        d["user_frames"] = sum(user_flags)
+
+
+def _get_stack(d: dict[str, Any]) -> list[Frame]:
+    stack = [Frame.from_dict(f) for f in d.get("stack", [])]
+    n_user = d.get("user_frames")
+    if n_user is not None:
+        stack = [dataclasses.replace(f, user=i < n_user) for i, f in enumerate(stack)]
+    return stack
+
+
+@dataclass
+class Origin:
+    """Where the thread of an access was started, or where its task was submitted: the stack
+    of that call in the starting/submitting thread (innermost first, user frames first)."""
+
+    kind: str
+    stack: list[Frame] = field(default_factory=list)
+    # The thread that made the call (None when unknown).
+    thread: str | None = None
+
+    @property
+    def user_frame(self) -> Frame | None:
+        return _first_user_frame(self.stack)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind}
+        _put_stack(d, self.stack)
+        if self.thread is not None:
+            d["thread"] = self.thread
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Origin":
+        return cls(kind=d["kind"], stack=_get_stack(d), thread=d.get("thread"))
+
+
 @dataclass
 class Access:
     thread: str
@@ -71,14 +126,14 @@ class Access:
     # In a multi-process job, the process the access happened in ("rank 1", "process 4242");
     # None for the process raceguard started. Never part of the fingerprint.
     process: str | None = None
+    # Where this access's thread was started or its task submitted; None for the main thread.
+    # Never part of the fingerprint: one bug reached from two call sites is one finding.
+    origin: Origin | None = None
 
     @property
     def user_frame(self) -> Frame | None:
         """The innermost frame of the target's own code, where a person would look first."""
-        for f in self.stack:
-            if f.user:
-                return f
-        return self.stack[0] if self.stack else None
+        return _first_user_frame(self.stack)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -87,32 +142,28 @@ class Access:
             "mode": self.mode,
             "op": self.op,
             "locks_held": list(self.locks_held),
-            "stack": [f.to_dict() for f in self.stack],
         }
-        user_flags = [f.user for f in self.stack]
-        if not all(user_flags):
-            d["user_frames"] = sum(user_flags)
+        _put_stack(d, self.stack)
         if self.details:
             d["details"] = dict(self.details)
         if self.process is not None:
             d["process"] = self.process
+        if self.origin is not None:
+            d["origin"] = self.origin.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Access":
-        stack = [Frame.from_dict(f) for f in d.get("stack", [])]
-        n_user = d.get("user_frames")
-        if n_user is not None:
-            stack = [dataclasses.replace(f, user=i < n_user) for i, f in enumerate(stack)]
         return cls(
             thread=d["thread"],
             timeline=d["timeline"],
             mode=d["mode"],
             op=d.get("op"),
             locks_held=list(d.get("locks_held", [])),
-            stack=stack,
+            stack=_get_stack(d),
             details=dict(d.get("details", {})),
             process=d.get("process"),
+            origin=Origin.from_dict(d["origin"]) if d.get("origin") else None,
         )
 
 

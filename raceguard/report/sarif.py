@@ -3,6 +3,9 @@
 One rule per finding kind; one result per finding, located at the first access's user-code
 frame (a repository-relative uri under ``%SRCROOT%``), the other accesses as related locations,
 and every access's stack as a thread flow so the code-scanning UI can show both sides of a race.
+Where each access's thread was started or its task submitted is a related location too; for an
+access made entirely in library code (``pool.submit(torch.save, ...)``) that line stands for the
+access itself, so a result is never placed in torch's files when the user's line is known.
 ``partialFingerprints`` carries raceguard's own fingerprint, which is stable across runs and
 machines, so GitHub tracks an alert across commits. Suppressed findings are kept as results
 with an external suppression, which GitHub shows as dismissed rather than dropping silently.
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from raceguard.report.finding import KINDS, Access, Finding, Frame
-from raceguard.report.text import access_line
+from raceguard.report.text import access_line, origin_line
 
 if TYPE_CHECKING:
     from raceguard.report.document import Report
@@ -201,11 +204,32 @@ def _same_drive(a: str, b: str) -> bool:
     return os.path.splitdrive(a)[0].lower() == os.path.splitdrive(b)[0].lower()
 
 
+def _access_frame(access: Access) -> Frame | None:
+    """Where an access is shown: its innermost user frame; when every frame is library code,
+    the user frame that started its thread or submitted its task; else its innermost frame."""
+    for frame in access.stack:
+        if frame.user:
+            return frame
+    if access.origin is not None:
+        frame = access.origin.user_frame
+        if frame is not None and frame.user:
+            return frame
+    return access.stack[0] if access.stack else None
+
+
+def _access_message(access: Access) -> str:
+    frame = _access_frame(access)
+    if access.origin is not None and frame is not None and frame not in access.stack:
+        return f"{access_line(access)}, in library code; {origin_line(access.origin)}"
+    return access_line(access)
+
+
 def _primary(finding: Finding, report: "Report", locator: _Locator) -> tuple[Frame | None, Access | None]:
-    """Where the result is shown: the first access's user frame, else the first real file anywhere."""
+    """Where the result is shown: the first access's user frame (or its origin's, see
+    _access_frame), else the first real file anywhere."""
     for access in finding.accesses:
-        if locator.has_file(access.user_frame):
-            return access.user_frame, access
+        if locator.has_file(_access_frame(access)):
+            return _access_frame(access), access
     for access in finding.accesses:
         for frame in access.stack:
             if locator.has_file(frame):
@@ -227,13 +251,26 @@ def _result(finding: Finding, report: "Report", locator: _Locator, suppressed: b
     }
     primary_frame, primary_access = _primary(finding, report, locator)
     if primary_frame is not None:
-        message = access_line(primary_access) if primary_access is not None else None
+        message = _access_message(primary_access) if primary_access is not None else None
         result["locations"] = [locator.location(primary_frame, message)]
     related = [
-        locator.location(access.user_frame, access_line(access), location_id=index)
+        locator.location(_access_frame(access), _access_message(access), location_id=index)
         for index, access in enumerate(finding.accesses)
-        if access is not primary_access and access.user_frame is not None
+        if access is not primary_access and _access_frame(access) is not None
     ]
+    # Origins after the accesses (ids continue after theirs), each naming the access it is for.
+    for index, access in enumerate(finding.accesses):
+        origin = access.origin
+        frame = origin.user_frame if origin is not None else None
+        if frame is None or frame is _access_frame(access):
+            continue  # no stack, or already the access's own location
+        related.append(
+            locator.location(
+                frame,
+                f"{origin_line(origin)} (for the {access.mode} by thread {access.thread!r})",
+                location_id=len(finding.accesses) + index,
+            )
+        )
     if related:
         result["relatedLocations"] = related
     if finding.accesses:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 from rich.console import Console
 from rich.text import Text
 
-from raceguard.report.finding import KINDS, Access, Finding, Frame
+from raceguard.report.finding import KINDS, Access, Finding, Frame, Origin
 
 if TYPE_CHECKING:
     from raceguard.report.document import Report
@@ -146,6 +146,21 @@ def frame_location(frame: Frame) -> str:
     return f"{frame.file}:{frame.line}"
 
 
+ORIGIN_VERBS = {"thread-start": "thread started", "task-submit": "task submitted"}
+
+
+def origin_line(origin: Origin) -> str:
+    """``task submitted at train.py:30 in <module> by thread 'MainThread'``: the innermost user
+    frame of the starting or submitting call (ThreadSanitizer's "thread created at")."""
+    text = ORIGIN_VERBS.get(origin.kind, origin.kind)
+    frame = origin.user_frame
+    if frame is not None:
+        text += f" at {frame_location(frame)} in {frame.function}"
+    if origin.thread:
+        text += f" by thread {origin.thread!r}"
+    return text
+
+
 def cycle_picture(finding: Finding, glyphs: Glyphs = UNICODE) -> str | None:
     """``model_lock → io_lock (train.py:40) → model_lock (ckpt.py:18)``.
 
@@ -261,6 +276,10 @@ def finding_lines(finding: Finding, *, verbose: bool = False, glyphs: Glyphs = U
     for access in finding.accesses:
         lines.append(Text(f"  {access_line(access)}"))
         lines.extend(_stack_lines(access.stack, verbose=verbose))
+        if access.origin is not None:
+            lines.append(Text(f"    {origin_line(access.origin)}"))
+            if verbose:  # the whole call chain that started or submitted it
+                lines.extend(_stack_lines(access.origin.stack, verbose=True, indent="      "))
     details = finding.details
     if details.get("why"):
         lines.extend(_labelled("why", str(details["why"])))
@@ -385,14 +404,14 @@ def print_report(report: "Report", file: TextIO | None = None, verbose: bool = F
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _stack_lines(stack: list[Frame], *, verbose: bool) -> list[Text]:
+def _stack_lines(stack: list[Frame], *, verbose: bool, indent: str = "    ") -> list[Text]:
     if not stack:
-        return [Text("    (no stack)", style=STYLE_MUTED)]
+        return [Text(f"{indent}(no stack)", style=STYLE_MUTED)]
     lines: list[Text] = []
     library_shown = 0
     library_hidden = 0
     for index, frame in enumerate(stack):
-        text = f"    #{index} {frame.function} {frame_location(frame)}"
+        text = f"{indent}#{index} {frame.function} {frame_location(frame)}"
         if frame.user:
             lines.append(Text(text))
         elif verbose or library_shown < LIBRARY_FRAMES_SHOWN:
@@ -401,7 +420,7 @@ def _stack_lines(stack: list[Frame], *, verbose: bool) -> list[Text]:
         else:
             library_hidden += 1
     if library_hidden:
-        lines.append(Text(f"    ... {library_hidden} more library {_plural(library_hidden, 'frame')} (--verbose shows them)", style=STYLE_LIBRARY))
+        lines.append(Text(f"{indent}... {library_hidden} more library {_plural(library_hidden, 'frame')} (--verbose shows them)", style=STYLE_LIBRARY))
     return lines
 
 

@@ -123,7 +123,7 @@ def _version_of(t: Any) -> int:
 def _record(s: Any, state: Any, accessed: list, op: str) -> None:
     """Record ``(tensor, is_write)`` accesses made by compiled code, as ``Session.on_op`` records
     an op's arguments, and report the races through the session."""
-    info = OpInfo(_site(), op, state.locks)
+    info = OpInfo(_site(), op, state.locks, state.origin)
     races: list[Race] = []
     hb = s.hb
     with s.lock:

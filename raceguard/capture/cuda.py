@@ -797,6 +797,7 @@ class CudaTracker:
                 locks_held=[],
                 stack=render_site(info.site),
                 details=details,
+                origin=self.session.origin_of(None, info.host),  # the launching thread's start
             )
         name = self.session.thread_name(rec.timeline)
         launched_on = getattr(rec.info, "stream", None) if launch else None
@@ -808,6 +809,7 @@ class CudaTracker:
             locks_held=[self.session.lock_name(lk) for lk in rec.info.locks],
             stack=render_site(rec.info.site),
             details={"cuda_stream": hex(launched_on.handle), "launch_order": True} if launched_on is not None else {},
+            origin=self.session.origin_of(rec.info, rec.timeline),
         )
 
     def _report_race(self, race: Race) -> None:

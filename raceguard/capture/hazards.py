@@ -204,7 +204,7 @@ def _record(s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: b
         epoch = hb.epoch(tid)
         if all(_covered(shadow, lo, hi, tid, epoch, is_write) for lo, hi in ranges):
             return []
-    info = OpInfo(_site(), op, state.locks)
+    info = OpInfo(_site(), op, state.locks, state.origin)
     races: list[Race] = []
     with s.lock:
         rec = hb.record(tid, is_write, info)
@@ -598,7 +598,7 @@ def record_tensor_reads(s: Any, state: Any, tensors: list, op: str) -> None:
     if not tensors or s.hb.timelines <= 1 or getattr(s, "closed", False):
         return
     site = _site()
-    info = OpInfo(site, op, state.locks)
+    info = OpInfo(site, op, state.locks, state.origin)
     races: list[Race] = []
     hb = s.hb
     with s.lock:
@@ -841,6 +841,7 @@ def _access(s: Any, rec: Any) -> Access:
         op=rec.info.op,
         locks_held=[s.lock_name(lk) for lk in rec.info.locks],
         stack=render_site(rec.info.site),
+        origin=s.origin_of(rec.info, rec.timeline),
     )
 
 
@@ -1096,6 +1097,7 @@ def _report_mode_mismatch(s: Any, state: Any, origin: _Origin, module: Any, diff
         op=f"{type(module).__name__}.__call__ with " + ", ".join(_mode_phrase(n, now) for n, _, now in differ),
         locks_held=[s.lock_name(lk) for lk in state.locks],
         stack=render_site(site),
+        origin=s.render_origin(state.origin),
     )
     names = ", ".join(n for n, _, _ in differ)
     verb = "started" if origin.how == "start" else "submitted"

@@ -34,6 +34,8 @@ def cycle_finding(session: Any, cycle: LockCycle) -> Finding:
             op=None,
             locks_held=[held] + [_lock_label(session, g) for g in sorted(edge.gates, key=repr)],
             stack=render_site(edge.site),
+            # The thread's start: the edge does not remember which pool task it was taken in.
+            origin=session.origin_of(None, edge.timeline),
             details={
                 "lock": taken,
                 "while_holding": held,
@@ -85,6 +87,8 @@ def deadlock_finding(session: Any, deadlock: Deadlock) -> Finding:
                 locks_held=[session.lock_name(lk) for lk in (state.held if state is not None else ())],
                 stack=render_site(wait.site),
                 details=details,
+                # Blocked now, so the thread is still in the work it was given.
+                origin=session.render_origin(state.origin) if state is not None else None,
             )
         )
     first = accesses[0]

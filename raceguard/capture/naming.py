@@ -34,14 +34,29 @@ class OpInfo:
     """Payload of an access record (a tensor op's, or a module-state access's): enough to
     rebuild the report line later."""
 
-    __slots__ = ("site", "op", "locks", "stream")
+    __slots__ = ("site", "op", "locks", "stream", "origin")
 
-    def __init__(self, site: tuple, op: str, locks: tuple) -> None:
+    def __init__(self, site: tuple, op: str, locks: tuple, origin: "OriginSite | None" = None) -> None:
         self.site = site
         self.op = op
         self.locks = locks
         # The CUDA stream timeline a kernel was launched on (set by the CUDA tracker), else None.
         self.stream = None
+        # Where the thread's current work came from (ThreadState.origin when recorded): one
+        # reference per access, rendered only if the access is reported.
+        self.origin = origin
+
+
+class OriginSite:
+    """Where a thread was started or a task submitted, as captured there: a site (rendered
+    only when an access of that work is reported) and the starting/submitting timeline."""
+
+    __slots__ = ("kind", "site", "tid")
+
+    def __init__(self, kind: str, site: Any, tid: int) -> None:
+        self.kind = kind  # "thread-start" or "task-submit"
+        self.site = site
+        self.tid = tid
 
 
 class StorageMeta:

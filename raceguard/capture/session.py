@@ -21,9 +21,9 @@ import torch
 from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
 from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
-from ..report.finding import Access, Finding, compute_fingerprint
+from ..report.finding import Access, Finding, Origin, compute_fingerprint
 from . import hazards
-from .naming import Namer, OpInfo, Resource, StorageMeta, shape_of
+from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
 
@@ -50,9 +50,12 @@ _autograd_node = getattr(torch._C, "_current_autograd_node", None)
 
 
 class ThreadState:
-    """Per-thread capture state: its timeline and the instrumented locks it holds."""
+    """Per-thread capture state: its timeline, the instrumented locks it holds, and where its
+    current work came from."""
 
-    __slots__ = ("tid", "thread_ref", "last_name", "held", "held_sites", "locks", "mode", "__weakref__")
+    __slots__ = (
+        "tid", "thread_ref", "last_name", "held", "held_sites", "locks", "mode", "origin", "start_origin", "__weakref__"
+    )
 
     def __init__(self, tid: int, thread: threading.Thread | None) -> None:
         self.tid = tid
@@ -62,6 +65,11 @@ class ThreadState:
         self.held_sites: list[tuple] = []  # where each held lock was taken
         self.locks: tuple = ()  # immutable snapshot of `held`, shared by access records
         self.mode: AccessMode | None = None
+        # Where the thread was started (its Thread.start() call), None for the main thread and
+        # threads raceguard did not see start; `origin` is that, or while the thread runs an
+        # executor/pool task, where the task was submitted. Accesses keep `origin` as recorded.
+        self.start_origin: OriginSite | None = None
+        self.origin: OriginSite | None = None
 
     @property
     def name(self) -> str:
@@ -154,6 +162,7 @@ class Session:
         state = None
         try:
             state = self.adopt_thread(thread, tid)
+            state.start_origin = state.origin = getattr(thread, "_rg_origin", None)
             state.mode = AccessMode(self.on_op, state)
             state.mode.__enter__()
         except Exception as exc:  # the thread runs unwatched, exactly as without raceguard
@@ -179,6 +188,47 @@ class Session:
                 self.sync_events += 1
         except Exception as exc:
             self.hook_failed("ending a thread's timeline", exc, ordering=True)
+
+    # -- where work comes from (origins) ---------------------------------------------------
+    def capture_origin(self, kind: str) -> OriginSite | None:
+        """The calling thread is starting a thread or submitting a task: where (a cheap site,
+        rendered only if an access of that work is reported). Never raises."""
+        try:
+            return OriginSite(kind, _op_site(), self.current().tid)
+        except Exception as exc:
+            self.hook_failed("capturing where a thread or task came from", exc)
+            return None
+
+    def task_begin(self, origin: OriginSite | None) -> tuple[ThreadState, OriginSite | None] | None:
+        """The calling (worker) thread starts a task submitted at ``origin``: its accesses name
+        that submission until :meth:`task_end` with the returned token. Never raises."""
+        try:
+            state = self.current()
+            previous = state.origin
+            state.origin = origin
+            return state, previous
+        except Exception as exc:
+            self.hook_failed("entering a submitted task", exc)
+            return None
+
+    def task_end(self, token: tuple[ThreadState, OriginSite | None] | None) -> None:
+        if token is not None:
+            token[0].origin = token[1]
+
+    def origin_of(self, info: Any, tid: int | None) -> Origin | None:
+        """The report's origin of an access recorded with ``info`` on timeline ``tid``: the one
+        the access recorded, else (records that carry none, such as a CUDA stream's) where the
+        thread of ``tid`` was started."""
+        site = getattr(info, "origin", None)
+        if site is None and tid is not None and 0 <= tid < len(self.timelines):
+            state = self.timelines[tid]
+            site = state.start_origin if state is not None else None
+        return self.render_origin(site)
+
+    def render_origin(self, site: OriginSite | None) -> Origin | None:
+        if site is None:
+            return None
+        return Origin(kind=site.kind, stack=render_site(site.site), thread=self.thread_name(site.tid))
 
     # -- synchronisation -------------------------------------------------------------------
     def release(self, var: SyncVar) -> None:
@@ -333,7 +383,7 @@ class Session:
             if plan.rng:
                 hazards.on_rng_op(self, state, func, args, kwargs)
             site = _op_site()
-            info = OpInfo(site, plan.name, state.locks)
+            info = OpInfo(site, plan.name, state.locks, state.origin)
             inputs: list[int] = []
             if plan.metadata_only:
                 accessed = ()
@@ -542,6 +592,7 @@ class Session:
             op=rec.info.op,
             locks_held=[self.lock_name(lk) for lk in rec.info.locks],
             stack=render_site(rec.info.site),
+            origin=self.origin_of(rec.info, rec.timeline),
         )
 
     def _race_finding(self, race: Race, resource: Resource) -> Finding:
@@ -601,6 +652,7 @@ class Session:
                 op=None,
                 locks_held=[self.lock_name(lk) for lk in (state.locks if state else ())],
                 stack=render_site(site),
+                origin=self.render_origin(state.origin) if state is not None else None,
             )
             finding = Finding(
                 kind="thread-exception",

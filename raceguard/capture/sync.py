@@ -963,6 +963,9 @@ class PriorityQueue(Queue, queue.PriorityQueue):
 
 
 class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
+    # A multiprocessing.pool.ThreadPool's inqueue: its pool's job -> result map (see _pool_submitted).
+    _rg_pool_cache: Any = None
+
     def __init__(self) -> None:
         super().__init__()
         self._rg_init()
@@ -991,9 +994,14 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
         if s is not None and s.sched is not None:
             t = s.sched.current()
             if t is not None:
-                return self._rg_sched_take(s, t, block, timeout, super().get, "SimpleQueue.get()")
+                item = self._rg_sched_take(s, t, block, timeout, super().get, "SimpleQueue.get()")
+                if self._rg_pool_cache is not None:
+                    _pool_task_taken(self, item)
+                return item
         item = _blocking("SimpleQueue.get()", self, bool(block) and timeout is None, super().get, block, timeout)
         self._rg_after_get(item)
+        if self._rg_pool_cache is not None:
+            _pool_task_taken(self, item)
         return item
 
     def get_nowait(self) -> Any:
@@ -1019,6 +1027,9 @@ def _thread_start(self: threading.Thread) -> None:
             _sync_point(sch, t)
         self._rg_tid = s.fork()
         self._rg_end_var = SyncVar()
+        self._rg_origin = s.capture_origin("thread-start")
+        if not _pool_patched and "multiprocessing.pool" in sys.modules:
+            _patch_pool()  # before a pool's first task: its workers start in the pool's __init__
         hazards.on_thread_start(s, self)
         if t is not None and getattr(self, "_initialized", False):
             # A managed thread from now on: runnable, admitted when its bootstrap sets _started.
@@ -1307,15 +1318,85 @@ def _work_item_init(self: Any, *args: Any, **kwargs: Any) -> None:
     if s is not None:
         self._rg_submit = SyncVar()
         s.release(self._rg_submit)
+        self._rg_origin = s.capture_origin("task-submit")
         hazards.on_submit(s, self)
 
 
 def _work_item_run(self: Any, *args: Any, **kwargs: Any) -> Any:
     s = _active()
     var = getattr(self, "_rg_submit", None)
-    if s is not None and var is not None:
-        s.acquire(var)
-    return _orig["_WorkItem.run"](self, *args, **kwargs)
+    if s is None or var is None:
+        return _orig["_WorkItem.run"](self, *args, **kwargs)
+    s.acquire(var)
+    token = s.task_begin(getattr(self, "_rg_origin", None))
+    try:
+        return _orig["_WorkItem.run"](self, *args, **kwargs)
+    finally:
+        s.task_end(token)
+
+
+# -- multiprocessing.pool.ThreadPool: where each task was submitted ----------------------------
+# A pool task is a (job, i, func, args, kwds) tuple its worker takes from the pool's inqueue (one
+# of the SimpleQueues below); the job's result object, created by apply_async/map/imap in the
+# submitting thread, is where that submission is remembered. Patched lazily: importing
+# multiprocessing.pool here would put it in every target's sys.modules.
+_pool_patched = False
+
+
+def _pool_result_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _orig["ApplyResult.__init__"](self, *args, **kwargs)
+    _pool_submitted(self)
+
+
+def _pool_imap_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _orig["IMapIterator.__init__"](self, *args, **kwargs)
+    _pool_submitted(self)
+
+
+def _pool_submitted(result: Any) -> None:
+    s = _active()
+    if s is None:
+        return
+    result._rg_origin = s.capture_origin("task-submit")
+    try:
+        inqueue = getattr(result._pool, "_inqueue", None)
+        if isinstance(inqueue, SimpleQueue) and inqueue._rg_pool_cache is None:
+            inqueue._rg_pool_cache = result._cache  # job -> result, while the job is unfinished
+    except Exception as exc:
+        s.hook_failed("finding a thread pool's task queue", exc)
+
+
+def _pool_task_taken(q: "SimpleQueue", item: Any) -> None:
+    """A pool worker took ``item`` from its inqueue: a task (its accesses name its submission
+    until the worker takes the next item) or the sentinel that stops the worker."""
+    s = _active()
+    if s is None:
+        return
+    try:
+        state = s.current()
+        result = q._rg_pool_cache.get(item[0]) if type(item) is tuple and len(item) == 5 else None
+        state.origin = getattr(result, "_rg_origin", None) or state.start_origin
+    except Exception as exc:
+        s.hook_failed("entering a thread pool task", exc)
+
+
+def _patch_pool() -> None:
+    global _pool_patched
+    _pool_patched = True
+    pool_mod = sys.modules["multiprocessing.pool"]
+    for cls, new in ((pool_mod.ApplyResult, _pool_result_init), (pool_mod.IMapIterator, _pool_imap_init)):
+        _orig[f"{cls.__name__}.__init__"] = cls.__dict__["__init__"]
+        _present_as(new, cls.__dict__["__init__"])
+        cls.__init__ = new
+
+
+def _unpatch_pool() -> None:
+    global _pool_patched
+    if _pool_patched:
+        pool_mod = sys.modules["multiprocessing.pool"]
+        pool_mod.ApplyResult.__init__ = _orig["ApplyResult.__init__"]
+        pool_mod.IMapIterator.__init__ = _orig["IMapIterator.__init__"]
+        _pool_patched = False
 
 
 # -- install / uninstall ---------------------------------------------------------------------
@@ -1426,6 +1507,8 @@ def install() -> None:
         setattr(owner, attr, new)
     for cls, attr, new in _METHOD_PATCHES:
         setattr(cls, attr, new)
+    if "multiprocessing.pool" in sys.modules:
+        _patch_pool()
     _installed = True
 
 
@@ -1437,4 +1520,5 @@ def uninstall() -> None:
         setattr(owner, attr, _orig[f"{owner.__name__}.{attr}"])
     for cls, attr, _ in _METHOD_PATCHES:
         setattr(cls, attr, _orig[f"{cls.__name__}.{attr}"])
+    _unpatch_pool()
     _installed = False

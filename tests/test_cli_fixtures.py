@@ -3,7 +3,10 @@
 A race fixture declares ``# expect: data-race <resource>`` and marks its two racing lines with
 ``# RACE: A`` / ``# RACE: B``; the report must contain a data-race finding on that resource whose
 two accesses have exactly those lines as their innermost user frames (in either order: which
-thread comes first in real time varies).
+thread comes first in real time varies). An access made entirely in library code run as a
+submitted task (``pool.submit(torch.save, ...)``) has no user frame: its line is the submitting
+one, its origin. ``# ORIGIN: A`` / ``# ORIGIN: B`` mark where the thread of that side was
+started or its task submitted: the access's ``origin`` must name that line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from raceguard.report.document import validate_report
+from raceguard.report.finding import Finding
+from raceguard.report.text import render_finding_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -30,10 +35,10 @@ def _expectation(path: Path) -> tuple[str, str | None]:
     raise AssertionError(f"{path} has no '# expect:' header")
 
 
-def _markers(path: Path) -> dict[str, int]:
+def _markers(path: Path, label: str = "RACE") -> dict[str, int]:
     found = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        m = re.search(r"#\s*RACE:\s*([AB])\b", line)
+        m = re.search(rf"#.*\b{label}:\s*([AB])\b", line)
         if m:
             found[m.group(1)] = number
     return found
@@ -59,12 +64,24 @@ def run_check(
     return proc, report
 
 
-def _innermost_user_line(access: dict, path: Path) -> int | None:
-    n_user = access.get("user_frames", len(access["stack"]))
-    for frame in access["stack"][:n_user]:
+def _user_line_of(stack_owner: dict, path: Path) -> int | None:
+    """The innermost frame of ``path`` among the user frames of an access or an origin."""
+    n_user = stack_owner.get("user_frames", len(stack_owner["stack"]))
+    for frame in stack_owner["stack"][:n_user]:
         if Path(frame["file"]).name == path.name:
             return frame["line"]
     return None
+
+
+def _innermost_user_line(access: dict, path: Path) -> int | None:
+    if access.get("user_frames", len(access["stack"])) == 0 and access.get("origin"):
+        return _user_line_of(access["origin"], path)  # all library code: the submitting line
+    return _user_line_of(access, path)
+
+
+def _origin_line(access: dict, path: Path) -> int | None:
+    origin = access.get("origin")
+    return _user_line_of(origin, path) if origin else None
 
 
 RACE_FIXTURES = sorted((FIXTURES / "races").glob("*.py"))
@@ -99,6 +116,13 @@ def test_race_fixture_reports_the_exact_race(path: Path, tmp_path: Path) -> None
         )
     )
     finding = matching[0]
+    for side, line in _markers(path, "ORIGIN").items():
+        access = next(a for a in finding["accesses"] if _innermost_user_line(a, path) == markers[side])
+        assert _origin_line(access, path) == line, (side, access.get("origin"))
+        # The text report renders the same JSON: it says where (and which verb) too.
+        text = render_finding_text(Finding.from_dict(finding))
+        verb = {"thread-start": "thread started", "task-submit": "task submitted"}[access["origin"]["kind"]]
+        assert f"{verb} at {path.relative_to(ROOT).as_posix()}:{line} " in text, text
     modes = {a["mode"] for a in finding["accesses"]}
     assert "write" in modes
     assert len({a["thread"] for a in finding["accesses"]}) == 2

@@ -1029,7 +1029,10 @@ def _thread_start(self: threading.Thread) -> None:
         self._rg_end_var = SyncVar()
         self._rg_origin = s.capture_origin("thread-start")
         if not _pool_patched and "multiprocessing.pool" in sys.modules:
-            _patch_pool()  # before a pool's first task: its workers start in the pool's __init__
+            try:  # before a pool's first task: its workers start in the pool's __init__
+                _patch_pool()
+            except Exception as exc:
+                s.hook_failed("watching multiprocessing.pool", exc)
         hazards.on_thread_start(s, self)
         if t is not None and getattr(self, "_initialized", False):
             # A managed thread from now on: runnable, admitted when its bootstrap sets _started.

@@ -44,12 +44,14 @@ import functools
 import weakref
 from typing import Any, Callable, Iterable
 
-from ..engine.hb import AccessRecord, Race, ShadowStorage
+from ..engine.hb import Race, ShadowStorage
 from ..engine.streams import DEFAULT_STREAM, DeviceBlock, DeviceMemory, StreamModel, StreamTimeline
-from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import Resource, StorageMeta, describe_tensor, shape_of
-from .stacks import current_site, first_user_location, op_site_function, render_site, user_key
+from .naming import StorageMeta, shape_of
+from .stacks import current_site, op_site_function
 from .torch_ops import byte_ranges
+from .cuda_backend import TorchBackend, get_device, is_cuda, storage_is_cuda, target_device, tensorlike
+from .cuda_patches import Patches, hook_failed, in_api, patch_apis, torch_targets
+from .cuda_report import CudaReporter
 
 # Site capture for the trace callbacks: torch's C++ stack capture when it has one (a few µs, not
 # a Python walk of the whole stack); raceguard's own frames are hidden when rendered.
@@ -86,13 +88,6 @@ _TO_COPY = "aten::_to_copy"
 
 _NORMAL, _COPY, _TOCOPY, _HOSTSYNC = 0, 1, 2, 3
 
-_tls = _thread._local()  # depth of patched torch.cuda API calls in this thread
-
-
-def _in_api() -> bool:
-    return getattr(_tls, "depth", 0) > 0
-
-
 class StreamOpInfo:
     """Payload of an access recorded on a stream timeline."""
 
@@ -107,88 +102,6 @@ class StreamOpInfo:
         self.alloc = alloc  # the record is the allocation of ``block`` itself
 
 
-# -- torch access (replaced by a fake in the simulated tests) ------------------------------------
-class TorchBackend:
-    """What the tracker asks torch: current streams, the current device, pinned-ness."""
-
-    def __init__(self) -> None:
-        import torch
-
-        self._torch = torch
-        self._get_stream = torch._C._cuda_getCurrentStream
-        self._handles: dict[tuple[int, int], int] = {}
-
-    def current_stream(self, device: int) -> tuple[int, int]:
-        """(device, cudaStream_t handle) of the calling thread's current stream on ``device``."""
-        stream_id, index, device_type = self._get_stream(device)
-        key = (index, stream_id)
-        handle = self._handles.get(key)
-        if handle is None:
-            s = self._torch.cuda.Stream(stream_id=stream_id, device_index=index, device_type=device_type)
-            handle = self._handles[key] = int(s.cuda_stream)
-        return index, handle
-
-    def current_device(self) -> int:
-        return int(self._torch.cuda.current_device())
-
-    def stream_key(self, stream: Any) -> tuple[int, int]:
-        """(device, handle) of a torch.cuda.Stream or torch.Stream."""
-        if stream is None:
-            return self.current_stream(self.current_device())
-        handle = getattr(stream, "cuda_stream", None)
-        if handle is None:  # a generic torch.Stream
-            s = self._torch.cuda.Stream(
-                stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
-            )
-            handle = s.cuda_stream
-        return int(stream.device_index), int(handle)
-
-    def event_handle(self, event: Any) -> int:
-        return int(getattr(event, "cuda_event", 0) or 0)
-
-    def device_index(self, device: Any) -> int | None:
-        if device is None:
-            return self.current_device()
-        return int(self._torch.cuda._get_device_index(device, optional=True))
-
-    def is_pinned(self, t: Any) -> bool:
-        try:
-            return bool(t.is_pinned())
-        except Exception:
-            return False
-
-    @staticmethod
-    def is_device(t: Any) -> bool:
-        """Whether tensor ``t`` lives in device memory (the tracker's, not the host's)."""
-        return t.is_cuda
-
-    @staticmethod
-    def device_of(t: Any) -> int:
-        return t.get_device()
-
-    @staticmethod
-    def is_device_storage(st: Any) -> bool:
-        return st.device.type == "cuda"
-
-
-def _tensorlike(v: Any) -> bool:
-    """A tensor argument (torch passes Python numbers where a schema says Tensor)."""
-    return hasattr(v, "untyped_storage")
-
-
-def _is_cuda(t: Any) -> bool:
-    return bool(getattr(t, "is_cuda", False))
-
-
-def _get_device(t: Any) -> int:
-    return t.get_device()
-
-
-def _storage_is_cuda(st: Any) -> bool:
-    device = getattr(st, "device", None)
-    return getattr(device, "type", None) == "cuda"
-
-
 def _contained(what: str, ordering: bool = True) -> Callable[[Callable], Callable]:
     """A hook boundary for a trace callback: torch calls it from C++ (a kernel launch, a free
     during garbage collection), and whatever raceguard raises there must reach neither torch,
@@ -200,33 +113,11 @@ def _contained(what: str, ordering: bool = True) -> Callable[[Callable], Callabl
             try:
                 method(self, *args)
             except Exception as exc:
-                _hook_failed(self.session, what, exc, ordering)
+                hook_failed(self.session, what, exc, ordering)
 
         return callback
 
     return wrap
-
-
-def _hook_failed(session: Any, what: str, exc: BaseException, ordering: bool = False) -> None:
-    report = getattr(session, "hook_failed", None)
-    if report is not None:
-        report(what, exc, ordering)
-
-
-def _target_device(backend: Any, device: Any) -> int | None:
-    """The CUDA device index a ``device=`` keyword names, or None when it is not a CUDA device."""
-    if device is None:
-        return None
-    dtype = getattr(device, "type", None)
-    if dtype is None:
-        text = str(device)
-        if not text.startswith("cuda"):
-            return None
-        index = text.partition(":")[2]
-        return int(index) if index else backend.current_device()
-    if dtype != "cuda":
-        return None
-    return device.index if device.index is not None else backend.current_device()
 
 
 # -- the tracker ---------------------------------------------------------------------------------
@@ -245,12 +136,12 @@ class CudaTracker:
         self._op_ctx: dict[int, tuple[Any, StreamTimeline]] = {}  # host tid -> (info, stream)
         self._alloc_sites: dict[int, tuple] = {}  # base address -> site of the allocation callback
         self._handle_device: dict[int, int] = {}
-        self._groups: dict[tuple, dict] = {}
+        self.reporter = CudaReporter(self)
         # How the backend tells device tensors from host ones (the CPU simulation of
         # raceguard.capture.cudasim calls every CPU tensor device memory).
-        self._is_device = getattr(backend, "is_device", None) or _is_cuda
-        self._device_of = getattr(backend, "device_of", None) or _get_device
-        self._is_device_storage = getattr(backend, "is_device_storage", None) or _storage_is_cuda
+        self._is_device = getattr(backend, "is_device", None) or is_cuda
+        self._device_of = getattr(backend, "device_of", None) or get_device
+        self._is_device_storage = getattr(backend, "is_device_storage", None) or storage_is_cuda
         self._track_lifetime = getattr(backend, "track_lifetime", None)
 
     # -- activation ----------------------------------------------------------------------------
@@ -334,7 +225,7 @@ class CudaTracker:
         if kind == _COPY or kind == _TOCOPY:
             non_blocking = _non_blocking(kind, args, kwargs)
             if kind == _TOCOPY and device is None:
-                device = _target_device(self.backend, kwargs.get("device"))  # host -> device
+                device = target_device(self.backend, kwargs.get("device"))  # host -> device
             if device is not None and non_blocking:
                 async_host = self._async_host_tensor(kind, plan, args)
         if device is None:
@@ -412,7 +303,7 @@ class CudaTracker:
         if len(args) <= max(dst_i, src_i):
             return None
         dst, src = args[dst_i], args[src_i]
-        if not (_tensorlike(dst) and _tensorlike(src)):
+        if not (tensorlike(dst) and tensorlike(src)):
             return None
         dst_dev, src_dev = self._is_device(dst), self._is_device(src)
         if dst_dev and not src_dev and self.backend.is_pinned(src):
@@ -426,7 +317,7 @@ class CudaTracker:
         non_blocking = _non_blocking(kind, args, kwargs)
         if kind == _TOCOPY:
             src = args[0] if args else None
-            if not _tensorlike(src):
+            if not tensorlike(src):
                 return False, None
             src_dev = self._is_device(src)
             if src_dev and host_outs:  # device -> host
@@ -441,7 +332,7 @@ class CudaTracker:
         if len(args) <= max(dst_i, src_i):
             return False, None
         dst, src = args[dst_i], args[src_i]
-        if not (_tensorlike(dst) and _tensorlike(src)):
+        if not (tensorlike(dst) and tensorlike(src)):
             return False, None
         dst_dev = self._is_device(dst)
         if dst_dev == self._is_device(src):
@@ -576,7 +467,7 @@ class CudaTracker:
 
     @_contained("following a CUDA event record")
     def on_event_record(self, event: int, stream: int) -> None:
-        if _in_api():
+        if in_api():
             return
         host = self._host()
         with self.session.lock:
@@ -584,7 +475,7 @@ class CudaTracker:
 
     @_contained("following a CUDA event wait")
     def on_event_wait(self, event: int, stream: int) -> None:
-        if _in_api():
+        if in_api():
             return
         host = self._host()
         with self.session.lock:
@@ -628,7 +519,7 @@ class CudaTracker:
 
     @_contained("following a device synchronisation")
     def on_device_synchronization(self) -> None:
-        if _in_api():
+        if in_api():
             return
         host = self._host()
         if host is None:
@@ -638,7 +529,7 @@ class CudaTracker:
 
     @_contained("following a stream synchronisation")
     def on_stream_synchronization(self, stream: int) -> None:
-        if _in_api():
+        if in_api():
             return
         host = self._host()
         if host is None:
@@ -648,7 +539,7 @@ class CudaTracker:
 
     @_contained("following an event synchronisation")
     def on_event_synchronization(self, event: int) -> None:
-        if _in_api():
+        if in_api():
             return
         host = self._host()
         if host is None:
@@ -721,7 +612,7 @@ class CudaTracker:
             self._forget_freed()
 
     def api_record_stream(self, tensor: Any, stream: Any) -> None:
-        if not _tensorlike(tensor) or not self._is_device(tensor):
+        if not tensorlike(tensor) or not self._is_device(tensor):
             return
         host = self._host()
         with self.session.lock:
@@ -772,170 +663,11 @@ class CudaTracker:
     def report_races(self, races: Iterable[Race]) -> None:
         for race in races:
             try:
-                self._report_race(race)
+                self.reporter.report(race)
             except Exception as exc:  # never let reporting break the target
                 internal = getattr(self.session, "_internal_error", None)
                 if internal is not None:
                     internal("naming a CUDA data race", exc)
-
-    def _access(self, rec: AccessRecord, launch: bool = False) -> Access:
-        """The report's view of one access; ``launch``: a host record of a kernel launch (its
-        timeline is the stream it was launched on, its locks those held at the launch)."""
-        stream = self.model.by_tid.get(rec.timeline)
-        mode = "write" if rec.is_write else "read"
-        if stream is not None:
-            info = rec.info
-            thread = self.session.thread_name(info.host) if info.host is not None else "<torch thread>"
-            details = {"cuda_stream": hex(stream.handle)}
-            if info.alloc:
-                details["allocation"] = True
-            return Access(
-                thread=thread,
-                timeline=stream.label,
-                mode=mode,
-                op=info.op,
-                locks_held=[],
-                stack=render_site(info.site),
-                details=details,
-                origin=self.session.origin_of(None, info.host),  # the launching thread's start
-            )
-        name = self.session.thread_name(rec.timeline)
-        launched_on = getattr(rec.info, "stream", None) if launch else None
-        return Access(
-            thread=name,
-            timeline=launched_on.label if launched_on is not None else f"thread:{name}",
-            mode=mode,
-            op=rec.info.op,
-            locks_held=[self.session.lock_name(lk) for lk in rec.info.locks],
-            stack=render_site(rec.info.site),
-            details={"cuda_stream": hex(launched_on.handle), "launch_order": True} if launched_on is not None else {},
-            origin=self.session.origin_of(rec.info, rec.timeline),
-        )
-
-    def _report_race(self, race: Race) -> None:
-        e, l = race.earlier, race.later
-        reuse = None
-        offset = 0
-        launch = False
-        storage = None
-        if race.shadow is self.memory.shadow:
-            eb, lb = e.info.block, l.info.block
-            block = lb or eb
-            offset = block.lo
-            if eb is not None and lb is not None and eb is not lb:
-                reuse = (eb, lb)
-                old_desc, new_desc = describe_tensor(eb.meta), describe_tensor(lb.meta)
-                resource = Resource(f"memory of {old_desc}, reused by {new_desc}", "tensor", old_desc)
-            else:
-                storage = block.meta.ref()
-                if storage is not None:
-                    resource = self.session.namer.name_storage(
-                        storage, race.lo - block.lo, race.hi - block.lo, block.meta
-                    )
-                else:
-                    desc = describe_tensor(block.meta)
-                    resource = Resource(desc, "tensor", desc)
-        else:
-            storage = race.shadow.meta.ref()
-            if storage is None:
-                return
-            launch = not (e.timeline in self.model.by_tid or l.timeline in self.model.by_tid)
-            resource = self.session.namer.name_storage(storage, race.lo, race.hi, race.shadow.meta)
-        benign = None
-        if storage is not None and getattr(self.session, "benign_marks", None):
-            benign = self.session._benign_reason(storage)
-        pair = tuple(sorted([(user_key(e.info.site), e.is_write), (user_key(l.info.site), l.is_write)]))
-        # A launch-order race and a stream race on the same two accesses are one finding.
-        key = ("reuse" if reuse else "race", pair, benign)
-        with self.session.lock:
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = {"resources": set(), "fingerprint": None}
-            if resource.name in group["resources"]:
-                return
-            group["resources"].add(resource.name)
-            first_time = group["fingerprint"] is None
-            if first_time:
-                group["fingerprint"] = "pending"
-        if not first_time:
-            fp = group["fingerprint"]
-            if fp != "pending":
-                self.session.emit({"type": "also_on", "fingerprint": fp, "resource": resource.name})
-            return
-        finding = self._finding(race, resource, reuse, offset, launch)
-        if benign is not None:
-            finding.suppressed = f"raceguard.benign: {benign}"
-        group["fingerprint"] = finding.fingerprint
-        room = getattr(self.session, "_room_for_report", None)
-        if room is None or room():
-            self.session.emit({"type": "finding", "finding": finding.to_dict()})
-
-    def _finding(self, race: Race, resource: Resource, reuse: tuple | None, offset: int, launch: bool = False) -> Finding:
-        first, second = self._access(race.earlier, launch), self._access(race.later, launch)
-
-        def who(a: Access) -> str:
-            if a.timeline.startswith("thread:"):
-                return f"{a.mode} by '{a.thread}' on the host"
-            return f"{a.mode} on {a.timeline} (launched by '{a.thread}')"
-
-        kind_word = resource.kind.replace("-", " ")
-        what = resource.name if resource.kind == "tensor" else f"{kind_word} {resource.name}"
-        details: dict[str, Any] = {}
-        if reuse is not None:
-            old, new = reuse
-            old_desc, new_desc = describe_tensor(old.meta), describe_tensor(new.meta)
-            freed_at = first_user_location(old.freed_site) if old.freed_site else None
-            message = (
-                f"data race on reused CUDA memory: {old_desc} was freed"
-                + (f" at {freed_at}" if freed_at else "")
-                + f" while its {who(first)} was not ordered before the free, and the memory was "
-                f"handed to {new_desc} ({who(second)})"
-            )
-            why = (
-                f"the caching allocator reuses a freed block for the next allocation on "
-                f"{second.timeline} without waiting for other streams; {first.timeline} used the "
-                f"old tensor and nothing ordered that use before the reuse (no record_stream, "
-                f"wait_stream, event wait or synchronize)"
-            )
-            hint = (
-                f"call tensor.record_stream(<{first.timeline} stream>) on the tensor allocated at "
-                f"{first_user_location(old.meta.site) or 'its allocation'} after using it there, or "
-                f"make the allocating stream wait for that stream (wait_stream / event) before "
-                f"freeing it"
-            )
-            details["reuse"] = {
-                "freed_tensor": old_desc,
-                "allocation_stack": [f.to_dict() for f in render_site(old.meta.site)],
-                "freed_at": [f.to_dict() for f in render_site(old.freed_site)] if old.freed_site else [],
-                "reused_by": new_desc,
-                "reused_allocation_stack": [f.to_dict() for f in render_site(new.meta.site)],
-                "record_stream": [s.label for s in old.users],
-            }
-        elif launch:
-            message = f"data race on {what}: {who(first)} vs {who(second)}"
-            why = _launch_why(first, second, race)
-            hint = _launch_hint(first, second, resource)
-        else:
-            message = f"data race on {what}: {who(first)} vs {who(second)}"
-            why = (
-                f"'{second.timeline}' had seen '{first.timeline}' only up to its epoch "
-                f"{race.seen_epoch}, but the {first.mode} happened in epoch {race.earlier.epoch}: "
-                f"no wait_stream, event record/wait or synchronize orders the two accesses"
-            )
-            hint = _hint(first, second)
-        details["why"] = why
-        details["bytes"] = [race.lo - offset, race.hi - offset]
-        fingerprint = compute_fingerprint("data-race", resource.root, [first, second])
-        return Finding(
-            kind="data-race",
-            resource=resource.name,
-            resource_kind=resource.kind,
-            message=message,
-            accesses=[first, second],
-            fingerprint=fingerprint,
-            hint=hint,
-            details=details,
-        )
 
     def stats(self) -> dict:
         return {
@@ -943,50 +675,6 @@ class CudaTracker:
             "cuda_launches": self.model.launches,
             "cuda_freed_blocks": self.memory.freed_blocks,
         }
-
-
-def _launch_why(first: Access, second: Access, race: Race) -> str:
-    """Why two kernels launched by unordered host threads race, even on one stream."""
-    order = (
-        f"'{second.thread}' had synchronised with '{first.thread}' only up to that thread's epoch "
-        f"{race.seen_epoch}, and the {first.mode} was launched in epoch {race.earlier.epoch} (no lock, "
-        f"join, event, queue, barrier or future in between)"
-    )
-    if first.timeline == second.timeline and not first.timeline.startswith("thread:"):
-        return (
-            f"both kernels ran on {first.timeline} in launch order, but nothing on the host fixed "
-            f"that order: {order}, so in another run the other thread launches first"
-        )
-    return f"nothing on the host orders the two launches: {order}"
-
-
-def _launch_hint(first: Access, second: Access, resource: Resource) -> str:
-    from .session import _race_hint
-
-    return _race_hint(first, second, resource) + (
-        " (a CUDA stream orders kernels only in the order the host launched them)"
-    )
-
-
-def _hint(first: Access, second: Access) -> str:
-    first_host = first.timeline.startswith("thread:")
-    second_host = second.timeline.startswith("thread:")
-    if second_host and not first_host:
-        return (
-            f"the {first.op or 'copy'} on {first.timeline} runs asynchronously: synchronise before "
-            f"the host touches this memory (stream.synchronize(), event.synchronize() or "
-            f"torch.cuda.synchronize()), or use a blocking copy"
-        )
-    if first_host and not second_host:
-        return (
-            f"order the host access before the launch on {second.timeline}: do it in the launching "
-            f"thread before the launch, or hand over through a lock/queue/event the launcher waits on"
-        )
-    return (
-        f"make {second.timeline} wait for {first.timeline} before it touches this memory: "
-        f"<stream>.wait_stream(<other stream>) or an event recorded after the {first.mode} and "
-        f"waited on with event.wait(<stream>)"
-    )
 
 
 def _cell_has_live(cell: Any) -> bool:
@@ -1016,7 +704,7 @@ def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool]) -> s
     out = set()
 
     def add(v: Any) -> None:
-        if _tensorlike(v) and is_device(v):
+        if tensorlike(v) and is_device(v):
             try:
                 out.add(v.untyped_storage().data_ptr())
             except Exception:
@@ -1032,115 +720,10 @@ def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool]) -> s
 
 
 # -- installation --------------------------------------------------------------------------------------
-_MISSING = object()
-
-
-class _Patches:
-    """Monkeypatches applied by one install(), undone exactly (never clobbering a later patch)."""
-
-    def __init__(self) -> None:
-        self.applied: list[tuple[Any, str, Any, Any]] = []
-
-    def wrap(self, owner: Any, attr: str, make: Callable[[Callable], Callable]) -> None:
-        current = getattr(owner, attr, None)
-        if current is None:
-            return
-        original = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else _MISSING
-        wrapper = make(current)
-        wrapper.__wrapped__ = current  # type: ignore[attr-defined]
-        wrapper.__name__ = getattr(current, "__name__", attr)
-        wrapper.__doc__ = getattr(current, "__doc__", None)
-        setattr(owner, attr, wrapper)
-        self.applied.append((owner, attr, original, wrapper))
-
-    def undo(self) -> None:
-        for owner, attr, original, wrapper in reversed(self.applied):
-            if getattr(owner, "__dict__", {}).get(attr) is wrapper:
-                if original is _MISSING:
-                    delattr(owner, attr)
-                else:
-                    setattr(owner, attr, original)
-        self.applied = []
-
-
-def _api(method: Callable, after: Callable[..., None]) -> Callable:
-    """A patched API: run ``method`` with the trace's sync callbacks muted, then tell the active
-    tracker ``after(tracker, result, *args, **kwargs)``. Outside a session: the plain method."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tracker = _ACTIVE
-        if tracker is None or not tracker.active or _in_api():
-            return method(*args, **kwargs)
-        sched = tracker.session.sched
-        if sched is not None:
-            # Under stress/replay a stream or event call is a scheduling point, like a tensor op:
-            # which host thread records or waits first is what the schedule decides.
-            try:
-                sched.op_point()
-            except Exception as exc:  # ScheduleAborted is a SystemExit: it passes
-                _hook_failed(tracker.session, "a scheduling point before a CUDA API call", exc)
-        _tls.depth = getattr(_tls, "depth", 0) + 1
-        try:
-            result = method(*args, **kwargs)
-        finally:
-            _tls.depth -= 1
-        try:
-            after(tracker, result, *args, **kwargs)
-        except Exception as exc:  # the synchronisation is lost, the target's call stands
-            _hook_failed(tracker.session, f"following {getattr(method, '__qualname__', method)}", exc, True)
-        return result
-
-    return wrapper
-
-
-def _patch_apis(patches: _Patches, targets: dict) -> None:
-    stream_cls = targets.get("Stream")
-    event_cls = targets.get("Event")
-    cuda_mod = targets.get("cuda")
-    tensor_cls = targets.get("Tensor")
-    if stream_cls is not None:
-        patches.wrap(
-            stream_cls, "wait_stream", lambda m: _api(m, lambda t, r, this, stream: t.api_wait_stream(this, stream))
-        )
-        patches.wrap(
-            stream_cls, "wait_event", lambda m: _api(m, lambda t, r, this, event: t.api_event_wait(event, this))
-        )
-        patches.wrap(stream_cls, "synchronize", lambda m: _api(m, lambda t, r, this: t.api_stream_synchronize(this)))
-        patches.wrap(
-            stream_cls, "query", lambda m: _api(m, lambda t, r, this: t.api_stream_synchronize(this) if r else None)
-        )
-    if event_cls is not None:
-        patches.wrap(
-            event_cls,
-            "record",
-            lambda m: _api(m, lambda t, r, e, stream=None: t.api_event_record(e, stream)),
-        )
-        patches.wrap(
-            event_cls, "wait", lambda m: _api(m, lambda t, r, e, stream=None: t.api_event_wait(e, stream))
-        )
-        patches.wrap(event_cls, "synchronize", lambda m: _api(m, lambda t, r, e: t.api_event_synchronize(e)))
-        patches.wrap(event_cls, "query", lambda m: _api(m, lambda t, r, e: t.api_event_synchronize(e) if r else None))
-    if cuda_mod is not None:
-        patches.wrap(
-            cuda_mod, "synchronize", lambda m: _api(m, lambda t, r, device=None: t.api_device_synchronize(device))
-        )
-        patches.wrap(cuda_mod, "empty_cache", lambda m: _api(m, lambda t, r: t.api_empty_cache()))
-    if tensor_cls is not None:
-        patches.wrap(
-            tensor_cls, "record_stream", lambda m: _api(m, lambda t, r, this, stream: t.api_record_stream(this, stream))
-        )
-
-
-def _torch_targets() -> dict:
-    import torch
-
-    return {"Stream": torch.cuda.Stream, "Event": torch.cuda.Event, "cuda": torch.cuda, "Tensor": torch.Tensor}
-
-
 class _Installed:
     __slots__ = ("tracker", "patches", "trace", "callbacks")
 
-    def __init__(self, tracker: CudaTracker, patches: _Patches, trace: Any, callbacks: list) -> None:
+    def __init__(self, tracker: CudaTracker, patches: Patches, trace: Any, callbacks: list) -> None:
         self.tracker = tracker
         self.patches = patches
         self.trace = trace
@@ -1219,7 +802,7 @@ def _install(session: Any, backend: Any, trace: Any, targets: dict | None, lazy:
     if trace is None and not simulated:
         import torch.cuda._gpu_trace as trace  # noqa: F811
     # Registered first, so that a failure half-way is undone by uninstall().
-    inst = _installed = _Installed(tracker, _Patches(), trace, [])
+    inst = _installed = _Installed(tracker, Patches(), trace, [])
     if trace is not None:
         for register, registry, method in CudaTracker.CALLBACKS:
             fn = getattr(tracker, method)
@@ -1229,7 +812,9 @@ def _install(session: Any, backend: Any, trace: Any, targets: dict | None, lazy:
         import torch
 
         torch._C._activate_gpu_trace()
-    _patch_apis(inst.patches, targets if targets is not None else ({} if simulated else _torch_targets()))
+    patch_apis(
+        inst.patches, targets if targets is not None else ({} if simulated else torch_targets()), lambda: _ACTIVE
+    )
     _ACTIVE = tracker
     LAST_NOTE = NOTE_TRACKING
     if lazy is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_targets import ROOT, TARGETS, plain, raceguard
+from test_cli_targets import TARGETS, plain, raceguard
 
 
 @pytest.fixture

@@ -169,7 +169,7 @@ def test_schedules_find_and_reproduce_both_bugs(inner: pytest.Pytester):
     assert m, torn
     preemptions = ast.literal_eval(m.group(2))
     assert len(preemptions) == 1, preemptions
-    assert f"raceguard: 1 preemption(s)" in torn
+    assert "raceguard: 1 preemption(s)" in torn
     assert f"replay with raceguard.hypothesis.{m.group(1)}.run(...)" in torn
     # The bug needs one preemption between the two halves of reload(): a request sees the new
     # weight with the old bias, never the other way round.

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.hb import AccessRecord, Race
-from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import Resource, describe_tensor
+from ..report.finding import Access, Finding
+from .naming import Resource, describe_tensor, race_finding
 from .stacks import first_user_location, render_site, user_key
 
 
@@ -167,17 +167,7 @@ class CudaReporter:
             hint = _hint(first, second)
         details["why"] = why
         details["bytes"] = [race.lo - offset, race.hi - offset]
-        fingerprint = compute_fingerprint("data-race", resource.root, [first, second])
-        return Finding(
-            kind="data-race",
-            resource=resource.name,
-            resource_kind=resource.kind,
-            message=message,
-            accesses=[first, second],
-            fingerprint=fingerprint,
-            hint=hint,
-            details=details,
-        )
+        return race_finding(resource, message, first, second, hint, details)
 
 
 def _launch_why(first: Access, second: Access, race: Race) -> str:

@@ -44,8 +44,8 @@ from typing import Any, Callable
 
 from ..engine.collectives import CollectiveModel, Pending
 from ..engine.hb import AccessRecord, Race, ShadowStorage
-from ..report.finding import Access, Finding, compute_fingerprint
-from .naming import Resource, StorageMeta, shape_of
+from ..report.finding import Access, Finding
+from .naming import Resource, StorageMeta, race_finding, shape_of
 from .stacks import current_site, first_user_location, render_site, user_key
 from .torch_ops import byte_ranges
 
@@ -371,17 +371,7 @@ class DistTracker:
                 f"collective may run while it happens"
             )
             hint = "order the access before the launch: guard both with one lock, or hand over through a queue or event"
-        fingerprint = compute_fingerprint("data-race", resource.root, [first, second])
-        return Finding(
-            kind="data-race",
-            resource=resource.name,
-            resource_kind=resource.kind,
-            message=message,
-            accesses=[first, second],
-            fingerprint=fingerprint,
-            hint=hint,
-            details={"why": why, "bytes": [race.lo, race.hi]},
-        )
+        return race_finding(resource, message, first, second, hint, {"why": why, "bytes": [race.lo, race.hi]})
 
     def stats(self) -> dict:
         return {"collectives_async": self.model.launches}

@@ -73,6 +73,23 @@ class StorageMeta:
         self.seen_only = seen_only
 
 
+def race_finding(resource: Resource, message: str, first: Any, second: Any, hint: str, details: dict) -> Any:
+    """A ``data-race`` finding on ``resource`` between the accesses ``first`` and ``second``; its
+    fingerprint comes from the resource's root and the two accesses, whatever layer found it."""
+    from ..report.finding import Finding, compute_fingerprint
+
+    return Finding(
+        kind="data-race",
+        resource=resource.name,
+        resource_kind=resource.kind,
+        message=message,
+        accesses=[first, second],
+        fingerprint=compute_fingerprint("data-race", resource.root, [first, second]),
+        hint=hint,
+        details=details,
+    )
+
+
 def shape_of(t: Any) -> tuple:
     """``t``'s shape for naming it later; () for a nested tensor, which has no single shape."""
     try:

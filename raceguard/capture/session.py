@@ -23,7 +23,7 @@ from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, Origin, compute_fingerprint
 from . import hazards
-from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, shape_of
+from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, race_finding, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
 
@@ -612,17 +612,7 @@ class Session:
             if not common:
                 why += " (they hold different locks)"
         hint = _race_hint(first, second, resource)
-        fingerprint = compute_fingerprint("data-race", resource.root, [first, second])
-        return Finding(
-            kind="data-race",
-            resource=resource.name,
-            resource_kind=resource.kind,
-            message=message,
-            accesses=[first, second],
-            fingerprint=fingerprint,
-            hint=hint,
-            details={"why": why, "bytes": [race.lo, race.hi]},
-        )
+        return race_finding(resource, message, first, second, hint, {"why": why, "bytes": [race.lo, race.hi]})
 
     def lock_name(self, lock: Any) -> str:
         site = getattr(lock, "_rg_site", None)

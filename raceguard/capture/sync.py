@@ -981,7 +981,7 @@ class SimpleQueue(_ItemEdges, _queue.SimpleQueue):
             t = sch.current()
             if t is not None:
                 _sync_point(sch, t)
-        var = self._rg_before_put(item)
+        self._rg_before_put(item)  # SimpleQueue.put never fails: nothing to undo
         super().put(item, block, timeout)
         if sch is not None:
             sch.wake((self, "get"))

@@ -18,7 +18,6 @@ import atexit
 import os
 import socket
 import sys
-from typing import Any
 
 from .child import PipeSink, mark_checked
 

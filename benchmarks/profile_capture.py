@@ -74,8 +74,8 @@ def profile_child(args: argparse.Namespace) -> None:
     wrapped in cProfile: exactly what ``raceguard check`` installs, the way it runs the target."""
     import tempfile
 
-    import raceguard.prestart as prestart
-    from raceguard.check import CheckOptions, run_check
+    import raceguard.process.prestart as prestart
+    from raceguard.process.check import CheckOptions, run_check
 
     fd, out = tempfile.mkstemp(suffix=".prof")
     os.close(fd)

@@ -1,3 +1,3 @@
-from raceguard.prestart import main
+from raceguard.process.prestart import main
 
 main()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from raceguard import prestart
+from raceguard.process import prestart
 
 ROOT = Path(__file__).resolve().parent.parent
 RACEGUARD = [sys.executable, "-m", "raceguard"]

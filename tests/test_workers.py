@@ -13,8 +13,8 @@ from pathlib import Path
 
 from raceguard.report.finding import Access, Finding, Frame
 from raceguard.report.text import access_line, finding_lines
-from raceguard.supervisor import _Collector
-from raceguard.workers import Listener, WorkerHub, scrub_environment
+from raceguard.process.supervisor import _Collector
+from raceguard.process.workers import Listener, WorkerHub, scrub_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -189,7 +189,7 @@ def main() -> None:
     from .session import Session
 
     config.update(_read_config(config.pop("config_fd")))
-    from ..workers import forget_bootstrap  # the target's Python children (--no-children: not)
+    from ..process.workers import forget_bootstrap  # the target's Python children (--no-children: not)
 
     forget_bootstrap(config.get("children", True))
 

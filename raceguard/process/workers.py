@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable
 
 ENV_VAR = "RACEGUARD_WORKERS"
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "capture", "bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "capture", "bootstrap")
 
 
 def for_each_json_line(recv: Callable[[], bytes], handle: Callable[[dict], None], bad: Callable[[Exception], None]) -> None:

@@ -62,7 +62,7 @@ def bootstrap_code(package_parent: str) -> str:
 
 
 def package_parent() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def start(python: str | None = None) -> Prestarted:
@@ -154,6 +154,6 @@ def main() -> None:
             atexit.register(_discard_unused)
         except Exception:  # the CLI starts the child the usual way
             _pending = None
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     cli_main(prog_name="raceguard")

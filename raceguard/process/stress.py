@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .report.document import Report, incomplete_analysis
-from .report.filters import Baseline, Suppressions, apply_filters
-from .report.finding import Finding, Reproduce
-from .schedule import failures
-from .schedule.forkserver import ForkServerClient, ServerError, TargetUsageError
+from ..report.document import Report, incomplete_analysis
+from ..report.filters import Baseline, Suppressions, apply_filters
+from ..report.finding import Finding, Reproduce
+from ..schedule import failures
+from ..schedule.forkserver import ForkServerClient, ServerError, TargetUsageError
 
 # Per-schedule timeout when neither --timeout nor the config sets one: a schedule that hangs in
 # a way the scheduler cannot see (real I/O, a C extension) must not hang the whole run.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import prestart
-from .report.finding import Finding
+from ..report.finding import Finding
 
 # Grace periods: after Ctrl-C the child gets this long to unwind before it is interrupted again,
 # then killed; after a timeout, SIGTERM is followed by SIGKILL.

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_common import (
+from .. import __version__
+from .common import (
     TARGET_CONTEXT,
     TargetCommand,
     baseline_from,
@@ -24,8 +24,8 @@ from .cli_common import (
     split_target,
     suppressions_from,
 )
-from .cli_stress import merge, replay, stress
-from .config import ConfigError, load_config
+from .stress import merge, replay, stress
+from ..config import ConfigError, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +49,7 @@ def check(module: str | None, target: tuple[str, ...], no_children: bool, **opts
     Options after the script or module name belong to the target; `--` also ends raceguard's
     options.
     """
-    from .check import CheckOptions, TargetUsageError, run_check
+    from ..process.check import CheckOptions, TargetUsageError, run_check
 
     script, args = split_target(module, target)
     config = config_from(opts)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .cli_common import (
+from .common import (
     REPORT_OPTIONS,
     TARGET_CONTEXT,
     TargetCommand,
@@ -27,7 +27,7 @@ from .cli_common import (
     split_target,
     suppressions_from,
 )
-from .report.document import FORMATS, Report
+from ..report.document import FORMATS, Report
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -82,7 +82,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     the `raceguard replay` command printed next to its findings. --timeout is per schedule
     (default 60 s).
     """
-    from . import stress as stress_mod
+    from ..process import stress as stress_mod
 
     script, args = split_target(module, target)
     config = _stress_config(opts)
@@ -151,7 +151,7 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     Use the command `raceguard stress` prints next to a finding; it carries the seed, the
     strategy and its parameters. The target's output goes to the terminal.
     """
-    from . import stress as stress_mod
+    from ..process import stress as stress_mod
 
     script, args = split_target(module, target)
     config = _stress_config(opts)
@@ -191,8 +191,8 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Show library frames and the effective configuration.")
 def merge(reports: tuple[str, ...], **opts: Any) -> None:
     """Combine JSON reports of `stress --shard I/N` runs into one report."""
-    from .report.document import validate_report
-    from .stress import merge_reports
+    from ..report.document import validate_report
+    from ..process.stress import merge_reports
 
     if not reports:
         fail_usage("merge needs at least one JSON report (from stress --format json --output FILE)")

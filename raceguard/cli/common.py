@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .config import ConfigError, load_config, merge_cli
-from .report.document import FORMATS, Report, write_atomic
-from .report.render import render
+from ..config import ConfigError, load_config, merge_cli
+from ..report.document import FORMATS, Report, write_atomic
+from ..report.render import render
 
 if TYPE_CHECKING:  # imported where used: not needed before the target starts
-    from .report.filters import Suppressions
+    from ..report.filters import Suppressions
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 4
@@ -156,7 +156,7 @@ def config_from(opts: dict, options: dict[str, str] = REPORT_OPTIONS) -> Any:
 def suppressions_from(path: str | None) -> Suppressions | None:
     if not path:
         return None
-    from .report.filters import Suppressions
+    from ..report.filters import Suppressions
     try:
         return Suppressions.load(path)
     except ConfigError as exc:
@@ -166,7 +166,7 @@ def suppressions_from(path: str | None) -> Suppressions | None:
 def baseline_from(path: str | None) -> Any:
     if not path:
         return None
-    from .report.filters import load_baseline
+    from ..report.filters import load_baseline
     try:
         return load_baseline(path)
     except ConfigError as exc:
@@ -175,8 +175,8 @@ def baseline_from(path: str | None) -> Any:
 
 def finish(report: Report, config: Any, opts: dict) -> NoReturn:
     """Write the report where it was asked for, print the summary, exit with the contract code."""
-    from .report.filters import write_baseline
-    from .report.text import print_report
+    from ..report.filters import write_baseline
+    from ..report.text import print_report
 
     fmt = config["format"]
     output = config["output"]

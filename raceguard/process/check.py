@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Callable
 from .supervisor import RunResult, run_target
 
 if TYPE_CHECKING:
-    from .report.document import Report
-    from .report.filters import Baseline, Suppressions
-    from .report.finding import Finding
+    from ..report.document import Report
+    from ..report.filters import Baseline, Suppressions
+    from ..report.finding import Finding
 
 
 @dataclass
@@ -57,7 +57,7 @@ def run_check(options: CheckOptions) -> Report:
 def import_report_layer() -> None:
     """Import what building and printing the report needs (rich alone is ~40 ms) while the
     target's process imports torch, instead of after it ended: the user waits for neither."""
-    from .report import document, filters, text  # noqa: F401
+    from ..report import document, filters, text  # noqa: F401
 
 
 def build_report(
@@ -67,8 +67,8 @@ def build_report(
     suppressions: Suppressions | None = None,
     baseline: Baseline | None = None,
 ) -> Report:
-    from .report.document import Report, incomplete_analysis
-    from .report.filters import apply_filters
+    from ..report.document import Report, incomplete_analysis
+    from ..report.filters import apply_filters
 
     filtered = apply_filters(result.findings, suppressions, baseline)
     stats = {

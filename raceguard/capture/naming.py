@@ -159,19 +159,25 @@ class Namer:
         return f"optimizer[{cls}]"
 
     # -- tensors ---------------------------------------------------------------------------
-    def candidates(self) -> Iterator[tuple[str, str, str, torch.Tensor]]:
-        """(name, kind, root, tensor) for every named tensor."""
-        modules, optimizers = self.roots()
+    @staticmethod
+    def _module_tensors(modules: list) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+        for root, m in modules:
+            for pname, p in m.named_parameters(prefix=root, remove_duplicate=False):
+                yield pname, "parameter", root, p
+            for bname, b in m.named_buffers(prefix=root, remove_duplicate=False):
+                yield bname, "buffer", root, b
+
+    def _grads_and_state(self, modules: list, optimizers: list) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+        # Reading ``.grad`` from this thread while the target's own thread sets it (zero_grad)
+        # is not safe in torch (a segfault was seen): name_storage asks for it only when no
+        # parameter or buffer is the race's tensor.
         param_names: dict[int, str] = {}
         for root, m in modules:
             for pname, p in m.named_parameters(prefix=root, remove_duplicate=False):
                 param_names.setdefault(id(p), pname)
-                yield pname, "parameter", root, p
                 g = p.grad
                 if g is not None:
                     yield pname + ".grad", "grad", root, g
-            for bname, b in m.named_buffers(prefix=root, remove_duplicate=False):
-                yield bname, "buffer", root, b
         for _, opt in optimizers:
             label = self.optimizer_label(opt)
             index = 0
@@ -191,23 +197,13 @@ class Namer:
                             yield f"{label}.state[{pname}].{key}", "optimizer-state", label, value
 
     def name_storage(self, storage: Any, lo: int, hi: int, meta: StorageMeta) -> Resource:
-        best: tuple | None = None
         cdata = storage._cdata
-        for name, kind, root, t in self.candidates():
-            try:
-                if t.untyped_storage()._cdata != cdata:
-                    continue
-            except Exception:
-                continue
-            es = t.element_size()
-            t_lo = t.storage_offset() * es
-            t_hi = t_lo + max(t.numel(), 1) * es
-            if t_hi <= lo or hi <= t_lo:
-                continue
-            exact = 0 if (t_lo, t_hi) == (lo, hi) else 1 if t_lo <= lo and hi <= t_hi else 2
-            rank = (exact, KIND_RANK.get(kind, 9))
-            if best is None or rank < best[0]:
-                best = (rank, name, kind, root)
+        modules, optimizers = self.roots()
+        best = _best_match(self._module_tensors(modules), cdata, lo, hi)
+        if best is None or best[0][0] != 0:  # no parameter or buffer is exactly this tensor
+            found = _best_match(self._grads_and_state(modules, optimizers), cdata, lo, hi)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
         if best is not None:
             return Resource(best[1], best[2], best[3])
         name = describe_tensor(meta)
@@ -219,6 +215,28 @@ class Namer:
             if candidate is obj:
                 return name
         return None
+
+
+def _best_match(candidates: Iterable[tuple[str, str, str, Any]], cdata: int, lo: int, hi: int) -> tuple | None:
+    """The candidate whose bytes of storage ``cdata`` best cover ``[lo, hi)``: exact first, then
+    containing, then overlapping; among equals, by KIND_RANK. ``(rank, name, kind, root)``."""
+    best: tuple | None = None
+    for name, kind, root, t in candidates:
+        try:
+            if t.untyped_storage()._cdata != cdata:
+                continue
+        except Exception:
+            continue
+        es = t.element_size()
+        t_lo = t.storage_offset() * es
+        t_hi = t_lo + max(t.numel(), 1) * es
+        if t_hi <= lo or hi <= t_lo:
+            continue
+        exact = 0 if (t_lo, t_hi) == (lo, hi) else 1 if t_lo <= lo and hi <= t_hi else 2
+        rank = (exact, KIND_RANK.get(kind, 9))
+        if best is None or rank < best[0]:
+            best = (rank, name, kind, root)
+    return best
 
 
 def _scan_namespace(ns: dict) -> Iterator[tuple[str, Any]]:

@@ -498,8 +498,9 @@ class Session:
                 event = {**event, "finding": {**finding, "suppressed": ORDERING_LOST_REASON}}
         with self._emit_lock:
             self.sink(event)
-            if event.get("type") == "finding":
-                # Statistics travel with every finding: a crash right after loses neither.
+            if event.get("type") in ("finding", "hook-error"):
+                # Statistics travel with every finding and lost event: a crash right after loses
+                # neither.
                 self.sink({"type": "stats", "stats": self.stats()})
 
     def _room_for_report(self) -> bool:
@@ -682,7 +683,6 @@ class Session:
             self.emit(
                 {"type": "hook-error", "message": f"raceguard failed while {what}: {exc!r}", "traceback": text}
             )
-            self.sink({"type": "stats", "stats": self.stats()})
         except Exception:
             pass  # the sink itself failed: nothing more can be said, and the target must go on
 

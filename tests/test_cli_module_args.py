@@ -90,7 +90,11 @@ def test_dash_m_after_the_script_belongs_to_the_script() -> None:
 
 def test_torch_distributed_run_gets_its_options(tmp_path: Path) -> None:
     train = tmp_path / "train.py"
-    train.write_text('import os, sys\nprint("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], sys.argv[1:])\n')
+    # One write per worker (print writes each argument separately, and two workers' pieces
+    # interleave on the shared pipe, under plain python too).
+    train.write_text(
+        'import os, sys\nsys.stdout.write(f"rank {os.environ[\'RANK\']} of {os.environ[\'WORLD_SIZE\']} {sys.argv[1:]}\\n")\n'
+    )
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(train), "--epochs", "1"]
     expected = plain(*args)
     got = raceguard("check", "-q", *args)

@@ -158,6 +158,56 @@ def _read_config(fd: int) -> dict:
     return json.loads(b"".join(chunks))
 
 
+def import_torch_quietly() -> tuple[list, list]:
+    """Import torch, holding back what its import prints and sets: (the warnings it raised, the
+    warning filters it added). Warnings torch prints on import (e.g. "Failed to initialize
+    NumPy") are shown only when the target imports torch: a usage error stays one line, a
+    program without torch never sees them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as import_warnings:
+        filters = list(warnings.filters)
+        import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
+
+        # Leaving catch_warnings() drops the filters torch adds on import; put back with torch.
+        torch_filters = [f for f in warnings.filters if f not in filters]
+    return import_warnings, torch_filters
+
+
+def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, list]) -> tuple[Any, Any]:
+    """The session of a checked process (the target's, or a worker's), active in its main thread:
+    deadlocks end the run, SIGTERM reports lock-order cycles, a heartbeat streams statistics, and
+    torch with what came with it stays out of sys.modules until the program imports it (then
+    its held-back warnings and filters arrive, as under plain python). (session, main state)."""
+    import threading
+    import warnings
+
+    from . import hidden
+    from .install import activate
+    from .session import Session
+
+    session = Session(
+        sink,
+        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
+        max_reports=config.get("max_reports"),
+    )
+    # Never deactivated: the program runs instrumented until the process ends (atexit included).
+    main_state = activate(session, thread=threading.main_thread()).state
+    session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
+    _flush_on_sigterm(session)
+    _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
+    import_warnings, torch_filters = held
+
+    def torch_imported() -> None:
+        warnings.filters[:0] = torch_filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+        for message in import_warnings:
+            warnings._showwarnmsg(message)  # type: ignore[attr-defined]
+
+    hidden.hide(hidden.new_modules(own_modules), "torch", torch_imported)
+    return session, main_state
+
+
 def main() -> None:
     own_modules = set(sys.modules)  # what the child imports beyond these is hidden from the target
     config = json.loads(os.environ.pop(ENV_VAR))
@@ -172,21 +222,9 @@ def main() -> None:
 
     # Started before the supervisor had parsed its arguments (raceguard.prestart): import what
     # takes long meanwhile, then wait for what to run. None of the target runs before that.
-    import threading
-    import warnings
+    held = import_torch_quietly()
 
-    # Warnings torch prints on import (e.g. "Failed to initialize NumPy") are shown only when the
-    # target imports torch: a usage error stays one line, a program without torch never sees them.
-    with warnings.catch_warnings(record=True) as import_warnings:
-        filters = list(warnings.filters)
-        import torch  # noqa: F401 - the dispatch mode needs it before the target's first line
-
-        # Leaving catch_warnings() drops the filters torch adds on import; put back with torch.
-        torch_filters = [f for f in warnings.filters if f not in filters]
-
-    from . import hidden, runner
-    from .install import activate
-    from .session import Session
+    from . import runner
 
     config.update(_read_config(config.pop("config_fd")))
     from ..process.workers import forget_bootstrap  # the target's Python children (--no-children: not)
@@ -202,26 +240,7 @@ def main() -> None:
         except OSError:
             pass
 
-    session = Session(
-        sink,
-        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
-        max_reports=config.get("max_reports"),
-    )
-    # Never deactivated: the target runs instrumented until the process ends (atexit included).
-    main_state = activate(session, thread=threading.main_thread()).state
-    session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
-    _flush_on_sigterm(session)
-    _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
-
-    def torch_imported() -> None:
-        warnings.filters[:0] = torch_filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]
-        for message in import_warnings:
-            warnings._showwarnmsg(message)  # type: ignore[attr-defined]
-
-    # torch and what came with it stay out of sys.modules until the target imports them; torch's
-    # import warnings and filters arrive when it does, as they would under plain python.
-    hidden.hide(hidden.new_modules(own_modules), "torch", torch_imported)
+    session, main_state = start_session(sink, config, own_modules, held)
 
     exit_code = 0
     outcome = "exit"

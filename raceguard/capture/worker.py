@@ -13,12 +13,12 @@ If the supervisor cannot be reached the worker runs unchecked, exactly as withou
 
 from __future__ import annotations
 
-import _thread
 import atexit
 import os
 import socket
 import sys
 
+from . import child
 from .child import PipeSink, mark_checked
 
 # Processes that never run the target's code: not worth torch's import.
@@ -91,39 +91,8 @@ def start(config: dict) -> None:
 
 
 def _activate(sink: ProcessSink, config: dict) -> None:
-    import threading
-    import warnings
-
-    from . import child
-
     own_modules = set(sys.modules)
-    with warnings.catch_warnings(record=True) as import_warnings:
-        filters = list(warnings.filters)
-        import torch  # noqa: F401 - the dispatch mode needs it before the worker's first line
-
-        torch_filters = [f for f in warnings.filters if f not in filters]
-
-    from . import hidden
-    from .install import activate
-    from .session import Session
-
-    session = Session(
-        sink,
-        main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
-        max_reports=config.get("max_reports"),
-    )
-    state = activate(session, thread=threading.main_thread()).state
-    session.on_deadlock = lambda: child._end_run_after_deadlock(session, sink)
-    child._flush_on_sigterm(session)
-    _thread.start_new_thread(child._heartbeat, (session, sink, 0.5))
-
-    def torch_imported() -> None:
-        warnings.filters[:0] = torch_filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]
-        for message in import_warnings:
-            warnings._showwarnmsg(message)  # type: ignore[attr-defined]
-
-    hidden.hide(hidden.new_modules(own_modules), "torch", torch_imported)
+    session, state = child.start_session(sink, config, own_modules, child.import_torch_quietly())
 
     def at_exit() -> None:
         # Registered first, so it runs last: after the worker's own atexit handlers.

@@ -105,6 +105,62 @@ def test_replay_of_the_reported_seed_fails_the_same_way(shape: str, tmp_path: Pa
         assert "AssertionError" in proc.stderr
 
 
+# Two threads add to a shared tensor without a lock: some schedules lose updates, and the
+# assertion's message says how many were counted (so it names the schedule, not just the bug).
+# The target prints one line on each stream, which a replay must show once, from its schedule.
+LOST_UPDATE = """\
+import sys, threading
+import torch
+
+total = torch.zeros(1)
+
+def add():
+    for _ in range(3):
+        seen = total.item()
+        total.fill_(seen + 1)
+
+threads = [threading.Thread(target=add) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("lost-update target ran", flush=True)
+print("lost-update target stderr", file=sys.stderr, flush=True)
+assert total.item() == 6, f"lost update: {total.item()} counted for 6 additions"
+"""
+
+
+def test_replay_without_pct_steps_shows_the_output_once_and_replays_the_schedule(tmp_path: Path) -> None:
+    # `replay` without --pct-steps measures the step estimate with a calibration run first. That
+    # run's output is not the target's output under the replayed schedule: the user sees the
+    # target run once. And it calibrates like the stress run did (not with the replayed seed),
+    # so --seed alone replays the very schedule stress found.
+    script = tmp_path / "lost_update.py"
+    script.write_text(LOST_UPDATE)
+    supp = tmp_path / "suppressions.txt"
+    supp.write_text("data-race:*\n")
+    found_json, replay_json = tmp_path / "stress.json", tmp_path / "replay.json"
+    proc = raceguard("stress", "--seed", "1", "--schedules", "20", "--stop-on-first", "-j", "1",
+                     "--suppressions", str(supp), "--format", "json", "-o", str(found_json), str(script))
+    assert proc.returncode == 1, proc.stderr
+    assert "lost-update target" not in proc.stdout + proc.stderr  # stress keeps the output to itself
+    found = load(found_json)
+    failure = next(f for f in found["findings"] if f["kind"] == "target-failure")
+    assert failure["reproduce"]["seed"] != 1  # a calibration seeded like the schedule would differ
+    proc = raceguard("replay", "--seed", str(failure["reproduce"]["seed"]), "--suppressions", str(supp),
+                     "--format", "json", "-o", str(replay_json), str(script))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.count("lost-update target ran") == 1, proc.stdout
+    assert proc.stderr.count("lost-update target stderr") == 1, proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr  # the replayed schedule's
+    replayed = load(replay_json)
+    assert replayed["stats"]["pct_steps"] == found["stats"]["pct_steps"]
+    again = [f for f in replayed["findings"] if f["kind"] == "target-failure"]
+    assert [f["fingerprint"] for f in again] == [failure["fingerprint"]]
+    assert again[0]["message"] == failure["message"]  # the same count lost: the same schedule
+    assert again[0]["reproduce"]["command"] == failure["reproduce"]["command"]
+
+
 @pytest.mark.parametrize("shape", BUG_SHAPES)
 def test_locked_counterpart_is_clean(shape: str, tmp_path: Path) -> None:
     out = tmp_path / "report.json"

@@ -149,7 +149,9 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """Replay one schedule of SCRIPT [ARGS]... exactly and report it like `check`.
 
     Use the command `raceguard stress` prints next to a finding; it carries the seed, the
-    strategy and its parameters. The target's output goes to the terminal.
+    strategy and its parameters. The target's output goes to the terminal. Without --pct-steps,
+    pct first measures the step estimate like `stress` does, with a calibration run whose output
+    is discarded.
     """
     from ..process import stress as stress_mod
 

@@ -11,8 +11,16 @@ Schedule identity
 Schedule ``i`` of a run with base seed ``S`` uses seed ``S + i``. A ``random`` schedule is
 determined by its seed; a ``pct`` schedule by its seed, ``--depth`` and the step estimate
 ``--pct-steps``, which ``stress`` measures once per run with a *calibration* schedule (PCT without
-change points, base seed ``S``; its findings are not reported) and writes into every replay
-command. Shards compute the same estimate, so ``--shard I/N`` runs are slices of one run.
+change points, with the fixed seed :data:`~raceguard.schedule.strategies.CALIBRATION_SEED`
+whatever ``S``; its findings are not reported) and writes into every replay command. Shards
+compute the same estimate, so ``--shard I/N`` runs are slices of one run, and ``replay`` without
+``--pct-steps`` measures it again exactly as ``stress`` did, so ``--seed`` alone replays the
+schedule too.
+
+The calibration run's output never reaches the user: under ``stress`` no schedule's does, and
+under ``replay`` the target's output must be that of the replayed schedule, once. It goes to a
+log file that is deleted, and its stdin is ``/dev/null``, as under ``stress``: the calibration
+runs in the same conditions whichever command runs it.
 
 Sharding: schedule ``i`` belongs to shard ``I`` of ``N`` when ``i % N == I - 1``.
 """
@@ -35,6 +43,7 @@ from ..report.filters import Baseline, Suppressions, apply_filters
 from ..report.finding import Finding, Reproduce
 from ..schedule import failures
 from ..schedule.forkserver import ForkServerClient, ServerError, TargetUsageError
+from ..schedule.strategies import CALIBRATION_SEED
 
 # Per-schedule timeout when neither --timeout nor the config sets one: a schedule that hangs in
 # a way the scheduler cannot see (real I/O, a C extension) must not hang the whole run.
@@ -332,9 +341,19 @@ def _start_server(options: StressOptions, interrupt: "_Interrupt") -> ForkServer
     return client
 
 
-def _calibrate(runner: _Runner, options: StressOptions, base_seed: int) -> int | None:
-    """The PCT step estimate: choice steps of one run under PCT without change points."""
-    result = runner.run_one(runner.spec(CALIBRATION_INDEX, base_seed, "pct", None))
+def _calibrate(runner: _Runner) -> int | None:
+    """The PCT step estimate: choice steps of one run under PCT without change points.
+
+    Always with :data:`CALIBRATION_SEED` (the estimate is part of every schedule's identity, so
+    it must not depend on which seeds a run or a replay asks for), and always with the target's
+    output captured in a log that is then deleted: it is a measurement, not one of the runs the
+    user sees (``replay`` shows only the replayed schedule's output).
+    """
+    spec = runner.spec(CALIBRATION_INDEX, CALIBRATION_SEED, "pct", None)
+    with tempfile.TemporaryDirectory(prefix="raceguard-calibration-") as logdir:
+        if spec["log"] is None:
+            spec["log"] = os.path.join(logdir, "calibration.log")
+        result = runner.run_one(spec)
     if result is None:
         return None
     if result.internal_errors:
@@ -363,7 +382,7 @@ def run_stress(options: StressOptions) -> Report:
                 runner = _Runner(client, options, logdir, interrupt)
                 if options.strategy == "pct" and steps is None and indices:
                     _notify(options, "calibrating", {})
-                    steps = _calibrate(runner, options, base_seed)
+                    steps = _calibrate(runner)
                 _notify(options, "ready", {"pct_steps": steps})
                 if not interrupt.hit and runner.server_error is None:
                     _run_all(runner, options, indices, base_seed, steps, results)
@@ -544,7 +563,8 @@ def _build_report(
 
 
 def run_replay(options: StressOptions) -> Report:
-    """One schedule, reported like ``check``; the target's output goes to the terminal."""
+    """One schedule, reported like ``check``; the target's output goes to the terminal (the
+    replayed schedule's only: a calibration run keeps its output to itself)."""
     started = time.monotonic()
     seed = options.seed if options.seed is not None else 0
     if options.timeout is None:
@@ -558,9 +578,9 @@ def run_replay(options: StressOptions) -> Report:
         try:
             runner = _Runner(client, options, None, interrupt)
             if options.strategy == "pct" and steps is None:
-                # Without --pct-steps the estimate comes from this seed's own calibration run,
-                # so the same replay command always replays the same schedule.
-                steps = _calibrate(runner, options, seed)
+                # Without --pct-steps: the same calibration as the stress run's (fixed seed,
+                # output discarded), so --seed alone replays the schedule stress ran.
+                steps = _calibrate(runner)
             if not interrupt.hit and runner.server_error is None:
                 result = runner.run_one(runner.spec(0, seed, options.strategy, steps))
                 if result is not None:

@@ -37,7 +37,7 @@ from ..report.finding import Finding
 from . import hooks
 from .failures import generic_deadlock_failure
 from .scheduler import ScheduleAborted, Scheduler
-from .strategies import Strategy
+from .strategies import CALIBRATION_SEED, Strategy
 from .watchdog import start_watchdog, virtual_sleep, yield_hook
 
 DEFAULT_TIMEOUT = 60.0
@@ -254,9 +254,9 @@ def _restore_generators(saved: tuple[Any, Any]) -> None:
 
 
 # -- many schedules of one body (the pytest marker) --------------------------------------------
-# PCT's step estimate comes from a calibration run with this fixed seed, not the schedule's: so
-# ``schedules=1, seed=S`` calibrates exactly like the run that found seed S, and replays it.
-CALIBRATION_SEED = 0
+# PCT's step estimate comes from a calibration run with a fixed seed (strategies.CALIBRATION_SEED,
+# the CLI's too), not the schedule's: so ``schedules=1, seed=S`` calibrates exactly like the run
+# that found seed S, and replays it.
 
 
 @dataclass

@@ -36,6 +36,12 @@ ThreadId = int
 
 STRATEGIES = ("random", "pct")
 
+# The seed of PCT's calibration run (the run that measures ``steps``), whatever the schedules'
+# seeds: the estimate is then a function of the target alone, so a run that found seed S and a
+# replay of seed S alone (``raceguard replay`` without ``--pct-steps``, the pytest marker's
+# ``schedules=1, seed=S``) measure the same estimate and run the same schedule.
+CALIBRATION_SEED = 0
+
 
 class Strategy:
     """Base class: every hook is optional except :meth:`choose`."""
@@ -95,9 +101,9 @@ class PCTStrategy(Strategy):
     ``yield_point()``) also drops to the bottom, so a polling loop never starves the thread it
     waits for (PCT is not fair otherwise).
 
-    ``steps`` comes from a calibration run (see :mod:`raceguard.stress`): the step count of one
-    run of the target under PCT without change points. It is part of the schedule's identity and
-    appears in the replay command as ``--pct-steps``. Without an estimate (``steps=None``) the
+    ``steps`` comes from a calibration run (see :mod:`raceguard.process.stress`): the step count of
+    one run of the target under PCT without change points, with :data:`CALIBRATION_SEED`. It is
+    part of the schedule's identity and appears in the replay command as ``--pct-steps``. Without an estimate (``steps=None``) the
     strategy places no change points: that is exactly the calibration run.
     """
 

@@ -34,8 +34,8 @@ def _source(name: str) -> str:
 _WIRED = (
     "hazards.install(" in _source("install.py") + _source("child.py")
     and "hazards.on_rng_op(" in _source("session.py")
-    and "hazards.on_thread_start(" in _source("sync.py")
-    and "hazards.on_submit(" in _source("sync.py")
+    and "hazards.on_thread_start(" in _source("sync/threads.py")
+    and "hazards.on_submit(" in _source("sync/futures.py")
     and "is_rng_op(" in _source("torch_ops.py")
 )
 pytestmark = pytest.mark.skipif(

@@ -65,7 +65,7 @@ _CLASS_ATTRS = [
     (futures_base.Future, "result"), (futures_base.Future, "exception"),
     (futures_thread._WorkItem, "__init__"), (futures_thread._WorkItem, "run"),
 ]
-# ...and whatever else sync.py patches today
+# ...and whatever else the sync package patches today
 _MODULE_ATTRS += [(m, a) for m, a, _ in sync._MODULE_PATCHES if (m, a) not in _MODULE_ATTRS]
 _CLASS_ATTRS += [(c, a) for c, a, _ in sync._METHOD_PATCHES if (c, a) not in _CLASS_ATTRS]
 assert not sync._installed, "sync.install() is already active at import time"

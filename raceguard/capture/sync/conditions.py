@@ -1,0 +1,391 @@
+"""``threading.Condition``, ``Semaphore`` / ``BoundedSemaphore``, ``Event`` and ``Barrier``: each
+modelled by its semantics (a Condition through its lock, release → acquire for semaphores,
+set() → a wait() that returns True, every arrival of a barrier generation → every departure of
+it), with logical waits under the controlled scheduler.
+"""
+
+from __future__ import annotations
+
+import _thread
+import collections
+import threading
+from typing import Any
+
+from ...engine.hb import SyncVar
+from ..stacks import current_site
+from ._common import _active, _blocking, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _var
+from .locks import TrackedRLock
+
+
+# -- condition, semaphores, events, barriers -------------------------------------------------
+class _CondWaiter:
+    """One logical Condition.wait() under the scheduler; the key its thread blocks on."""
+
+    __slots__ = ("notified",)
+
+    def __init__(self) -> None:
+        self.notified = False
+
+
+class Condition(threading.Condition):
+    def __init__(self, lock: Any = None) -> None:
+        self._rg_user = _caller_is_user()
+        if lock is None:
+            if self._rg_user:
+                lock = TrackedRLock(current_site(1))
+                lock._rg_kind = "Condition"
+            else:
+                lock = _orig["RLock"]()
+        super().__init__(lock)
+        self._rg_waiters: collections.deque = collections.deque()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._rg_user:  # Event, Queue, Semaphore, Barrier announce their own waits
+            return super().wait(timeout)
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
+        return _blocking("Condition.wait()", self, timeout is None, super().wait, timeout)
+
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        t.nest += 1
+        try:
+            if not self._is_owned():
+                raise RuntimeError("cannot wait on un-acquired lock")
+            waiter = _CondWaiter()
+            self._rg_waiters.append(waiter)
+            saved = self._release_save()
+            try:
+                deadline = _deadline(sch, timeout)
+                while not waiter.notified:
+                    if _logical_wait(s, sch, t, waiter, deadline, ("wait", "Condition.wait()", id(self))):
+                        break
+            finally:
+                if not waiter.notified:
+                    try:
+                        self._rg_waiters.remove(waiter)
+                    except ValueError:
+                        pass
+                self._acquire_restore(saved)
+            return waiter.notified
+        finally:
+            t.nest -= 1
+
+    def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
+        s = _active()
+        sch = s.sched if s is not None and self._rg_user else None
+        if sch is None or sch.current() is None:
+            return super().wait_for(predicate, timeout)
+        # threading's version measures the timeout in real time; under the scheduler time is virtual.
+        endtime = None
+        waittime = timeout
+        result = predicate()
+        while not result:
+            if waittime is not None:
+                if endtime is None:
+                    endtime = sch.vnow + waittime
+                else:
+                    waittime = endtime - sch.vnow
+                    if waittime <= 0:
+                        break
+            self.wait(waittime)
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        if self._rg_user:
+            s = _active()
+            if s is not None and s.sched is not None:
+                t = s.sched.current()
+                if t is not None:
+                    _sync_point(s.sched, t)
+                    t.nest += 1
+                    try:
+                        if not self._is_owned():
+                            raise RuntimeError("cannot notify on un-acquired lock")
+                    finally:
+                        t.nest -= 1
+                    woken = 0
+                    while self._rg_waiters and woken < n:
+                        waiter = self._rg_waiters.popleft()
+                        waiter.notified = True
+                        s.sched.wake(waiter)
+                        woken += 1
+                    if woken < n and self._waiters:  # threads waiting natively (unmanaged)
+                        super().notify(n - woken)
+                    return
+        super().notify(n)
+
+    def notify_all(self) -> None:
+        if self._rg_user:
+            s = _active()
+            if s is not None and s.sched is not None and s.sched.current() is not None:
+                self.notify(len(self._rg_waiters) + len(self._waiters))
+                return
+        super().notify_all()
+
+    # No ``notifyAll = notify_all``: the inherited notifyAll() warns DeprecationWarning, then
+    # calls notify_all() (this one), exactly as CPython's does.
+
+
+_ORIG_SEMAPHORE_INIT = threading.Semaphore.__init__
+
+
+class _SemaphoreEdges:
+    def __init__(self, value: int = 1) -> None:
+        if "_rg_user" in self.__dict__:
+            # threading.BoundedSemaphore.__init__ calls the module's Semaphore.__init__, i.e. us.
+            _ORIG_SEMAPHORE_INIT(self, value)
+            return
+        self._rg_user = _caller_is_user()
+        super().__init__(value)  # type: ignore[call-arg]
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_acquire(s, t, blocking, timeout)
+        ok = _blocking(
+            "Semaphore.acquire()", self, bool(blocking) and timeout is None, super().acquire, blocking, timeout  # type: ignore[misc]
+        )
+        if ok and self.__dict__.get("_rg_user", True):
+            s = _active()
+            if s is not None:
+                s.acquire(_var(self))
+        return ok
+
+    __enter__ = acquire
+
+    def _rg_sched_acquire(self, s: Any, t: Any, blocking: bool, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        deadline = _deadline(sch, timeout)
+        t.nest += 1
+        try:
+            while True:
+                if super().acquire(False):  # type: ignore[misc]
+                    if self.__dict__.get("_rg_user", True):
+                        s.acquire(_var(self))
+                    return True
+                if not blocking:
+                    return False
+                if _logical_wait(s, sch, t, self, deadline, ("wait", "Semaphore.acquire()", id(self))):
+                    return False
+        finally:
+            t.nest -= 1
+
+    def release(self, n: int = 1) -> None:
+        s = _active()
+        if s is not None:
+            sch = s.sched
+            if sch is not None:
+                t = sch.current()
+                if t is not None:
+                    _sync_point(sch, t)
+            if self.__dict__.get("_rg_user", True):
+                s.release(_var(self))
+            super().release(n)  # type: ignore[misc]
+            if sch is not None:
+                sch.wake(self)
+            return
+        super().release(n)  # type: ignore[misc]
+
+
+class Semaphore(_SemaphoreEdges, threading.Semaphore):
+    pass
+
+
+class BoundedSemaphore(Semaphore, threading.BoundedSemaphore):
+    pass
+
+
+class Event(threading.Event):
+    def set(self) -> None:
+        s = _active()
+        if s is not None:
+            sch = s.sched
+            if sch is not None:
+                t = sch.current()
+                if t is not None:
+                    _sync_point(sch, t)
+                s.release(_var(self))
+                super().set()
+                sch.wake(self)
+                if sch.pending:  # a new thread setting its own _started: admission point
+                    sch.maybe_admit(self)
+                return
+            s.release(_var(self))
+        super().set()
+
+    def clear(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sync_point(s.sched, t)
+        super().clear()
+
+    def is_set(self) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                _sync_point(s.sched, t)
+        flag = super().is_set()
+        if flag:
+            if s is not None:
+                s.acquire(_var(self))
+        return flag
+
+
+    def wait(self, timeout: float | None = None) -> bool:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
+        flag = _blocking("Event.wait()", self, timeout is None, super().wait, timeout)
+        if flag:
+            s = _active()
+            if s is not None:
+                s.acquire(_var(self))
+        return flag
+
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> bool:
+        sch = s.sched
+        _sync_point(sch, t)
+        deadline = _deadline(sch, timeout)
+        t.nest += 1
+        try:
+            while not self._flag:
+                if _logical_wait(s, sch, t, self, deadline, ("wait", "Event.wait()", id(self))):
+                    break
+        finally:
+            t.nest -= 1
+        flag = self._flag
+        if flag:
+            s.acquire(_var(self))
+        return flag
+
+
+class Barrier(threading.Barrier):
+    def __init__(self, parties: int, action: Any = None, timeout: float | None = None) -> None:
+        if action is not None:
+            user_action = action
+
+            def action() -> None:
+                # The action runs in the last arriving thread before anyone departs: its writes
+                # join the generation's clock so every departure is ordered after them.
+                user_action()
+                s = _active()
+                var = getattr(self._rg_local, "var", None)
+                if s is not None and var is not None:
+                    s.release(var)
+
+        super().__init__(parties, action, timeout)
+        self._rg_local = _thread._local()
+        self._rg_guard = _orig["allocate_lock"]()
+        self._rg_arrivals = 0
+        self._rg_generations: dict[int, SyncVar] = {}
+        # Under the scheduler: the current generation and the generations broken by reset().
+        self._rg_sgen = 0
+        self._rg_reset: set[int] = set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        s = _active()
+        if s is not None and s.sched is not None:
+            t = s.sched.current()
+            if t is not None:
+                return self._rg_sched_wait(s, t, timeout)
+        with self._rg_guard:
+            generation = self._rg_arrivals // self._parties
+            self._rg_arrivals += 1
+            var = self._rg_generations.get(generation)
+            if var is None:
+                var = self._rg_generations[generation] = SyncVar()
+                self._rg_generations.pop(generation - 3, None)
+        self._rg_local.var = var
+        if s is not None:
+            s.release(var)
+        effective = self._timeout if timeout is None else timeout
+        index = _blocking("Barrier.wait()", self, effective is None, super().wait, timeout)
+        if s is not None:
+            s.acquire(var)
+        return index
+
+    def _rg_sched_wait(self, s: Any, t: Any, timeout: float | None) -> int:
+        """threading.Barrier's protocol, with logical waits (and the same state fields, so
+        ``n_waiting`` and ``broken`` read right)."""
+        sch = s.sched
+        _sync_point(sch, t)
+        if timeout is None:
+            timeout = self._timeout
+        t.nest += 1
+        try:
+            if self._state == -2:
+                raise threading.BrokenBarrierError
+            gen = self._rg_sgen
+            var = self._rg_generations.get(gen)
+            if var is None:
+                var = self._rg_generations[gen] = SyncVar()
+                self._rg_generations.pop(gen - 3, None)
+            s.release(var)
+            self._rg_local.var = var  # the action (run below by the last arrival) releases into it
+            index = self._count
+            self._count += 1
+            if self._count == self._parties:
+                try:
+                    if self._action:
+                        self._action()
+                except BaseException:
+                    self._state = -2
+                    self._count = 0
+                    sch.wake(self)
+                    raise
+                self._count = 0
+                self._rg_sgen += 1
+                sch.wake(self)
+            else:
+                deadline = _deadline(sch, timeout)
+                while self._rg_sgen == gen and self._state != -2:
+                    if _logical_wait(s, sch, t, self, deadline, ("wait", "Barrier.wait()", id(self))):
+                        if self._rg_sgen == gen and self._state != -2:
+                            self._state = -2  # a timeout breaks the barrier for everyone
+                            self._count = 0
+                            sch.wake(self)
+                if self._rg_sgen == gen or gen in self._rg_reset:
+                    raise threading.BrokenBarrierError
+            s.acquire(var)
+            return index
+        finally:
+            t.nest -= 1
+
+    def reset(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None and s.sched.current() is not None:
+            if self._count > 0 or self._state == -2:
+                self._rg_reset.add(self._rg_sgen)
+                self._rg_sgen += 1
+            self._count = 0
+            self._state = 0
+            s.sched.wake(self)
+            return
+        with self._rg_guard:
+            # Start a fresh generation: waiters of the broken one never depart normally.
+            self._rg_arrivals = -(-self._rg_arrivals // self._parties) * self._parties
+        super().reset()
+
+    def abort(self) -> None:
+        s = _active()
+        if s is not None and s.sched is not None and s.sched.current() is not None:
+            self._state = -2
+            s.sched.wake(self)
+            return
+        super().abort()

@@ -48,9 +48,10 @@ THIS = __file__.rsplit("/", 1)[-1]
 class FakePlan:
     """What the tracker reads of the session's OpPlan."""
 
-    def __init__(self, name: str, fresh_input: bool = False) -> None:
+    def __init__(self, name: str, fresh_input: bool = False, alias_inputs: bool = False) -> None:
         self.name = name
         self.fresh_input = fresh_input
+        self.alias_inputs = alias_inputs
 
 
 class FakeStorage:

@@ -133,7 +133,8 @@ class CudaTracker:
         self.active = False
         self._kinds: dict[int, tuple[Any, int]] = {}
         self._seen_streams: dict[tuple[int, int], StreamTimeline] = {}
-        self._op_ctx: dict[int, tuple[Any, StreamTimeline]] = {}  # host tid -> (info, stream)
+        # host tid -> (info, stream, base addresses of the device inputs or None), before_op to after_op
+        self._op_ctx: dict[int, tuple[Any, StreamTimeline, set | None]] = {}
         self._alloc_sites: dict[int, tuple] = {}  # base address -> site of the allocation callback
         self._handle_device: dict[int, int] = {}
         self.reporter = CudaReporter(self)
@@ -233,22 +234,32 @@ class CudaTracker:
         races: list[Race] = []
         left = []
         host = state.tid
+        # Base addresses of the op's device inputs, for after_op to tell fresh outputs from
+        # in-place or out= results without walking the arguments again; only complete when no
+        # argument is a view source that tensor_args leaves out.
+        bases: set | None = None if plan.alias_inputs else set()
         with self.session.lock:
             stream = self._current(device)
             self.model.launch(host, stream)
             info.stream = stream
-            self._op_ctx[host] = (info, stream)
             for t, is_write in accessed:
                 if is_device(t):
                     if plan.fresh_input:  # torch.tensor(..., device="cuda"): a fresh allocation
                         self._allocate(t, stream, host, info, races)
+                        bases = None
                     else:
-                        self._device_access(t, is_write, stream, host, info, races)
+                        base = self._device_access(t, is_write, stream, host, info, races)
+                        if bases is not None:
+                            if base is None:  # no plain storage: let after_op look again
+                                bases = None
+                            else:
+                                bases.add(base)
                     left.append((t, is_write))
                 elif async_host is not None and t is async_host:
                     self._host_on_stream(t, is_write, stream, host, info, races)
                 else:
                     left.append((t, is_write))
+            self._op_ctx[host] = (info, stream, bases)
         if races:
             self.report_races(races)
         return left
@@ -259,7 +270,9 @@ class CudaTracker:
         ``non_blocking`` device→host copy, which the stream writes."""
         host = state.tid
         ctx = self._op_ctx.pop(host, None)
-        stream = ctx[1] if ctx is not None and ctx[0] is info else None
+        stream = bases = None
+        if ctx is not None and ctx[0] is info:
+            _, stream, bases = ctx
         is_device = self._is_device
         cuda_outs = [o for o in outs if is_device(o)]
         if stream is None and not cuda_outs:
@@ -273,7 +286,7 @@ class CudaTracker:
             host_sync, async_out = self._copy_sync(kind, plan, args, kwargs, host_outs)
         races: list[Race] = []
         with self.session.lock:
-            fresh = self._new_outputs(cuda_outs, args, kwargs) if cuda_outs else ()
+            fresh = self._new_outputs(cuda_outs, args, kwargs, bases) if cuda_outs else ()
             if stream is None:
                 if not fresh:
                     return left  # a view (no input access recorded): no kernel, no launch
@@ -385,31 +398,36 @@ class CudaTracker:
         self.hb.access(self.memory.shadow, [(base, base + nbytes)], rec, races)
         return block
 
-    def _device_access(self, t: Any, is_write: bool, stream: StreamTimeline, host: int, info: Any, races: list) -> None:
+    def _device_access(
+        self, t: Any, is_write: bool, stream: StreamTimeline, host: int, info: Any, races: list
+    ) -> int | None:
+        """Record ``t``'s bytes as accessed on ``stream``; return its storage's base address
+        (None when it has no plain storage)."""
         try:
             st = t.untyped_storage()
         except Exception:  # sparse, nested: no plain storage to track
-            return
+            return None
         base = st.data_ptr()
         nbytes = st.nbytes()
         if not base or nbytes <= 0:
-            return
+            return base
         block = self._block(st, base, nbytes, t, info.site, host, stream)
         rec = self.hb.record(stream.tid, is_write, StreamOpInfo(info.site, info.op, host, block))
         if t.is_contiguous():  # one byte range, without building a list (as the host path does)
             es = t.element_size()
             lo = base + t.storage_offset() * es
             self.hb.access_range(self.memory.shadow, lo, lo + t.numel() * es, rec, races)
-            return
+            return base
         ranges = [(base + lo, base + hi) for lo, hi in byte_ranges(t)]
         self.hb.access(self.memory.shadow, ranges, rec, races)
+        return base
 
-    def _new_outputs(self, cuda_outs: list, args: tuple, kwargs: dict) -> list:
+    def _new_outputs(self, cuda_outs: list, args: tuple, kwargs: dict, inputs: set | None = None) -> list:
         """The outputs in memory that no input had: fresh allocations. A view of an input, an
         in-place or ``out=`` result is recorded as an input. Known blocks are checked first, so
-        the input addresses are collected only for an op that has a new output."""
+        the input addresses (``inputs`` when before_op collected them all) are collected only
+        for an op that has a new output."""
         blocks = self.memory.blocks
-        inputs = None
         fresh = []
         for o in cuda_outs:
             try:

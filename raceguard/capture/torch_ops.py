@@ -64,6 +64,9 @@ class OpPlan:
     fresh_input: bool
     undeclared: tuple[tuple[int, ...], int] | None
     rng: bool = False  # draws from a random generator: Session.on_op calls hazards.on_rng_op
+    # A tensor argument is a view/alias source (``Tensor(a)``), left out of ``args``: an output
+    # may share memory with a tensor that tensor_args does not return.
+    alias_inputs: bool = False
     # ``args`` as plain tuples (index, name, is_list, is_write, kwarg_only) for tensor_args.
     specs: tuple = ()
 
@@ -80,6 +83,7 @@ def build_plan(func: Any) -> OpPlan:
     name = func.name()
     base = name.split(".", 1)[0]
     specs = []
+    alias_inputs = False
     schema = func._schema
     for i, a in enumerate(schema.arguments):
         kind = _tensor_kind(str(a.type))
@@ -87,6 +91,7 @@ def build_plan(func: Any) -> OpPlan:
             continue
         alias = a.alias_info
         if alias is not None and not alias.is_write:
+            alias_inputs = True
             continue  # a view/alias source: the op reads no data through it
         specs.append(ArgSpec(i, a.name, kind, bool(alias is not None and alias.is_write), bool(a.kwarg_only)))
     return OpPlan(
@@ -96,6 +101,7 @@ def build_plan(func: Any) -> OpPlan:
         fresh_input=base in FRESH_INPUT,
         undeclared=UNDECLARED_WRITES.get(base),
         rng=is_rng_op(func),
+        alias_inputs=alias_inputs,
         specs=tuple((a.index, a.name, a.kind == _LIST, a.is_write, a.kwarg_only) for a in specs),
     )
 

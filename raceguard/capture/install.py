@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.hb import HappensBefore
+from . import backward
 from . import compiled
 from . import cuda
 from . import distributed
@@ -88,8 +89,10 @@ def track_constructions(session: Any) -> Callable[[], None]:
         module_init(self, *args, **kwargs)
         try:
             namer.modules.add(self)
-        except TypeError:
+        except TypeError:  # a module that cannot be weakly referenced: found by name only
             pass
+        except Exception as exc:  # raceguard's own failure: never raised into the target
+            session.hook_failed("remembering a module for naming", exc)
 
     init_module.__wrapped__ = module_init  # type: ignore[attr-defined]
     torch.nn.Module.__init__ = init_module  # type: ignore[method-assign]
@@ -98,7 +101,10 @@ def track_constructions(session: Any) -> Callable[[], None]:
 
     def init_optimizer(self: Any, *args: Any, **kwargs: Any) -> None:
         optimizer_init(self, *args, **kwargs)
-        namer.optimizers.append(weakref.ref(self))
+        try:
+            namer.optimizers.append(weakref.ref(self))
+        except Exception as exc:  # raceguard's own failure: never raised into the target
+            session.hook_failed("remembering an optimizer for naming", exc)
 
     init_optimizer.__wrapped__ = optimizer_init  # type: ignore[attr-defined]
     torch.optim.Optimizer.__init__ = init_optimizer  # type: ignore[method-assign]
@@ -209,6 +215,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             session_mod.ACTIVE = session
             hazards.install(session)
             compiled.install()  # torch.compile: Dynamo never traces raceguard; graphs recorded
+            backward.install()  # which threads are inside backward: when .grad is safe to read
             distributed.install(session)  # async collectives as timelines of their process group
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
@@ -216,6 +223,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             cuda.install_tracking(session)
         except BaseException:
             distributed.uninstall(session)
+            backward.uninstall()
             compiled.uninstall()
             hazards.uninstall()
             session_mod.ACTIVE = None
@@ -249,6 +257,7 @@ def deactivate(handle: Handle) -> None:
         finally:
             cuda.uninstall(session)
             distributed.uninstall(session)
+            backward.uninstall()
             compiled.uninstall()
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None

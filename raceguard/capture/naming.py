@@ -16,9 +16,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from . import backward
 from .stacks import USER, classify_code, first_user_location
 
-KIND_RANK = {"parameter": 0, "buffer": 1, "grad": 2, "optimizer-state": 3, "tensor": 4}
+# A gradient known from the op that installed it (Namer.note_grad), not read from ``.grad``:
+# ranked after optimizer state, since a post-accumulate-grad hook (an optimizer step) runs under
+# the same autograd node and may write state with the same ops.
+_NOTED_GRAD = "grad (noted)"
+# What the engine's AccumulateGrad dispatches: the gradient is the output of detach (first
+# gradient, stolen), clone (first, copied), add (create_graph) or _to_copy, or add_'s first
+# argument (accumulated in place).
+_GRAD_RESULT_OPS = frozenset({"aten::detach", "aten::clone", "aten::add", "aten::_to_copy"})
+_GRAD_INPLACE_OPS = frozenset({"aten::add_"})
+
+KIND_RANK = {"parameter": 0, "buffer": 1, "grad": 2, "optimizer-state": 3, _NOTED_GRAD: 3.5, "tensor": 4}
 
 
 @dataclass(frozen=True)
@@ -108,10 +119,60 @@ def describe_tensor(meta: StorageMeta) -> str:
 
 
 class Namer:
-    def __init__(self, main_globals: Callable[[], dict | None]) -> None:
+    def __init__(
+        self, main_globals: Callable[[], dict | None], device_threads: Callable[[], bool] = lambda: False
+    ) -> None:
         self._main_globals = main_globals
+        # Whether a backward may run nodes on threads other than its caller's (CUDA): then
+        # .grad is read only while no thread at all is inside backward (see backward.py).
+        self._device_threads = device_threads
+        # storage _cdata -> (weakref to the storage, {id(param): (weakref to it, lo, hi)}) of
+        # every gradient the engine installed or accumulated: names gradients without reading
+        # .grad. Several, as one storage can hold the gradients of several parameters (views).
+        self._grads: dict[int, tuple[Any, dict[int, tuple[Any, int, int]]]] = {}
+        self._next_grad_sweep = 1024
         self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.optimizers: list[weakref.ref] = []  # creation order matters for labels
+
+    # -- gradients as the engine writes them ----------------------------------------------
+    def note_grad(self, param: Any, op: str, accessed: list, out: Any) -> None:
+        """An op ran inside ``param``'s AccumulateGrad node (on the engine's thread, holding the
+        node's mutex): remember which storage is now ``param``'s gradient."""
+        base = op.split(".", 1)[0]
+        if base in _GRAD_RESULT_OPS:
+            tensors = [out] if isinstance(out, torch.Tensor) else []
+        elif base in _GRAD_INPLACE_OPS:
+            tensors = [t for t, is_write in accessed if is_write][:1]
+        else:
+            return
+        for t in tensors:
+            try:
+                st = t.untyped_storage()
+                es = t.element_size()
+                lo = t.storage_offset() * es
+                span = (weakref.ref(param), lo, lo + max(t.numel(), 1) * es)
+            except Exception:  # sparse, nested, or a parameter without weakref support
+                continue
+            entry = self._grads.get(st._cdata)
+            if entry is None or entry[0]() is not st:
+                entry = self._grads[st._cdata] = (weakref.ref(st), {})
+            entry[1][id(param)] = span
+        if len(self._grads) > self._next_grad_sweep:
+            for cd in [cd for cd, (st, _) in list(self._grads.items()) if st() is None]:
+                self._grads.pop(cd, None)
+            self._next_grad_sweep = max(1024, 2 * len(self._grads))
+
+    def _noted_grads(self, storage: Any) -> dict[int, tuple[Any, int, int]]:
+        """``{id(param): (param, lo, hi)}`` of the gradients the engine put in ``storage``."""
+        entry = self._grads.get(storage._cdata)
+        if entry is None or entry[0]() is not storage:
+            return {}
+        spans = {}
+        for key, (ref, lo, hi) in list(entry[1].items()):
+            param = ref()
+            if param is not None and id(param) == key:
+                spans[key] = (param, lo, hi)
+        return spans
 
     # -- discovery -------------------------------------------------------------------------
     def _named_objects(self) -> Iterator[tuple[str, Any]]:
@@ -167,17 +228,26 @@ class Namer:
             for bname, b in m.named_buffers(prefix=root, remove_duplicate=False):
                 yield bname, "buffer", root, b
 
-    def _grads_and_state(self, modules: list, optimizers: list) -> Iterator[tuple[str, str, str, torch.Tensor]]:
-        # Reading ``.grad`` from this thread while the target's own thread sets it (zero_grad)
-        # is not safe in torch (a segfault was seen): name_storage asks for it only when no
-        # parameter or buffer is the race's tensor.
+    def grads_readable(self) -> bool:
+        """Whether this thread may read ``.grad`` now: while another thread is inside backward,
+        the engine swaps gradients without the GIL, and a read is a use-after-free."""
+        return backward.grads_readable(own_backward=not self._device_threads())
+
+    def _grads_and_state(
+        self, modules: list, optimizers: list, storage: Any
+    ) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+        # name_storage asks for these only when no parameter or buffer is the race's tensor.
+        grads = self.grads_readable()
+        noted = self._noted_grads(storage)
         param_names: dict[int, str] = {}
         for root, m in modules:
             for pname, p in m.named_parameters(prefix=root, remove_duplicate=False):
                 param_names.setdefault(id(p), pname)
-                g = p.grad
+                g = p.grad if grads else None
                 if g is not None:
                     yield pname + ".grad", "grad", root, g
+                elif id(p) in noted and noted[id(p)][0] is p:
+                    yield pname + ".grad", _NOTED_GRAD, root, (storage, *noted[id(p)][1:])
         for _, opt in optimizers:
             label = self.optimizer_label(opt)
             index = 0
@@ -187,12 +257,16 @@ class Namer:
                     index += 1
                     if id(p) not in param_names:
                         yield f"{label}.{pname}", "parameter", label, p
-                        if p.grad is not None:
-                            yield f"{label}.{pname}.grad", "grad", label, p.grad
+                        g = p.grad if grads else None
+                        if g is not None:
+                            yield f"{label}.{pname}.grad", "grad", label, g
+                        elif id(p) in noted and noted[id(p)][0] is p:
+                            yield f"{label}.{pname}.grad", _NOTED_GRAD, label, (storage, *noted[id(p)][1:])
                     state = opt.state.get(p)
                     if not state:
                         continue
-                    for key, value in state.items():
+                    # list(): one copy under the GIL, as the optimizer's thread may add entries
+                    for key, value in list(state.items()):
                         if isinstance(value, torch.Tensor):
                             yield f"{label}.state[{pname}].{key}", "optimizer-state", label, value
 
@@ -201,11 +275,12 @@ class Namer:
         modules, optimizers = self.roots()
         best = _best_match(self._module_tensors(modules), cdata, lo, hi)
         if best is None or best[0][0] != 0:  # no parameter or buffer is exactly this tensor
-            found = _best_match(self._grads_and_state(modules, optimizers), cdata, lo, hi)
+            found = _best_match(self._grads_and_state(modules, optimizers, storage), cdata, lo, hi)
             if found is not None and (best is None or found[0] < best[0]):
                 best = found
         if best is not None:
-            return Resource(best[1], best[2], best[3])
+            kind = "grad" if best[2] == _NOTED_GRAD else best[2]
+            return Resource(best[1], kind, best[3])
         name = describe_tensor(meta)
         return Resource(name, "tensor", name)
 
@@ -222,14 +297,19 @@ def _best_match(candidates: Iterable[tuple[str, str, str, Any]], cdata: int, lo:
     containing, then overlapping; among equals, by KIND_RANK. ``(rank, name, kind, root)``."""
     best: tuple | None = None
     for name, kind, root, t in candidates:
-        try:
-            if t.untyped_storage()._cdata != cdata:
+        if type(t) is tuple:  # (storage, lo, hi): a noted gradient
+            if t[0]._cdata != cdata:
                 continue
-        except Exception:
-            continue
-        es = t.element_size()
-        t_lo = t.storage_offset() * es
-        t_hi = t_lo + max(t.numel(), 1) * es
+            t_lo, t_hi = t[1], t[2]
+        else:
+            try:
+                if t.untyped_storage()._cdata != cdata:
+                    continue
+            except Exception:
+                continue
+            es = t.element_size()
+            t_lo = t.storage_offset() * es
+            t_hi = t_lo + max(t.numel(), 1) * es
         if t_hi <= lo or hi <= t_lo:
             continue
         exact = 0 if (t_lo, t_hi) == (lo, hi) else 1 if t_lo <= lo and hi <= t_hi else 2

@@ -47,6 +47,7 @@ _Tensor = torch.Tensor
 # The autograd node running in this thread (None outside backward): checked inline per op, so the
 # common case pays one C call (hazards.grad_accumulation does the rest; None on an old torch).
 _autograd_node = getattr(torch._C, "_current_autograd_node", None)
+_ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGrad", None)
 
 
 class ThreadState:
@@ -96,7 +97,7 @@ class Session:
         self._next_sweep = 4096
         self.states: dict[int, ThreadState] = {}
         self.timelines: list[ThreadState] = []
-        self.namer = Namer(main_globals)
+        self.namer = Namer(main_globals, lambda: self.cuda is not None)
         self.max_reports = max_reports
         self.ops = 0
         self.started = time.monotonic()
@@ -392,9 +393,11 @@ class Session:
             tid = state.tid
             # Inside the autograd engine's AccumulateGrad: its per-parameter mutex, taken (else None).
             # Taken before the launch below, so a CUDA accumulation is ordered by it too.
-            acc = None
-            if _autograd_node is not None and _autograd_node() is not None:  # inside backward
-                acc = hazards.grad_accumulation(self, state)
+            acc = node = None
+            if _autograd_node is not None:
+                node = _autograd_node()
+                if node is not None:  # inside backward
+                    acc = hazards.grad_accumulation(self, state)
             cuda = self.cuda
             if cuda is not None and accessed:
                 # CUDA tensors (and the pinned host side of non_blocking copies) also go to
@@ -456,6 +459,8 @@ class Session:
                     with self.lock:
                         for o in outs:
                             self._fresh(o, info, tid, inputs)
+            if node is not None and type(node) is _ACCUMULATE_GRAD:  # a gradient installed
+                self.namer.note_grad(node.variable, plan.name, accessed, out)
             if acc is not None:
                 hazards.grad_accumulated(self, state, acc)
             if races:
@@ -577,8 +582,10 @@ class Session:
                 tensors = [*target.parameters(), *target.buffers()]
             else:
                 tensors = [target]
+            grads = self.namer.grads_readable()  # never while another thread runs backward
             for t in tensors:
-                for candidate in (t, t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None):
+                grad = t.grad if grads and isinstance(t, torch.Tensor) and t.requires_grad else None
+                for candidate in (t, grad):
                     if candidate is not None and candidate.untyped_storage()._cdata == cdata:
                         return reason
         return None

@@ -22,7 +22,8 @@ HAZARDS = FIXTURES / "hazards"
 
 # The session calls raceguard.capture.hazards from Session.on_op, Thread.start(), submit() and
 # the child's set-up; until those few lines are in place (see "Wiring" in the docstring of
-# raceguard/capture/hazards.py) the CLI runs without the hazard patches and these tests cannot pass.
+# raceguard/capture/hazards/__init__.py) the CLI runs without the hazard patches and these tests
+# cannot pass.
 _CAPTURE = ROOT / "raceguard" / "capture"
 
 

@@ -613,7 +613,7 @@ def test_reading_grad_during_another_threads_backward_races(run: Run) -> None:
 def test_without_the_autograd_node_binding_accumulations_stay_unordered(run: Run, monkeypatch) -> None:
     # torch without torch._C._current_autograd_node: no modelling, so concurrent backward is
     # reported as before rather than raceguard failing.
-    monkeypatch.setattr(hazards, "_current_node", None)
+    monkeypatch.setattr(hazards.grads, "_current_node", None)
     model = _mlp()
     _backward(model, torch.randn(3, 4))
     xs = [torch.randn(3, 4) for _ in range(2)]

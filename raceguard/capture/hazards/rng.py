@@ -1,0 +1,69 @@
+"""The global RNG: every aten op drawing from a generator (:func:`on_rng_op`, called by
+``Session.on_op``), ``torch.manual_seed`` / ``seed`` / ``set_rng_state`` are writes of that
+generator's location, ``torch.get_rng_state`` a read of the default one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..rng_ops import default_generator_name, rng_generator
+from . import _state
+from ._state import _orig
+from .locations import _loc, _record
+from .reporting import _internal_error, _report_races
+
+
+# -- RNG ops: raceguard/capture/rng_ops.py --------------------------------------------------
+_default_generator_name = default_generator_name
+
+
+# -- the global RNG ------------------------------------------------------------------------------
+def on_rng_op(s: Any, state: Any, func: Any, args: tuple, kwargs: dict) -> None:
+    """An RNG op is about to run in the thread of ``state`` (call only when ``is_rng_op(func)``)."""
+    if s.hb.timelines <= 1:
+        return
+    try:
+        which = rng_generator(func, args, kwargs)
+        if which is None:
+            return
+        key, gen = which
+        label = _default_generator_name(key[1]) if gen is None else None
+        shadow = _loc(key, gen, "rng", label)
+        races = _record(s, state, shadow, [(0, 1)], True, func.name())
+    except Exception as exc:
+        _internal_error(s, "recording a random draw", exc)
+        return
+    if races:
+        _report_races(s, races)
+
+
+def _rng_call(name: str, is_write: bool) -> Callable:
+    original = _orig[name]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        s = _state._session
+        if s is not None and s.hb.timelines > 1:
+            try:
+                key = ("default", "cpu")
+                shadow = _loc(key, None, "rng", _default_generator_name("cpu"))
+                races = _record(s, s.current(), shadow, [(0, 1)], is_write, name)
+            except Exception as exc:
+                _internal_error(s, "recording a reseed", exc)
+                races = []
+            if races:
+                _report_races(s, races)
+        return original(*args, **kwargs)
+
+    call.__wrapped__ = original  # type: ignore[attr-defined]
+    call.__name__ = getattr(original, "__name__", name)
+    call.__doc__ = getattr(original, "__doc__", None)
+    return call
+
+
+_RNG_FUNCTIONS = (
+    ("torch.manual_seed", True),
+    ("torch.seed", True),
+    ("torch.set_rng_state", True),
+    ("torch.get_rng_state", False),
+)

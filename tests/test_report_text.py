@@ -166,6 +166,7 @@ def test_summary_singular_and_fixed() -> None:
         ({"kind": "signal", "code": None, "signal": "SIGABRT", "detail": "killed by SIGABRT\nFatal Python error"}, None, "target killed by SIGABRT"),
         ({"kind": "usage-error", "code": 2, "signal": None, "detail": "no such file: t.py"}, 2, "target could not be run: no such file: t.py"),
         ({"kind": "interrupted", "code": None, "signal": None, "detail": None}, None, "interrupted (Ctrl-C)"),
+        ({"kind": "interrupted", "code": None, "signal": "SIGTERM", "detail": "x"}, None, "interrupted (SIGTERM)"),
         ({"kind": "exception", "code": 1, "signal": None, "detail": "ValueError: bad"}, 1, "target raised ValueError: bad"),
         (None, 3, "target exited with code 3"),
     ],

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
+
+import raceguard
+from raceguard.report.document import validate_report
 
 from raceguard.report.finding import Access, Finding, Frame
 from raceguard.report.text import access_line, finding_lines
@@ -92,3 +101,93 @@ def test_the_environments_own_sitecustomize_still_runs_in_the_target_and_its_chi
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["own sitecustomize False", "own sitecustomize False"]
     assert "2 processes" in proc.stderr
+
+
+# -- Ctrl-C and SIGTERM during a multi-process check --------------------------------------------
+STOPPED = ROOT / "fixtures" / "targets" / "workers_race_then_sleep.py"
+PACKAGE_DIR = str(Path(raceguard.__file__).resolve().parent)
+
+
+def _group_members(pgid: int) -> list[str]:
+    """The live processes of a process group (zombies waiting for init to reap them left out)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            members.append(f"{entry} {cmdline}")
+    return members
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists the process group through /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_ends_every_worker_and_reports_what_each_found(tmp_path, how):
+    """Ctrl-C from a terminal (SIGINT to the whole foreground group) or SIGTERM to raceguard
+    alone (CI cancelling a job): every process's findings are in the report, and no process of
+    the tree is left running, not even a worker that ignores Ctrl-C."""
+    out = tmp_path / "report.json"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), str(STOPPED), "--stubborn-worker"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+    lines: queue.Queue = queue.Queue()
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            lines.put(line.strip())
+        lines.put(None)  # stdout ended: every process of the tree closed it
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        ready = []
+        while len(ready) < 3:  # the target and both workers raced (findings stream as they are made)
+            line = lines.get(timeout=120)
+            assert line is not None, (tmp_path / "stderr").read_text()
+            ready.append(line)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        proc.wait(timeout=60)
+        # The worker that ignores Ctrl-C is killed after the grace periods (2 + 3 s).
+        assert time.monotonic() - stopped < 20
+        reader.join(timeout=10)  # stdout ends only when no process of the tree holds it open
+        assert not reader.is_alive(), _group_members(proc.pid)
+        deadline = time.monotonic() + 10
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _group_members(proc.pid) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, stderr
+    report = json.loads(out.read_text())
+    validate_report(report)
+    assert report["target_outcome"]["kind"] == "interrupted"
+    assert report["target_outcome"]["signal"] == (None if how == "ctrl-c" else "SIGTERM")
+    worker_pids = [int(line.split()[-1]) for line in ready if line.startswith("worker ")]
+    assert len(worker_pids) == 2 and any(line.startswith("target ready") for line in ready), ready
+    races = [f for f in report["findings"] if f["kind"] == "data-race"]
+    seen_in = sorted(tuple(f.get("details", {}).get("processes", ["target"])) for f in races)
+    assert seen_in == sorted([("target",), *((f"process {pid}",) for pid in worker_pids)]), report["findings"]
+    assert report["stats"]["processes"] == 3
+    # The target's own KeyboardInterrupt tracebacks may appear; raceguard's never do.
+    assert f'File "{PACKAGE_DIR}' not in stderr, stderr
+    summary = f"interrupted ({'Ctrl-C' if how == 'ctrl-c' else 'SIGTERM'})"
+    assert stderr.splitlines()[-1].startswith("raceguard: 3 findings") and stderr.rstrip().endswith(summary), stderr

@@ -155,28 +155,54 @@ def run_target(
     reader.start()
 
     interrupted = {"at": None}
+    terminated = {"at": None}  # SIGTERM to raceguard itself (CI cancelling, `timeout`, `kill`)
 
     def on_sigint(signum: int, frame: Any) -> None:
         if interrupted["at"] is None:
             interrupted["at"] = time.monotonic()
 
-    previous = None
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if terminated["at"] is None:
+            terminated["at"] = time.monotonic()
+
+    # Held until every worker is accounted for: a second Ctrl-C while the workers unwind must
+    # not kill this process and leave them running without a report.
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    timed_out = False
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
+    # Ending the tree with SIGTERM, then SIGKILL after KILL_GRACE: on --timeout or our own SIGTERM.
+    timed_out = terminating = False
     forwarded = killed = False
+    kill_at = killed_at = 0.0
     if on_started is not None:
         try:
             on_started()
         except Exception:  # a warm-up only: whatever it needs is imported again later
             pass
     exited = _exit_waiter(proc)
+    target_done = False
+    workers_until = 0.0
     try:
         deadline = started + timeout if timeout else None
         while True:
-            if exited(0.05):
-                break
+            if not target_done and exited(0.05):
+                target_done = True
+                workers_until = time.monotonic() + WORKER_GRACE
             now = time.monotonic()
+            ending = terminating or interrupted["at"] is not None
+            if target_done:
+                # Its Python children may still stream findings. A run that is being ended
+                # (timeout, Ctrl-C, SIGTERM) ends them too, with the same escalation as the
+                # target's; otherwise they get WORKER_GRACE and are left to themselves.
+                if hub is None or not hub.running():
+                    break
+                if not ending and now > workers_until:
+                    break
+                time.sleep(0.05)
+                now = time.monotonic()
+            if killed and now > killed_at + KILL_GRACE:
+                break  # still there after SIGKILL (stuck in the kernel): report without them
             if interrupted["at"] is not None:
                 # A terminal Ctrl-C reaches the child too; forward one only if it did not end.
                 if not forwarded and now - interrupted["at"] > INTERRUPT_GRACE:
@@ -184,22 +210,26 @@ def run_target(
                     forwarded = True
                 elif forwarded and not killed and now - interrupted["at"] > INTERRUPT_GRACE + KILL_GRACE:
                     signal_tree(signal.SIGKILL)
-                    killed = True
-            if deadline is not None and now > deadline and not timed_out:
+                    killed, killed_at = True, now
+            if deadline is not None and now > deadline and not target_done and not terminating:
                 timed_out = True
+            if (timed_out or terminated["at"] is not None) and not terminating:
+                terminating = True
                 signal_tree(signal.SIGTERM)
                 kill_at = now + KILL_GRACE
-            if timed_out and not killed and now > kill_at:
+            if terminating and not killed and now > kill_at:
                 signal_tree(signal.SIGKILL)
-                killed = True
+                killed, killed_at = True, now
+        reader.join(timeout=5.0)
+        if hub is not None:
+            if terminating or killed:
+                hub.signal_all(signal.SIGKILL)  # what the target's process left behind ends with it
+            # The wait above is over: only connections accepted last are still to be drained.
+            _add_worker_stats(collector, hub.finish(max(0.5, workers_until - time.monotonic())))
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    reader.join(timeout=5.0)
-    if hub is not None:
-        if timed_out or killed:
-            hub.signal_all(signal.SIGKILL)  # what the target's process left behind ends with it
-        _add_worker_stats(collector, hub.finish(WORKER_GRACE))
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
     result = collector.result
     result.wall_seconds = time.monotonic() - started
     rc = proc.returncode
@@ -209,7 +239,15 @@ def run_target(
         result.outcome = {"kind": "usage-error", "code": 2, "signal": None, "detail": result.usage_error}
         return result
     exit_message = collector.exit_message
-    if timed_out:
+    if terminated["at"] is not None:
+        result.target_exit_code = exit_message["code"] if exit_message else None
+        result.outcome = {
+            "kind": "interrupted",
+            "code": result.target_exit_code,
+            "signal": "SIGTERM",
+            "detail": "raceguard received SIGTERM: the target and its workers were ended",
+        }
+    elif timed_out:
         result.outcome = {"kind": "timeout", "code": None, "signal": None, "detail": f"timed out after {timeout:g} s"}
     elif interrupted["at"] is not None or (exit_message and exit_message.get("outcome") == "interrupted"):
         result.target_exit_code = exit_message["code"] if exit_message else None

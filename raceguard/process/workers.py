@@ -116,7 +116,7 @@ def scrub_environment(environ: Any = os.environ) -> None:
 
 
 class _Worker:
-    __slots__ = ("pid", "label", "stats", "exited", "conn")
+    __slots__ = ("pid", "label", "stats", "exited", "done", "conn")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
@@ -124,6 +124,7 @@ class _Worker:
         self.label: str | None = None
         self.stats: dict = {}
         self.exited = False
+        self.done = False  # its connection ended: the process is gone (or closed it)
 
 
 class WorkerHub:
@@ -176,9 +177,13 @@ class WorkerHub:
             with self.lock:
                 self._event(worker, event)
 
-        with worker.conn:
-            # An unreadable line: a worker killed mid-write, nothing complete in it.
-            for_each_json_line(recv, handle, lambda exc: None)
+        try:
+            with worker.conn:
+                # An unreadable line: a worker killed mid-write, nothing complete in it.
+                for_each_json_line(recv, handle, lambda exc: None)
+        finally:
+            with self.lock:
+                worker.done = True
 
     def _event(self, worker: _Worker, event: dict) -> None:
         kind = event.get("type")
@@ -208,8 +213,15 @@ class WorkerHub:
         # usage-error and target-exception describe the target's own process only
 
     def pids(self) -> list[int]:
+        """Workers still connected: one that said "exit" may still hang in its shutdown; one
+        whose connection ended is gone (and its pid may be another process's by now)."""
         with self.lock:
-            return [w.pid for w in self.workers if w.pid and not w.exited]
+            return [w.pid for w in self.workers if w.pid and not w.done]
+
+    def running(self) -> bool:
+        """Whether a worker is still connected (still alive, or still being read)."""
+        with self.lock:
+            return any(not w.done for w in self.workers)
 
     def signal_all(self, sig: int) -> None:
         """End the tree: the target's own process is signalled by the supervisor."""

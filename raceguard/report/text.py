@@ -212,7 +212,8 @@ def describe_outcome(report: "Report") -> str | None:
     if kind == "timeout":
         return _timeout_phrase(first)
     if kind == "interrupted":
-        return "interrupted (Ctrl-C)"
+        sent = outcome.get("signal")
+        return f"interrupted ({sent})" if sent and sent != "SIGINT" else "interrupted (Ctrl-C)"
     if kind == "deadlock":
         return "target deadlocked and was stopped"
     if kind == "exception":

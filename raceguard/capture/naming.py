@@ -70,6 +70,21 @@ class OriginSite:
         self.tid = tid
 
 
+class StorageRef(weakref.ref):
+    """A weak reference to a storage that knows the storage's key (``_cdata``), so that the
+    callback that learns of its death can tell which shadow to drop."""
+
+    __slots__ = ("cd",)
+
+    def __new__(cls, storage: Any, callback: Any, cd: int) -> "StorageRef":
+        self = super().__new__(cls, storage, callback)
+        self.cd = cd
+        return self
+
+    def __init__(self, storage: Any, callback: Any, cd: int) -> None:
+        super().__init__(storage, callback)
+
+
 class StorageMeta:
     """What the capture layer remembers about a storage, for naming it later."""
 

@@ -43,9 +43,10 @@ Not thread-safe: callers hold the same lock as for :class:`HappensBefore` (the s
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Any, Iterable
 
-from .hb import HappensBefore, ShadowStorage, SyncVar, TimelineId, _join_into
+from .hb import HappensBefore, ShadowStorage, SyncVar, TimelineId, _join_into, _only_timeline
 
 DEFAULT_STREAM = 0  # the handle of the legacy default stream (cudaStreamLegacy / NULL)
 
@@ -238,6 +239,29 @@ class DeviceMemory:
             self.pending_frees.append((block.lo, block.hi, var))
             if len(self.pending_frees) > self.MAX_PENDING_FREES:
                 del self.pending_frees[0]
+        elif block.stream is not None:
+            self._forget_own_accesses(block)
+
+    def _forget_own_accesses(self, block: DeviceBlock) -> None:
+        """Drop the shadow of a freed block where only its own stream touched it. The caching
+        allocator hands a freed block out again only on the stream it was allocated on (its
+        pool), whose order follows those accesses: they can never race with the next user, and
+        keeping them would grow the shadow (and the garbage collector's work) with every
+        allocation. Accesses by other streams stay: they are what a missing record_stream
+        races with."""
+        sh = self.shadow
+        starts, ends, cells = sh.starts, sh.ends, sh.cells
+        lo, hi, own = block.lo, block.hi, block.stream.tid
+        i = bisect_right(ends, lo)  # the first interval ending after lo
+        j = bisect_left(starts, hi, i)  # the first interval starting at or after hi
+        if i >= j:
+            return
+        keep = [k for k in range(i, j) if starts[k] < lo or ends[k] > hi or not _only_timeline(cells[k], own)]
+        if len(keep) == j - i:
+            return
+        starts[i:j] = [starts[k] for k in keep]
+        ends[i:j] = [ends[k] for k in keep]
+        cells[i:j] = [cells[k] for k in keep]
 
     def reallocated(self, lo: int, hi: int, host: TimelineId) -> None:
         """``[lo, hi)`` is handed to a new tensor by ``host``'s allocation: the allocator saw the

@@ -17,6 +17,8 @@ from __future__ import annotations
 import _thread
 from typing import Any, Callable
 
+from .identity import present_as
+
 # thread ident -> depth of backward calls it is inside (reentrant backward, e.g. checkpointing)
 _inside: dict[int, int] = {}
 _patched: list[tuple[Any, Callable]] = []  # (module, original) for each patched binding
@@ -55,8 +57,7 @@ def _bracket(original: Callable) -> Callable:
                 _failed("noting the end of a backward pass", exc)
 
     _engine_run_backward.__wrapped__ = original  # type: ignore[attr-defined]
-    _engine_run_backward.__doc__ = getattr(original, "__doc__", None)
-    return _engine_run_backward
+    return present_as(_engine_run_backward, original)
 
 
 def install() -> bool:

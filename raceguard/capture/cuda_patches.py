@@ -7,6 +7,8 @@ from __future__ import annotations
 import _thread
 from typing import Any, Callable
 
+from .identity import present_as
+
 _tls = _thread._local()  # depth of patched torch.cuda API calls in this thread
 
 
@@ -31,8 +33,7 @@ class Patches:
         original = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else _MISSING
         wrapper = make(current)
         wrapper.__wrapped__ = current  # type: ignore[attr-defined]
-        wrapper.__name__ = getattr(current, "__name__", attr)
-        wrapper.__doc__ = getattr(current, "__doc__", None)
+        present_as(wrapper, current)
         setattr(owner, attr, wrapper)
         self.applied.append((owner, attr, original, wrapper))
 

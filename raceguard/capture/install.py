@@ -46,6 +46,7 @@ from . import distributed
 from . import hazards
 from . import session as session_mod
 from . import sync
+from .identity import present_as
 from .session import Session
 
 # Set to a non-empty value other than "0": CPU tensors are device memory (see capture/cudasim.py).
@@ -95,6 +96,7 @@ def track_constructions(session: Any) -> Callable[[], None]:
             session.hook_failed("remembering a module for naming", exc)
 
     init_module.__wrapped__ = module_init  # type: ignore[attr-defined]
+    present_as(init_module, module_init)
     torch.nn.Module.__init__ = init_module  # type: ignore[method-assign]
 
     optimizer_init = torch.optim.Optimizer.__init__
@@ -107,6 +109,7 @@ def track_constructions(session: Any) -> Callable[[], None]:
             session.hook_failed("remembering an optimizer for naming", exc)
 
     init_optimizer.__wrapped__ = optimizer_init  # type: ignore[attr-defined]
+    present_as(init_optimizer, optimizer_init)
     torch.optim.Optimizer.__init__ = init_optimizer  # type: ignore[method-assign]
 
     def undo() -> None:

@@ -62,6 +62,7 @@ from typing import Any
 
 from torch import nn
 
+from ..identity import present_as
 from ..rng_ops import RNG_ALWAYS_DEFAULT, RNG_OPS, is_rng_op, rng_generator
 from . import _state, calls, lazy
 from ._state import _groups, _orig, _reported
@@ -137,6 +138,19 @@ def install(session: Any) -> None:
         _orig[name] = getattr(torch, name.split(".", 1)[1])
         _orig["torch.random." + name.split(".", 1)[1]] = getattr(torch.random, name.split(".", 1)[1])
 
+    # Each replacement carries the name, qualified name, module and doc of what it replaces.
+    for new, original in (
+        (_module_setattr, "Module.__setattr__"),
+        (_module_delattr, "Module.__delattr__"),
+        (_handle_remove, "RemovableHandle.remove"),
+        (_infer_parameters, "LazyModuleMixin._infer_parameters"),
+        (_tensor_reduce_ex, "Tensor.__reduce_ex__"),
+        (_torch_save, "torch.save"),
+        (_set_grad_enabled, "torch._C._set_grad_enabled"),
+        (_set_autocast_enabled, "torch.set_autocast_enabled"),
+        (_inference_mode_enter, "inference_mode.__enter__"),
+    ):
+        present_as(new, _orig[original])
     nn.Module.__setattr__ = _module_setattr  # type: ignore[method-assign]
     nn.Module.__delattr__ = _module_delattr  # type: ignore[method-assign]
     for method, slot_name in _HOOK_METHODS:
@@ -145,7 +159,6 @@ def install(session: Any) -> None:
     LazyModuleMixin._infer_parameters = _infer_parameters  # type: ignore[method-assign]
     torch.Tensor.__reduce_ex__ = _tensor_reduce_ex  # type: ignore[method-assign]
     _torch_save.__wrapped__ = _orig["torch.save"]  # type: ignore[attr-defined]
-    _torch_save.__doc__ = _orig["torch.save"].__doc__
     torch.save = _torch_save
     torch.serialization.save = _torch_save
     torch._C._set_grad_enabled = _set_grad_enabled

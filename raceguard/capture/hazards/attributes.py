@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..identity import present_as
 from . import _state, lazy
 from ._state import _orig, _tls
 from .locations import _module_loc, _record, _slot
@@ -133,9 +134,7 @@ def _hook_registrar(method: str, slot_name: str) -> Callable:
         return handle
 
     register.__wrapped__ = original  # type: ignore[attr-defined]
-    register.__name__ = method
-    register.__doc__ = original.__doc__
-    return register
+    return present_as(register, original)
 
 
 _HOOK_METHODS = (

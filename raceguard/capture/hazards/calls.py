@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...engine.hb import Race, ShadowStorage
+from ..identity import present_as
 from . import _state
 from ._state import _tls
 from .locations import CALL_SLOTS, _locs, _module_loc, _record
@@ -44,6 +45,7 @@ def watch_module_calls() -> None:
     global _orig_call
     if _state._installed and _orig_call is None:
         _orig_call = nn.Module.__call__
+        present_as(_module_call, _orig_call)
         nn.Module.__call__ = _module_call  # type: ignore[method-assign]
 
 

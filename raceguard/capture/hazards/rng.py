@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..identity import present_as
 from ..rng_ops import default_generator_name, rng_generator
 from . import _state
 from ._state import _orig
@@ -56,9 +57,7 @@ def _rng_call(name: str, is_write: bool) -> Callable:
         return original(*args, **kwargs)
 
     call.__wrapped__ = original  # type: ignore[attr-defined]
-    call.__name__ = getattr(original, "__name__", name)
-    call.__doc__ = getattr(original, "__doc__", None)
-    return call
+    return present_as(call, original)
 
 
 _RNG_FUNCTIONS = (

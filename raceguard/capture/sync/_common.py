@@ -12,6 +12,7 @@ from typing import Any
 
 from ...engine.hb import SyncVar
 from .. import session as session_mod
+from ..identity import present_as as _present_as  # noqa: F401 - the primitives' identity
 from ..stacks import HIDDEN, USER, classify_code
 
 
@@ -99,14 +100,3 @@ def _var(obj: Any, attr: str = "_rg_var") -> SyncVar:
     if var is None:
         var = obj.__dict__.setdefault(attr, SyncVar())
     return var
-
-
-def _present_as(new: Any, original: Any) -> None:
-    """Give a replacement the original's identity: repr() and pickling name the module the
-    original lives in, and ``support.check__all__`` (CPython's own tests) sees ``threading.Lock``
-    defined by ``_thread``."""
-    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
-        try:
-            setattr(new, attr, getattr(original, attr))
-        except (AttributeError, TypeError):
-            pass

@@ -90,13 +90,13 @@ class _CompiledGraph:
         if s is None or getattr(s, "closed", False) or s.hb.timelines <= 1:
             # One thread so far: whatever it does is ordered before every thread it starts.
             return self.fn(*args, **kwargs)
-        accessed = [(t, w, _version_of(t)) for t, w in self.lifted]
-        writes = self.writes
-        flat = args[0] if len(args) == 1 and type(args[0]) is list else args  # boxed calling convention
-        for i, a in enumerate(flat):
-            if isinstance(a, _Tensor):
-                accessed.append((a, i in writes, _version_of(a)))
         try:
+            accessed = [(t, w, _version_of(t)) for t, w in self.lifted]
+            writes = self.writes
+            flat = args[0] if len(args) == 1 and type(args[0]) is list else args  # boxed calling convention
+            for i, a in enumerate(flat):
+                if isinstance(a, _Tensor):
+                    accessed.append((a, i in writes, _version_of(a)))
             state = s.current()
             _record(s, state, [(t, w) for t, w, _ in accessed], self.label)
         except Exception as exc:  # the graph runs exactly as without raceguard
@@ -156,9 +156,12 @@ _RUNTIME_WRAPPERS = "torch._functorch._aot_autograd.runtime_wrappers"
 def _note_metadata(self: Any, compiled_fn: Any, aot_config: Any, *args: Any, **kwargs: Any) -> Any:
     """``RuntimeWrapper.post_compile``: the one place AOTAutograd hands over which inputs a graph
     mutates, whether it compiled the graph or loaded it from its cache."""
-    meta = kwargs.get("runtime_metadata")
-    if meta is not None:
-        _tls.input_info = getattr(meta, "input_info", None)
+    try:
+        meta = kwargs.get("runtime_metadata")
+        if meta is not None:
+            _tls.input_info = getattr(meta, "input_info", None)
+    except Exception as exc:  # the graph's mutations are then seen by version counters only
+        _failed("reading a compiled graph's mutation metadata", exc)
     return _orig["post_compile"](self, compiled_fn, aot_config, *args, **kwargs)
 
 
@@ -186,10 +189,17 @@ def _call_user_compiler(self: Any, gm: Any, *args: Any, **kwargs: Any) -> Any:
         _generated_code_is_library()
         lifted, writes = _graph_tensors(gm, _tls.input_info)
         return _CompiledGraph(fn, lifted, writes, "torch.compile graph")
-    except Exception:  # an unexpected graph module: run the graph unrecorded, never break it
+    except Exception as exc:  # an unexpected graph module: run the graph unrecorded, never break it
+        _failed("wrapping a compiled graph", exc)
         return fn
     finally:
         _tls.input_info = None
+
+
+def _failed(what: str, exc: BaseException) -> None:
+    s = session_mod.ACTIVE
+    if s is not None:
+        s.hook_failed(what, exc)
 
 
 # (module, class, attribute, replacement): wrapped while a session is active.
@@ -250,8 +260,8 @@ class _PatchAfterExec(importlib.abc.Loader):
         sys.modules[module.__name__] = module  # _patch_dynamo looks it up there
         try:
             _patch_dynamo()
-        except Exception:
-            pass  # unrecorded compiled graphs, never a failed import
+        except Exception as exc:  # unrecorded compiled graphs, never a failed import
+            _failed("watching torch.compile", exc)
 
 
 def _generated_code_is_library() -> None:

@@ -851,8 +851,8 @@ def _activate_if_current(tracker: CudaTracker) -> Callable[[], None]:
         try:
             if _ACTIVE is tracker:
                 tracker.activate()
-        except Exception:
-            pass  # a queued call that raises would fail torch.cuda's lazy init: never
+        except Exception as exc:  # a queued call that raises would fail torch.cuda's lazy init: never
+            hook_failed(tracker.session, "starting to track CUDA streams", exc, True)
 
     return activate
 

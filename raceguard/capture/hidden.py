@@ -103,7 +103,13 @@ class HiddenModules:
                 sys.modules.setdefault(n, module)  # in sys.modules before it stops being hidden
                 self.hidden.pop(n, None)
         if everything_now:
-            self.on_everything()
+            try:
+                self.on_everything()
+            except Exception as exc:  # raceguard's own (torch's held-back warnings): never the target's import
+                from . import session as session_mod
+
+                if session_mod.ACTIVE is not None:
+                    session_mod.ACTIVE.hook_failed("handing torch back to the target", exc)
 
 
 def new_modules(before: Iterable[str]) -> dict[str, types.ModuleType]:

@@ -131,7 +131,13 @@ def prepare_or_exit(config: dict, send: Any) -> Any:
 
 def print_uncaught(exc: BaseException) -> None:
     """Print an uncaught exception like the interpreter does, without raceguard's frames."""
-    own_frames_removed(exc)
+    try:
+        own_frames_removed(exc)
+    except Exception as error:  # raceguard's own failure: printed with its frames rather than not at all
+        from . import session as session_mod
+
+        if session_mod.ACTIVE is not None:
+            session_mod.ACTIVE.hook_failed("taking raceguard's frames out of a traceback", error)
     sys.excepthook(type(exc), exc, exc.__traceback__)
 
 

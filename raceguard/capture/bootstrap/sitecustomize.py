@@ -29,16 +29,22 @@ def _bootstrap() -> None:
         return  # not under raceguard, or the target's own process (raceguard.capture.child)
     if _os.environ.get("RACEGUARD_CHECKED_PID") == str(_os.getpid()):
         return  # a subinterpreter of a process raceguard already checks: torch cannot load there
-    import json
-
-    config = json.loads(raw)
-    _sys.path.insert(0, config["package"])
     try:
-        from raceguard.capture import worker
-    finally:
-        if _sys.path and _sys.path[0] == config["package"]:
-            del _sys.path[0]
-    worker.start(config)
+        import json
+
+        config = json.loads(raw)
+        _sys.path.insert(0, config["package"])
+        try:
+            from raceguard.capture import worker
+        finally:
+            if _sys.path and _sys.path[0] == config["package"]:
+                del _sys.path[0]
+        worker.start(config)
+    except Exception:
+        # raceguard's own failure (an unreadable configuration, raceguard unimportable in this
+        # environment, a bug before the worker reached the supervisor): the worker runs unchecked,
+        # exactly as without raceguard, never with site's "Error in sitecustomize" on its stderr.
+        pass
 
 
 _bootstrap()

@@ -21,22 +21,27 @@ from .reporting import _internal_error, _report_races
 
 # -- module flags, attributes and hooks ------------------------------------------------------
 def _module_setattr(self: Any, name: str, value: Any) -> None:
-    if type(value) in lazy._LAZY_TYPES:
-        lazy._mark_lazy(self, name, value)
+    # A hook boundary on a hot path: one try, free while nothing raises; the store itself runs
+    # once, outside it.
     s = _state._session
-    if s is not None and s.hb.timelines > 1 and not getattr(_tls, "quiet", 0):
-        old = _stored_value(self, name)
-        if old is _SETTER:
-            # A property: its setter's own stores are recorded where it makes them (transformers'
-            # kernels_mode setter re-kernelises only when the mode changes).
-            _attr_access(s, self, name, f"setattr {name} (property)", False)
-        elif old is not _ABSENT and _unchanged(old, value):
-            # Storing the value already there (model.eval() on an eval model, as libraries do on
-            # every request) changes nothing another thread could observe: a read, which still
-            # races with a store that does change it.
-            _attr_access(s, self, name, f"setattr {name} (same value)", False)
-        else:
-            _attr_write(s, self, name, f"setattr {name}")
+    try:
+        if type(value) in lazy._LAZY_TYPES:
+            lazy._mark_lazy(self, name, value)
+        if s is not None and s.hb.timelines > 1 and not getattr(_tls, "quiet", 0):
+            old = _stored_value(self, name)
+            if old is _SETTER:
+                # A property: its setter's own stores are recorded where it makes them (transformers'
+                # kernels_mode setter re-kernelises only when the mode changes).
+                _attr_access(s, self, name, f"setattr {name} (property)", False)
+            elif old is not _ABSENT and _unchanged(old, value):
+                # Storing the value already there (model.eval() on an eval model, as libraries do on
+                # every request) changes nothing another thread could observe: a read, which still
+                # races with a store that does change it.
+                _attr_access(s, self, name, f"setattr {name} (same value)", False)
+            else:
+                _attr_write(s, self, name, f"setattr {name}")
+    except Exception as exc:
+        _internal_error(s, "recording a module attribute write", exc)
     _orig["Module.__setattr__"](self, name, value)
 
 
@@ -147,12 +152,15 @@ _HOOK_METHODS = (
 
 
 def _handle_remove(self: Any) -> None:
-    owner = self.__dict__.get("_rg_hz_owner")
-    if owner is not None:
-        s = _state._session
-        module = owner[0]()
-        if module is not None and s is not None and s.hb.timelines > 1 and not getattr(_tls, "quiet", 0):
-            hooks = self.hooks_dict_ref()
-            if hooks is not None and self.id in hooks:  # removing an already removed hook is a no-op
-                _attr_write(s, module, owner[1], "RemovableHandle.remove")
+    s = _state._session
+    try:
+        owner = self.__dict__.get("_rg_hz_owner")
+        if owner is not None:
+            module = owner[0]()
+            if module is not None and s is not None and s.hb.timelines > 1 and not getattr(_tls, "quiet", 0):
+                hooks = self.hooks_dict_ref()
+                if hooks is not None and self.id in hooks:  # removing an already removed hook is a no-op
+                    _attr_write(s, module, owner[1], "RemovableHandle.remove")
+    except Exception as exc:
+        _internal_error(s, "recording a hook removal", exc)
     _orig["RemovableHandle.remove"](self)

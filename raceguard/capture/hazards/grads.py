@@ -47,15 +47,18 @@ def grad_accumulation(s: Any, state: Any) -> SyncVar | None:
             var = _grad_var(param)
             s.hb.acquire(state.tid, var)
         return var
-    except Exception as exc:  # never break the target
-        _internal_error(s, "ordering a gradient accumulation", exc)
+    except Exception as exc:  # never break the target; the engine's order is lost
+        _internal_error(s, "ordering a gradient accumulation", exc, ordering=True)
         return None
 
 
 def grad_accumulated(s: Any, state: Any, var: SyncVar) -> None:
     """The accumulation op that :func:`grad_accumulation` returned ``var`` for is recorded."""
-    with s.lock:
-        s.hb.release(state.tid, var)
+    try:
+        with s.lock:
+            s.hb.release(state.tid, var)
+    except Exception as exc:
+        _internal_error(s, "ordering a gradient accumulation", exc, ordering=True)
 
 
 def _grad_var(param: Any) -> SyncVar:

@@ -13,8 +13,9 @@ import torch
 
 from ...report.finding import Access, Finding
 from ..stacks import current_site, render_site
+from . import _state
 from ._state import _orig, _tls
-from .reporting import _emit, _module_path
+from .reporting import _emit, _internal_error, _module_path
 
 
 # -- thread-local modes --------------------------------------------------------------------------
@@ -55,19 +56,30 @@ def _set_explicitly(*keys: str) -> None:
     explicit.update(keys)
 
 
+# The three setters are hook boundaries: whatever noting the mode raises is counted (the thread's
+# own choice is lost, so a thread-local-mode warning may follow), the setter runs as it would.
 def _set_grad_enabled(mode: Any) -> Any:
-    _set_explicitly("grad")
+    try:
+        _set_explicitly("grad")
+    except Exception as exc:
+        _internal_error(_state._session, "noting a grad mode set", exc)
     return _orig["torch._C._set_grad_enabled"](mode)
 
 
 def _set_autocast_enabled(*args: Any, **kwargs: Any) -> Any:
-    device = args[0] if args and isinstance(args[0], str) else kwargs.get("device_type", "cuda")
-    _set_explicitly(f"autocast_{device}")
+    try:
+        device = args[0] if args and isinstance(args[0], str) else kwargs.get("device_type", "cuda")
+        _set_explicitly(f"autocast_{device}")
+    except Exception as exc:
+        _internal_error(_state._session, "noting an autocast mode set", exc)
     return _orig["torch.set_autocast_enabled"](*args, **kwargs)
 
 
 def _inference_mode_enter(self: Any) -> Any:
-    _set_explicitly("inference", "grad")
+    try:
+        _set_explicitly("inference", "grad")
+    except Exception as exc:
+        _internal_error(_state._session, "noting an inference mode set", exc)
     return _orig["inference_mode.__enter__"](self)
 
 

@@ -31,8 +31,8 @@ def _capture_origin(s: Any, how: str) -> _Origin | None:
 def on_thread_start(s: Any, thread: threading.Thread) -> None:
     """``Thread.start()`` is starting ``thread`` (called in the parent). Remembers the parent's
     thread-local modes when they differ from a new thread's, for the check at module calls."""
-    watch_module_calls()
     try:
+        watch_module_calls()
         if getattr(thread, "_target", None) is futures_thread._worker:
             return  # executor workers: each work item carries its submitter's modes instead
         origin = _capture_origin(s, "start")

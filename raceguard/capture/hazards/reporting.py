@@ -16,9 +16,11 @@ from .locations import _slot_names
 
 
 # -- reporting ------------------------------------------------------------------------------------
-def _internal_error(s: Any, what: str, exc: BaseException) -> None:
+def _internal_error(s: Any, what: str, exc: BaseException, ordering: bool = False) -> None:
+    """``Session.hook_failed`` on ``s`` (None: nothing to tell); never raises."""
     try:
-        s._internal_error(what, exc)
+        if s is not None:
+            s._internal_error(what, exc, ordering)
     except Exception:
         pass
 

@@ -76,6 +76,15 @@ def _logical_wait(s: Any, sch: Any, t: Any, key: Any, deadline: float | None, re
         s.wait_end(token)
 
 
+def _untracked(what: str, exc: BaseException) -> None:
+    """raceguard failed while making the target's primitive a tracked one, which it hands out
+    untracked instead (as library code gets it): the order it creates is lost (see
+    ``Session.hook_failed``)."""
+    s = _active()
+    if s is not None:
+        s.hook_failed(what, exc, ordering=True)
+
+
 def _caller_is_user(depth: int = 2) -> bool:
     try:
         return classify_code(sys._getframe(depth).f_code) == USER

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...engine.hb import SyncVar
 from ..stacks import current_site
-from ._common import _active, _blocking, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _var
+from ._common import _active, _blocking, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _untracked, _var
 from .locks import TrackedRLock
 
 
@@ -29,13 +29,16 @@ class _CondWaiter:
 
 class Condition(threading.Condition):
     def __init__(self, lock: Any = None) -> None:
-        self._rg_user = _caller_is_user()
-        if lock is None:
-            if self._rg_user:
+        try:
+            self._rg_user = _caller_is_user()
+            if lock is None and self._rg_user:
                 lock = TrackedRLock(current_site(1))
                 lock._rg_kind = "Condition"
-            else:
-                lock = _orig["RLock"]()
+        except Exception as exc:  # raceguard's own failure: an untracked Condition, as library code gets
+            self._rg_user = False
+            _untracked("creating a tracked Condition", exc)
+        if lock is None:
+            lock = _orig["RLock"]()
         super().__init__(lock)
         self._rg_waiters: collections.deque = collections.deque()
 
@@ -141,7 +144,11 @@ class _SemaphoreEdges:
             # threading.BoundedSemaphore.__init__ calls the module's Semaphore.__init__, i.e. us.
             _ORIG_SEMAPHORE_INIT(self, value)
             return
-        self._rg_user = _caller_is_user()
+        try:
+            self._rg_user = _caller_is_user()
+        except Exception as exc:
+            self._rg_user = False
+            _untracked("creating a tracked Semaphore", exc)
         super().__init__(value)  # type: ignore[call-arg]
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:

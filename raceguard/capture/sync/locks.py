@@ -12,7 +12,7 @@ from typing import Any
 
 from ...engine.hb import SyncVar
 from ..stacks import current_site
-from ._common import _active, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point
+from ._common import _active, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _untracked
 
 
 # -- locks -----------------------------------------------------------------------------------
@@ -74,7 +74,11 @@ class TrackedLock:
     acquire_lock = acquire
 
     def _rg_held_by_caller(self, s: Any) -> bool:
-        return any(h is self for h in s.current().held)
+        try:
+            return any(h is self for h in s.current().held)
+        except Exception as exc:  # only names the wait (deadlock detection): never the target's
+            s.hook_failed("recording a blocking wait", exc)
+            return False
 
     def __enter__(self) -> bool:
         return self.acquire()
@@ -273,12 +277,19 @@ def _rewrite_address(text: str, obj: Any) -> str:
 
 
 def Lock() -> Any:  # noqa: N802 - replaces threading.Lock
-    if _caller_is_user():
-        return TrackedLock(current_site(1))
+    try:
+        if _caller_is_user():
+            return TrackedLock(current_site(1))
+    except Exception as exc:  # raceguard's own failure: an untracked lock, as library code gets
+        _untracked("creating a tracked Lock", exc)
     return _orig["allocate_lock"]()
 
 
 def RLock(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - replaces threading.RLock
-    if _caller_is_user():
-        return TrackedRLock(current_site(1))
+    try:
+        if _caller_is_user():
+            return TrackedRLock(current_site(1))
+    except Exception as exc:
+        _untracked("creating a tracked RLock", exc)
     return _orig["RLock"](*args, **kwargs)
+

@@ -123,8 +123,12 @@ def _excepthook(args: Any) -> None:
     if s is not None and not issubclass(args.exc_type, SystemExit):
         s.thread_exception(args)
     if args.exc_value is not None and args.exc_traceback is not None:
-        from ..runner import own_frames_removed
+        try:
+            from ..runner import own_frames_removed
 
-        exc = own_frames_removed(args.exc_value)
-        args = threading.ExceptHookArgs([args.exc_type, exc, exc.__traceback__, args.thread])
+            exc = own_frames_removed(args.exc_value)
+            args = threading.ExceptHookArgs([args.exc_type, exc, exc.__traceback__, args.thread])
+        except Exception as exc:  # the traceback keeps raceguard's frames; it is still printed
+            if s is not None:
+                s.hook_failed("taking raceguard's frames out of a thread's traceback", exc)
     return _orig["excepthook"](args)

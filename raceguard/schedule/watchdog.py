@@ -91,12 +91,18 @@ def virtual_sleep(sched: Scheduler) -> Any:
             return _orig_sleep(secs)  # raises the original TypeError
         if secs < 0:
             raise ValueError("sleep length must be non-negative")
-        t = sched.current()
-        if t is None:
-            return _orig_sleep(secs)
-        sched.yield_(t, float(secs))
+        try:
+            t = sched.current()
+            if t is not None:
+                sched.yield_(t, float(secs))
+                return None
+        except Exception as exc:  # the scheduler's failure: this yield is lost, the sleep returns
+            _point_failed("taking a scheduling point in time.sleep", exc)
+            return None
+        return _orig_sleep(secs)
 
     sleep.__wrapped__ = _orig_sleep  # type: ignore[attr-defined]
+    sleep.__module__, sleep.__qualname__ = _orig_sleep.__module__, _orig_sleep.__qualname__
     return sleep
 
 
@@ -104,11 +110,25 @@ def yield_hook(sched: Scheduler) -> Callable[[], None]:
     """What ``raceguard.yield_point()`` calls while ``sched`` runs."""
 
     def hook() -> None:
-        t = sched.current()
-        if t is not None:
-            sched.yield_(t)
+        try:
+            t = sched.current()
+            if t is not None:
+                sched.yield_(t)
+        except Exception as exc:
+            _point_failed("taking a scheduling point in raceguard.yield_point()", exc)
 
     return hook
+
+
+def _point_failed(what: str, exc: BaseException) -> None:
+    """A scheduling point the target's own call took failed inside the scheduler: counted as the
+    session's internal error (``Session.hook_failed``), never raised into the target.
+    ScheduleAborted / ScheduleDeadlocked are BaseExceptions and pass, as they must."""
+    from ..capture import session as session_mod
+
+    s = session_mod.ACTIVE
+    if s is not None:
+        s.hook_failed(what, exc)
 
 
 def _where(ident: int | None) -> str:

@@ -48,8 +48,16 @@ def _user_call() -> bool:
 
 
 def _sync_point(sch: Any, t: Any) -> None:
-    if not t.nest and _user_call():
-        sch.point(t)
+    # A hook boundary, like Session.on_op's op_point: a scheduler failure loses this point (the
+    # thread keeps the baton, the primitive runs), never reaches the target. ScheduleAborted, a
+    # SystemExit meant to unwind the thread, passes.
+    try:
+        if not t.nest and _user_call():
+            sch.point(t)
+    except Exception as exc:
+        s = _active()
+        if s is not None:
+            s.hook_failed("taking a scheduling point before a synchronisation", exc)
 
 
 def _remaining(sch: Any, deadline: float | None) -> float | None:

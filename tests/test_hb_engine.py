@@ -56,6 +56,37 @@ def _assert_well_formed(shadow: ShadowStorage) -> None:
 # -- races between unsynchronised timelines -----------------------------------------------------
 
 
+def test_the_write_that_creates_memory_is_ordered_before_other_timelines():
+    # A creates fresh memory and B reaches it later through a Python reference the engine never
+    # sees: the creation cannot race, a later write by A can (it may follow the hand-over).
+    hb = HappensBefore()
+    a = hb.new_timeline()
+    b = hb.new_timeline()
+    created = hb.record_creation(a, "created")
+    assert created.creates and created.is_write
+    shadow = ShadowStorage("fresh", created, 16)
+    assert _read(hb, shadow, b)[1] == []  # B reads what A created: no race
+    assert _write(hb, shadow, b, 0, 8)[1] == []  # ... nor does B writing into it
+    rec, races = _write(hb, shadow, a, 8, 16)  # A writes again afterwards: races with B's read
+    assert [(r.earlier.timeline, r.later.timeline, r.lo, r.hi) for r in races] == [(b, a, 8, 16)]
+    _, races = _read(hb, shadow, b, 8, 16)  # and B reading A's later write races too
+    assert [(r.earlier, r.later.timeline) for r in races] == [(rec, b)]
+
+
+def test_a_creation_record_still_races_when_it_is_the_later_access():
+    # Creation exempts only what comes after it: a creation that lands on memory another
+    # timeline accessed before (the device shadow's reused addresses) is checked as a write.
+    hb = HappensBefore()
+    a = hb.new_timeline()
+    b = hb.new_timeline()
+    shadow = ShadowStorage("reused")
+    _read(hb, shadow, b)
+    races: list[Race] = []
+    hb.access(shadow, [(0, 16)], hb.record_creation(a, "created"), races)
+    assert [(r.earlier.timeline, r.later.timeline) for r in races] == [(b, a)]
+
+
+
 def test_write_write_race_between_unsynchronised_timelines():
     hb = HappensBefore()
     a, b = hb.new_timeline(), hb.new_timeline()

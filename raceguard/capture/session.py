@@ -493,7 +493,7 @@ class Session:
             return
         # (A second output in the same new storage finds this shadow and returns above.)
         meta = StorageMeta(StorageRef(st, self._on_storage_death, cd), t.dtype, shape_of(t), info.site)
-        shadows[cd] = ShadowStorage(meta, self.hb.record(tid, True, info), st.nbytes())
+        shadows[cd] = ShadowStorage(meta, self.hb.record_creation(tid, info), st.nbytes())
         if len(shadows) > self._next_sweep:
             self._sweep()
 

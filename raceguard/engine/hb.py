@@ -45,6 +45,7 @@ class AccessRecord:
     """One recorded access: who, at which epoch, and an opaque payload for the report."""
 
     __slots__ = ("timeline", "epoch", "is_write", "info")
+    creates = False  # see CreationRecord
 
     def __init__(self, timeline: TimelineId, epoch: int, is_write: bool, info: Any) -> None:
         self.timeline = timeline
@@ -55,6 +56,19 @@ class AccessRecord:
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         mode = "W" if self.is_write else "R"
         return f"<{mode} t{self.timeline}@{self.epoch} {self.info!r}>"
+
+
+class CreationRecord(AccessRecord):
+    """The write that created fresh memory (the op that returned a new tensor). It happens
+    before every access by another timeline: nothing can reach memory before the op that creates
+    it returns, and whatever hands it over afterwards (a Python reference in a global, a cache,
+    a list) comes later still, on the creating timeline. So the common publication idioms (a
+    lazily built table behind a check, ``functools.lru_cache``, a result returned through a
+    shared dict) never race with the creation itself; a write made *after* creation gets no such
+    pass, since the memory may already have been handed over by then."""
+
+    __slots__ = ()
+    creates = True
 
 
 class _Cell:
@@ -197,6 +211,10 @@ class HappensBefore:
     def record(self, tid: TimelineId, is_write: bool, info: Any) -> AccessRecord:
         return AccessRecord(tid, self._clocks[tid][tid], is_write, info)
 
+    def record_creation(self, tid: TimelineId, info: Any) -> CreationRecord:
+        """The write of ``tid`` that created fresh memory (see :class:`CreationRecord`)."""
+        return CreationRecord(tid, self._clocks[tid][tid], True, info)
+
     def access(
         self, shadow: ShadowStorage, ranges: Sequence[ByteRange], rec: AccessRecord, races: list[Race]
     ) -> None:
@@ -257,7 +275,7 @@ def _check_write(
     tid = rec.timeline
     n = len(clock)
     w = cell.write
-    if w is not None and w.timeline != tid:
+    if w is not None and w.timeline != tid and not w.creates:
         seen = clock[w.timeline] if w.timeline < n else 0
         if w.epoch > seen:
             races.append(Race(w, rec, shadow.starts[k], shadow.ends[k], seen, shadow))
@@ -286,7 +304,7 @@ def _read(
         return
     n = len(clock)
     w = cell.write
-    if w is not None and w.timeline != tid:
+    if w is not None and w.timeline != tid and not w.creates:
         seen = clock[w.timeline] if w.timeline < n else 0
         if w.epoch > seen:
             races.append(Race(w, rec, shadow.starts[k], shadow.ends[k], seen, shadow))

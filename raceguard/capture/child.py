@@ -92,11 +92,14 @@ def _heartbeat(session: Any, sink: PipeSink, period: float) -> None:
     blocked = AllBlocked(session)
     while not sink.broken:
         time.sleep(period)
-        sink({"type": "stats", "stats": session.stats()})
-        deadlock = blocked.poll()
-        if deadlock is not None:
-            session.report_deadlock(deadlock)
-            return
+        try:
+            sink({"type": "stats", "stats": session.stats()})
+            deadlock = blocked.poll()
+            if deadlock is not None:
+                session.report_deadlock(deadlock)
+                return
+        except Exception as exc:  # a raw thread: an escape would print on the target's stderr
+            session.hook_failed("the heartbeat (statistics, deadlock watchdog)", exc)
 
 
 def _end_run_after_deadlock(session: Any, sink: PipeSink) -> None:
@@ -115,7 +118,10 @@ def _flush_on_sigterm(session: Any) -> None:
     of SIGTERM exactly as without the handler."""
 
     def handler(signum: int, frame: Any) -> None:
-        session.report_lock_cycles()
+        try:
+            session.report_lock_cycles()
+        except Exception as exc:  # a signal handler: an escape would raise in the target's code
+            session.hook_failed("reporting lock-order cycles on SIGTERM", exc)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 

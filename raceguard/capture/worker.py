@@ -84,8 +84,8 @@ def start(config: dict) -> None:
             old, sink.fd = sink.fd, _connect(config["socket"])
             os.close(old)
             sink({"type": "hello", "pid": os.getpid(), "process": process_label(sink.rank)})
-        except OSError:
-            sink.broken = True
+        except Exception:  # OSError: the supervisor is gone; anything else is raceguard's own
+            sink.broken = True  # this fork runs unchecked, exactly as without raceguard
 
     os.register_at_fork(after_in_child=reconnect)
 
@@ -95,9 +95,18 @@ def _activate(sink: ProcessSink, config: dict) -> None:
     session, state = child.start_session(sink, config, own_modules, child.import_torch_quietly())
 
     def at_exit() -> None:
-        # Registered first, so it runs last: after the worker's own atexit handlers.
-        session.report_lock_cycles()
-        session.leave_thread(state, None)
-        sink({"type": "exit", "code": None, "outcome": "exit", "stats": session.stats()})
+        # Registered first, so it runs last: after the worker's own atexit handlers. Contained:
+        # an escape would print "Exception ignored in atexit callback" on the worker's stderr.
+        try:
+            session.report_lock_cycles()
+            session.leave_thread(state, None)
+            stats = session.stats()
+        except Exception as exc:
+            session.hook_failed("ending the worker's session", exc)
+            stats = {}
+        try:
+            sink({"type": "exit", "code": None, "outcome": "exit", "stats": stats})
+        except Exception:  # the supervisor is gone: nothing left to tell
+            pass
 
     atexit.register(at_exit)

@@ -219,6 +219,7 @@ class DeviceMemory:
         self.blocks: dict[int, DeviceBlock] = {}  # base address -> live block
         self.pending_frees: list[tuple[int, int, SyncVar]] = []
         self.freed_blocks = 0
+        self._empty_cells = 0  # cells emptied by frees since the last compaction
 
     def add_user(self, block: DeviceBlock, stream: StreamTimeline) -> None:
         """``tensor.record_stream(stream)``."""
@@ -243,25 +244,30 @@ class DeviceMemory:
             self._forget_own_accesses(block)
 
     def _forget_own_accesses(self, block: DeviceBlock) -> None:
-        """Drop the shadow of a freed block where only its own stream touched it. The caching
+        """Forget the accesses of a freed block that only its own stream made. The caching
         allocator hands a freed block out again only on the stream it was allocated on (its
         pool), whose order follows those accesses: they can never race with the next user, and
         keeping them would grow the shadow (and the garbage collector's work) with every
         allocation. Accesses by other streams stay: they are what a missing record_stream
-        races with."""
+        races with. The cells are emptied in place (a later allocation at the same address,
+        the usual case, finds its intervals ready) and compacted away once they are half of all."""
         sh = self.shadow
         starts, ends, cells = sh.starts, sh.ends, sh.cells
         lo, hi, own = block.lo, block.hi, block.stream.tid
         i = bisect_right(ends, lo)  # the first interval ending after lo
         j = bisect_left(starts, hi, i)  # the first interval starting at or after hi
-        if i >= j:
-            return
-        keep = [k for k in range(i, j) if starts[k] < lo or ends[k] > hi or not _only_timeline(cells[k], own)]
-        if len(keep) == j - i:
-            return
-        starts[i:j] = [starts[k] for k in keep]
-        ends[i:j] = [ends[k] for k in keep]
-        cells[i:j] = [cells[k] for k in keep]
+        for k in range(i, j):
+            cell = cells[k]
+            if lo <= starts[k] and ends[k] <= hi and (cell.write is not None or cell.reads is not None):
+                if _only_timeline(cell, own):
+                    cell.write = cell.reads = None
+                    self._empty_cells += 1
+        if self._empty_cells > max(1024, len(cells) // 2):
+            keep = [k for k, c in enumerate(cells) if c.write is not None or c.reads is not None]
+            sh.starts = [starts[k] for k in keep]
+            sh.ends = [ends[k] for k in keep]
+            sh.cells = [cells[k] for k in keep]
+            self._empty_cells = 0
 
     def reallocated(self, lo: int, hi: int, host: TimelineId) -> None:
         """``[lo, hi)`` is handed to a new tensor by ``host``'s allocation: the allocator saw the

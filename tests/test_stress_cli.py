@@ -22,6 +22,8 @@ import pytest
 
 from raceguard.report.document import validate_report
 
+from proc_members import live_members
+
 ROOT = Path(__file__).resolve().parent.parent
 STRESS = ROOT / "fixtures" / "stress"
 RACEGUARD = [sys.executable, "-m", "raceguard"]
@@ -260,31 +262,63 @@ def test_stop_on_first_stops_early(tmp_path: Path) -> None:
     assert [s["index"] for s in stats["schedules"]][: stats["first_failure_at"] + 1] == list(range(stats["first_failure_at"] + 1))
 
 
-def test_ctrl_c_writes_the_findings_so_far(tmp_path: Path) -> None:
+def _session_members(sid: int) -> list[str]:
+    # The fork server and each schedule have process groups of their own: the session has them all.
+    return live_members(sid, of="session")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists the session's processes through /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_ends_every_schedule_and_writes_the_findings_so_far(tmp_path: Path, how: str) -> None:
+    """Ctrl-C from a terminal (SIGINT to the foreground group) or SIGTERM to raceguard alone (a
+    CI job cancelled, timeout(1)) while a schedule runs: the report, written atomically, has the
+    finished schedule's findings and the running one's so far; neither that schedule nor the
+    fork server is left running; the summary says so, and no raceguard traceback."""
     out = tmp_path / "report.json"
-    proc = subprocess.Popen(
-        [*RACEGUARD, "stress", "-v", "--seed", "1", "--schedules", "100000", "--jobs", "1",
-         "--format", "json", "--output", str(out), "fixtures/stress/hotswap_consistency.py"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    marker = tmp_path / "runs"  # one line per run of the fixture; from the second on, runs wait 60 s
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            [*RACEGUARD, "stress", "--seed", "1", "--schedules", "1000", "--jobs", "1", "--strategy", "random",
+             "--format", "json", "--output", str(out), "fixtures/targets/race_then_wait.py", str(marker)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
-        for line in proc.stderr:  # wait until the fork server runs schedules
-            if "step estimate" in line or time.monotonic() > deadline:
-                break
-        time.sleep(1.5)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        # With --jobs 1, schedule 1 starts once schedule 0's result is in: it raced, then waits.
+        while not (marker.exists() and len(marker.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+            time.sleep(0.05)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        proc.wait(timeout=30)
+        assert time.monotonic() - stopped < 10
+        deadline = time.monotonic() + 10
+        while _session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _session_members(proc.pid) == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 1
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, stderr
     report = load(out)
-    assert report["target_outcome"]["kind"] == "interrupted"
-    assert 1 <= report["stats"]["schedules_run"] < 100000
-    assert report["findings"]
     assert not list(tmp_path.glob(".report.json.*"))  # written atomically: no temporary left
+    outcome = report["target_outcome"]
+    assert outcome["kind"] == "interrupted" and outcome["signal"] == (None if how == "ctrl-c" else "SIGTERM")
+    assert [f["kind"] for f in report["findings"]] == ["data-race"]
+    race = report["findings"][0]
+    assert race["reproduce"]["schedule_index"] == 0
+    # Schedule 0 finished; schedule 1 was cut short, and what it had found is kept.
+    schedules = report["stats"]["schedules"]
+    assert [(s["index"], s["fingerprints"], s.get("interrupted", False)) for s in schedules] == [
+        (0, [race["fingerprint"]], False), (1, [race["fingerprint"]], True)]
+    assert "Traceback" not in stderr, stderr
+    summary = f"interrupted ({'Ctrl-C' if how == 'ctrl-c' else 'SIGTERM'})"
+    assert stderr.splitlines()[-1].startswith("raceguard: 1 finding") and stderr.rstrip().endswith(summary), stderr
 
 
 def test_module_target(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from raceguard.report.text import access_line, finding_lines
 from raceguard.process.supervisor import _Collector
 from raceguard.process.workers import Listener, WorkerHub, scrub_environment
 
+from proc_members import live_members
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,20 +111,7 @@ PACKAGE_DIR = str(Path(raceguard.__file__).resolve().parent)
 
 
 def _group_members(pgid: int) -> list[str]:
-    """The live processes of a process group (zombies waiting for init to reap them left out)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            members.append(f"{entry} {cmdline}")
-    return members
+    return live_members(pgid, of="group")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists the process group through /proc")

@@ -127,16 +127,19 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         on_progress=progress.update,
         on_event=on_event,
     )
-    try:
-        report = stress_mod.run_stress(options)
-    except stress_mod.TargetUsageError as exc:
+    # Ctrl-C and SIGTERM (a cancelled CI job, timeout(1)) end the run with the report of what
+    # was found so far; the handlers stay until it is written and raceguard exits.
+    with stress_mod.Interrupt() as options.interrupt:
+        try:
+            report = stress_mod.run_stress(options)
+        except stress_mod.TargetUsageError as exc:
+            progress.stop()
+            fail_usage(str(exc))
+        except Exception as exc:
+            progress.stop()
+            internal_error(exc)
         progress.stop()
-        fail_usage(str(exc))
-    except Exception as exc:
-        progress.stop()
-        internal_error(exc)
-    progress.stop()
-    finish(report, config, opts)
+        finish(report, config, opts)
 
 
 @click.command(cls=TargetCommand, context_settings=TARGET_CONTEXT)
@@ -175,13 +178,14 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         fail_on=config["fail-on"],
         capture_output=False,
     )
-    try:
-        report = stress_mod.run_replay(options)
-    except stress_mod.TargetUsageError as exc:
-        fail_usage(str(exc))
-    except Exception as exc:
-        internal_error(exc)
-    finish(report, config, opts)
+    with stress_mod.Interrupt() as options.interrupt:  # as under stress
+        try:
+            report = stress_mod.run_replay(options)
+        except stress_mod.TargetUsageError as exc:
+            fail_usage(str(exc))
+        except Exception as exc:
+            internal_error(exc)
+        finish(report, config, opts)
 
 
 @click.command()

@@ -27,6 +27,7 @@ Sharding: schedule ``i`` belongs to shard ``I`` of ``N`` when ``i % N == I - 1``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shlex
@@ -53,6 +54,7 @@ CALIBRATION_INDEX = -1
 
 __all__ = [
     "DEFAULT_SCHEDULE_TIMEOUT",
+    "Interrupt",
     "Progress",
     "ScheduleResult",
     "ServerError",
@@ -88,6 +90,8 @@ class StressOptions:
     capture_output: bool = True
     on_progress: Callable[["Progress"], None] | None = field(default=None, repr=False)
     on_event: Callable[[str, dict], None] | None = field(default=None, repr=False)
+    # Entered by the caller (the CLI holds it until the report is written); else run_* hold one.
+    interrupt: "Interrupt | None" = field(default=None, repr=False)
 
     def target_argv(self) -> list[str]:
         head = ["-m", self.module] if self.module else [self.script or ""]
@@ -230,6 +234,22 @@ class _ScheduleRun:
             hook_errors=self.hook_errors,
         )
 
+    def cut_short(self, sent: str | None) -> ScheduleResult:
+        """The schedule was still running when the run was interrupted: what it found so far,
+        with the outcome ``interrupted`` (no finding for being killed: raceguard ended it)."""
+        return ScheduleResult(
+            index=self.index,
+            seed=self.seed,
+            findings=self.findings,
+            outcome={"kind": "interrupted", "code": None, "signal": _outcome_signal(sent),
+                     "detail": f"cut short by {_interruption(sent)}"},
+            exit_code=None,
+            stats=self.stats,
+            internal_errors=self.internal_errors,
+            seconds=time.monotonic() - self.started,
+            hook_errors=self.hook_errors,
+        )
+
     def _add(self, finding: Finding) -> None:
         if finding.fingerprint not in self.by_fp:
             self.by_fp[finding.fingerprint] = finding
@@ -253,30 +273,62 @@ class _ScheduleRun:
 # --------------------------------------------------------------------------------------------
 # running schedules
 # --------------------------------------------------------------------------------------------
-class _Interrupt:
-    """SIGINT while schedules run: stop launching, stop the server, report what was found."""
+def _outcome_signal(sent: str | None) -> str | None:
+    # As under `check`: Ctrl-C is the outcome's default reading, SIGTERM is named.
+    return None if sent in (None, "SIGINT") else sent
+
+
+def _interruption(sent: str | None) -> str:
+    return "Ctrl-C" if sent in (None, "SIGINT") else sent
+
+
+class Interrupt:
+    """SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job, ``timeout(1)``, ``kill``) while schedules
+    run: stop launching, end the schedules and the server, report what was found.
+
+    The handlers only take note (the first signal wins; more change nothing), from ``__enter__``
+    (in the main thread only) until ``__exit__``; the CLI holds them until the report is written,
+    so a second Ctrl-C or SIGTERM cannot lose it.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.hit = False
-        self._previous: Any = None
+        self.signal: str | None = None  # "SIGINT" or "SIGTERM"
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_Interrupt":
+    @property
+    def hit(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> "Interrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.hit = True
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def _interrupt_for(options: StressOptions) -> Any:
+    """The caller's Interrupt (already entered), or one held for this run."""
+    if options.interrupt is not None:
+        return contextlib.nullcontext(options.interrupt)
+    return Interrupt()
 
 
 class _Runner:
     """Feeds schedules to the fork server, ``jobs`` at a time, and collects their results."""
 
-    def __init__(self, client: ForkServerClient, options: StressOptions, logdir: str | None, interrupt: _Interrupt) -> None:
+    def __init__(self, client: ForkServerClient, options: StressOptions, logdir: str | None, interrupt: Interrupt) -> None:
         self.client = client
         self.options = options
         self.logdir = logdir
@@ -330,8 +382,31 @@ class _Runner:
                 return result
         return None
 
+    def stop(self, grace: float = 5.0) -> list[ScheduleResult]:
+        """After an interrupt: the server ends every schedule still running and passes on what
+        each had streamed before that; those schedules come back cut short, with the findings
+        they had made (a schedule that ended by itself meanwhile comes back as usual)."""
+        self.client.stop()
+        ended: list[ScheduleResult] = []
+        deadline = time.monotonic() + grace
+        while self.running and not self.client.eof and time.monotonic() < deadline:
+            for msg in self.client.messages(0.1):
+                run = self.running.get(msg.get("index"))
+                if run is None:
+                    continue
+                if "event" in msg:
+                    run.handle(msg["event"])
+                elif msg.get("type") == "done":
+                    del self.running[run.index]
+                    finished = run.exit is not None or not msg.get("stopped")
+                    ended.append(run.finish(msg) if finished else run.cut_short(self.interrupt.signal))
+        # Gone without a word (killed, stuck): what arrived is what they found.
+        ended += [run.cut_short(self.interrupt.signal) for run in self.running.values()]
+        self.running.clear()
+        return ended
 
-def _start_server(options: StressOptions, interrupt: "_Interrupt") -> ForkServerClient:
+
+def _start_server(options: StressOptions, interrupt: Interrupt) -> ForkServerClient:
     client = ForkServerClient(script=options.script, module=options.module, args=options.args)
     try:
         client.wait_ready(should_stop=lambda: interrupt.hit)
@@ -375,18 +450,27 @@ def run_stress(options: StressOptions) -> Report:
     steps = options.pct_steps
     interrupted = False
     server_error: str | None = None
+    sent: str | None = None
     try:
-        with _Interrupt() as interrupt:
+        with _interrupt_for(options) as interrupt:
             client = _start_server(options, interrupt)
             try:
                 runner = _Runner(client, options, logdir, interrupt)
-                if options.strategy == "pct" and steps is None and indices:
+                if options.strategy == "pct" and steps is None and indices and not interrupt.hit:
                     _notify(options, "calibrating", {})
                     steps = _calibrate(runner)
                 _notify(options, "ready", {"pct_steps": steps})
                 if not interrupt.hit and runner.server_error is None:
                     _run_all(runner, options, indices, base_seed, steps, results)
-                interrupted = interrupt.hit
+                if interrupt.hit:
+                    for result in runner.stop():
+                        # A schedule cut short before it found anything adds nothing to the report.
+                        if result.index != CALIBRATION_INDEX and (
+                            result.outcome["kind"] != "interrupted" or result.findings or result.internal_errors
+                            or result.hook_errors
+                        ):
+                            results[result.index] = result
+                interrupted, sent = interrupt.hit, interrupt.signal
                 server_error = runner.server_error
             finally:
                 client.close()
@@ -395,7 +479,7 @@ def run_stress(options: StressOptions) -> Report:
             shutil.rmtree(logdir, ignore_errors=True)
     return _build_report(
         "stress", options, results, base_seed, steps, started,
-        interrupted=interrupted, server_error=server_error, planned=len(indices),
+        interrupted=interrupted, sent=sent, server_error=server_error, planned=len(indices),
     )
 
 
@@ -409,7 +493,7 @@ def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_s
     first_failure: int | None = None
     total = len(indices)
     while (queue or runner.running) and not runner.interrupt.hit and runner.server_error is None:
-        while queue and len(runner.running) < jobs and first_failure is None:
+        while queue and len(runner.running) < jobs and first_failure is None and not runner.interrupt.hit:
             index = queue.pop()
             runner.launch(runner.spec(index, base_seed + index, options.strategy, steps))
         if first_failure is not None:
@@ -453,6 +537,7 @@ def _build_report(
     started: float,
     *,
     interrupted: bool = False,
+    sent: str | None = None,
     server_error: str | None = None,
     planned: int = 0,
     replay: bool = False,
@@ -492,6 +577,7 @@ def _build_report(
             "fingerprints": fps,
             "seconds": round(result.seconds, 4),
             "scheduling_points": int(result.stats.get("scheduling_points", 0)),
+            **({"interrupted": True} if result.outcome.get("kind") == "interrupted" else {}),
         })
         if first_failure_at is None and any(fp in failing_fps for fp in fps):
             first_failure_at = result.index
@@ -503,8 +589,18 @@ def _build_report(
         errors.append(server_error)
 
     if interrupted:
-        outcome = {"kind": "interrupted", "code": None, "signal": None,
-                   "detail": f"interrupted (Ctrl-C) after {len(ordered)} of {planned} schedules"}
+        # Schedules still running were ended; what they had found is kept (stats.schedules
+        # marks them "interrupted").
+        cut = sum(1 for r in ordered if r.outcome.get("kind") == "interrupted")
+        detail = f"interrupted ({_interruption(sent)})"
+        if replay:
+            detail += (" while the schedule ran: its findings so far" if cut
+                       else " after the schedule ran" if ordered else " before the schedule ran")
+        else:
+            detail += f" after {len(ordered) - cut} of {planned} schedules"
+            if cut:
+                detail += f"; {cut} more cut short, with what {'it' if cut == 1 else 'they'} had found"
+        outcome = {"kind": "interrupted", "code": None, "signal": _outcome_signal(sent), "detail": detail}
         exit_code = None
     elif first_failed is not None:
         outcome = dict(first_failed.outcome)
@@ -572,12 +668,13 @@ def run_replay(options: StressOptions) -> Report:
     results: dict[int, ScheduleResult] = {}
     steps = options.pct_steps
     interrupted = False
+    sent: str | None = None
     server_error = None
-    with _Interrupt() as interrupt:
+    with _interrupt_for(options) as interrupt:
         client = _start_server(options, interrupt)
         try:
             runner = _Runner(client, options, None, interrupt)
-            if options.strategy == "pct" and steps is None:
+            if options.strategy == "pct" and steps is None and not interrupt.hit:
                 # Without --pct-steps: the same calibration as the stress run's (fixed seed,
                 # output discarded), so --seed alone replays the schedule stress ran.
                 steps = _calibrate(runner)
@@ -585,13 +682,17 @@ def run_replay(options: StressOptions) -> Report:
                 result = runner.run_one(runner.spec(0, seed, options.strategy, steps))
                 if result is not None:
                     results[0] = result
-            interrupted = interrupt.hit
+            if interrupt.hit:  # the replayed schedule's findings so far (not the calibration's)
+                for result in runner.stop():
+                    if result.index == 0:
+                        results[0] = result
+            interrupted, sent = interrupt.hit, interrupt.signal
             server_error = runner.server_error
         finally:
             client.close()
     report = _build_report(
         "replay", options, results, seed, steps, started,
-        interrupted=interrupted, server_error=server_error, planned=1, replay=True,
+        interrupted=interrupted, sent=sent, server_error=server_error, planned=1, replay=True,
     )
     report.stats.pop("schedules", None)
     return report

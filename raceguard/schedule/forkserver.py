@@ -11,14 +11,19 @@ tagged with the schedule's index, over one pipe to the supervisor.
 
 The server never starts a Python thread and never runs a tensor op (so no intra-op thread pool
 exists when it forks); it multiplexes its pipes with ``selectors``. It ignores SIGINT: on Ctrl-C
-the supervisor decides (it sends ``stop``, or closes the control pipe), and the server kills its
-children and exits.
+(or SIGTERM to ``raceguard``) the supervisor decides (it sends ``stop``, or closes the control
+pipe), and the server kills its children, passes on what they had written before that (so no
+finding already made is lost) with a ``done`` that says ``stopped``, and exits.
+
+Each schedule's child is the leader of a process group of its own: killing a schedule (its
+timeout, ``stop``) kills that group, so processes the target started in that schedule end with
+it (unless they left the group).
 
 Protocol (JSON lines). Supervisor → server: ``{"op": "run", "index", "seed", "strategy",
 "depth", "steps", "timeout", "log", "max_reports", "preempt"}`` and ``{"op": "stop"}``. Server →
 supervisor: ``{"type": "ready"}``, ``{"type": "usage-error", "message"}``, ``{"type":
 "started", "index", "pid"}``, ``{"index", "event": <child message>}`` and ``{"type": "done",
-"index", "code", "signal", "killed"}``.
+"index", "code", "signal", "killed", "stopped"}`` (``stopped``: ended by ``stop`` while it still ran).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ KILL_GRACE = 5.0
 # server side (runs in the server process)
 # ============================================================================================
 class _Child:
-    __slots__ = ("index", "pid", "fd", "buffer", "eof", "status", "deadline", "killed", "reaped_at")
+    __slots__ = ("index", "pid", "fd", "buffer", "eof", "status", "deadline", "killed", "reaped_at", "stopped")
 
     def __init__(self, index: int, pid: int, fd: int, deadline: float | None) -> None:
         self.index = index
@@ -53,6 +58,11 @@ class _Child:
         self.deadline = deadline
         self.killed = False
         self.reaped_at: float | None = None
+        self.stopped = False
+
+
+# The server's children still running, by pid: killed when the supervisor is gone (see _write_all).
+_children: dict[int, _Child] = {}
 
 
 def server_main() -> None:
@@ -166,7 +176,7 @@ def _serve(ctl_fd: int, out_fd: int, target: Any, send: Any) -> None:
 
     sel = selectors.DefaultSelector()
     sel.register(ctl_fd, selectors.EVENT_READ, None)
-    children: dict[int, _Child] = {}  # by pid
+    children = _children  # by pid
     ctl_buffer = b""
     stopping = False
 
@@ -179,8 +189,45 @@ def _serve(ctl_fd: int, out_fd: int, target: Any, send: Any) -> None:
                 sig = signal.Signals(os.WTERMSIG(status)).name
             except ValueError:
                 sig = f"signal {os.WTERMSIG(status)}"
-        send({"type": "done", "index": child.index, "code": code, "signal": sig, "killed": child.killed})
+        send({"type": "done", "index": child.index, "code": code, "signal": sig, "killed": child.killed,
+              "stopped": child.stopped})
         del children[child.pid]
+
+    def forward(child: _Child, data: bytes) -> None:
+        child.buffer += data
+        *lines, child.buffer = child.buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                _write_all(out_fd, b'{"index": %d, "event": ' % child.index + line + b"}\n")
+
+    def stop_all() -> None:
+        """End every schedule still running, then pass on what each wrote before it ended (a
+        finding streamed just before the stop must not be lost) and say each is done."""
+        for child in children.values():
+            if child.status is None:
+                _kill(child.pid)
+                child.stopped = True
+            elif not child.eof:  # ended, but what it started holds its pipe: end that too
+                _kill(child.pid, group_only=True)
+        for child in list(children.values()):
+            if child.status is None:
+                try:
+                    _, child.status = os.waitpid(child.pid, 0)
+                except ChildProcessError:
+                    child.status = 0
+            if not child.eof:
+                os.set_blocking(child.fd, False)
+                while True:  # what is in the pipe now; a process that left the group may hold it open
+                    try:
+                        data = os.read(child.fd, 65536)
+                    except (BlockingIOError, OSError):
+                        break
+                    if not data:
+                        break
+                    forward(child, data)
+                os.close(child.fd)
+                child.eof = True
+            finish(child)
 
     while True:
         timeout = 0.05 if children else None
@@ -225,19 +272,9 @@ def _serve(ctl_fd: int, out_fd: int, target: Any, send: Any) -> None:
                             child.status = 0
                     finish(child)
                     continue
-                child.buffer += data
-                *lines, child.buffer = child.buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        _write_all(out_fd, b'{"index": %d, "event": ' % child.index + line + b"}\n")
+                forward(child, data)
         if stopping:
-            for child in list(children.values()):
-                _kill(child.pid)
-            for child in list(children.values()):
-                try:
-                    os.waitpid(child.pid, 0)
-                except ChildProcessError:
-                    pass
+            stop_all()
             os._exit(0)
         now = time.monotonic()
         for child in list(children.values()):
@@ -272,6 +309,10 @@ def _spawn(msg: dict, target: Any, ctl_fd: int, out_fd: int, sel: Any, children:
     pid = os.fork()
     if pid == 0:  # the schedule's child
         try:
+            try:
+                os.setpgid(0, 0)  # a group of its own: see _kill
+            except OSError:
+                pass
             os.close(read_fd)
             for fd in [ctl_fd, out_fd] + [c.fd for c in children.values() if not c.eof]:
                 try:
@@ -289,12 +330,26 @@ def _spawn(msg: dict, target: Any, ctl_fd: int, out_fd: int, sel: Any, children:
         finally:
             os._exit(70)
     os.close(write_fd)
+    try:
+        os.setpgid(pid, pid)  # also here: a kill right after the fork must find the group
+    except OSError:
+        pass
     timeout = msg.get("timeout")
     deadline = time.monotonic() + float(timeout) + KILL_GRACE if timeout else None
     return _Child(int(msg["index"]), pid, read_fd, deadline)
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, group_only: bool = False) -> None:
+    """SIGKILL a schedule's child and what the target started in it (its process group).
+    ``group_only`` for a child already reaped: its pid stays reserved only while its group has
+    members, so it must not be signalled as a process."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
+    if group_only:
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -305,8 +360,11 @@ def _write_all(fd: int, data: bytes) -> None:
     while data:
         try:
             n = os.write(fd, data)
-        except BrokenPipeError:
-            os._exit(0)  # the supervisor is gone
+        except BrokenPipeError:  # the supervisor is gone: so are the schedules it asked for
+            for child in list(_children.values()):
+                if child.status is None:
+                    _kill(child.pid)
+            os._exit(0)
         data = data[n:]
 
 
@@ -374,6 +432,8 @@ class ForkServerClient:
         os.set_blocking(self._out, False)
         self._buffer = b""
         self._closed = False
+        self._ctl_open = True
+        self._out_open = True
         self.ready: dict | None = None
 
     def wait_ready(self, timeout: float = 600.0, should_stop: Any = None) -> dict | None:
@@ -405,6 +465,8 @@ class ForkServerClient:
         self._send({"op": "run", **spec})
 
     def _send(self, msg: dict) -> None:
+        if not self._ctl_open:
+            raise ServerError("the fork server was stopped")
         data = (json.dumps(msg) + "\n").encode()
         try:
             while data:
@@ -450,22 +512,37 @@ class ForkServerClient:
     def eof(self) -> bool:
         return self._closed
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the server: it kills the schedules still running and exits."""
+    def stop(self) -> None:
+        """Ask the server to stop: it kills the schedules still running, sends what they wrote
+        before that and a ``done`` for each (read them with :meth:`messages` until :attr:`eof`),
+        and exits. Idempotent."""
+        if not self._ctl_open:
+            return
         try:
             self._send({"op": "stop"})
         except ServerError:
             pass
+        self._ctl_open = False
         try:
             os.close(self._ctl)
         except OSError:
             pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the server: it kills the schedules still running and exits."""
+        self.stop()
+        if self.ready is None:
+            # Still importing (it reads no request before it is ready) and it has started no
+            # schedule yet: waiting for it would only delay an interrupted run.
+            timeout = 0.0
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        try:
-            os.close(self._out)
-        except OSError:
-            pass
+        if self._out_open:  # closed once: the number may belong to another file by now
+            self._out_open = False
+            try:
+                os.close(self._out)
+            except OSError:
+                pass

@@ -57,6 +57,15 @@ def test_module_sees_what_python_dash_m_gives_it() -> None:
     assert json.loads(got.stdout) == json.loads(expected.stdout)
 
 
+def test_sigterm_handler_looks_as_under_plain_python() -> None:
+    # raceguard's own SIGTERM handler must not be the "previous handler" a program chains to.
+    expected = plain("sigterm_handlers.py", cwd=TARGETS)
+    got = raceguard("check", "-q", "sigterm_handlers.py", cwd=TARGETS)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == expected.stdout
+    assert "installed SIG_DFL" in got.stdout
+
+
 def test_target_stdout_is_untouched_and_report_goes_to_stderr() -> None:
     got = raceguard("check", str(TARGETS / "exits_3.py"))
     assert got.stdout == "about to exit\n"

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from .identity import present_as
+
 ENV_VAR = "RACEGUARD_CHILD"
 
 
@@ -115,17 +117,32 @@ def _end_run_after_deadlock(session: Any, sink: PipeSink) -> None:
 
 def _flush_on_sigterm(session: Any) -> None:
     """The supervisor's timeout sends SIGTERM: report lock-order cycles seen so far, then die
-    of SIGTERM exactly as without the handler."""
+    of SIGTERM exactly as without the handler. The handler is invisible to the program:
+    ``signal.getsignal(SIGTERM)`` and the previous handler ``signal.signal`` returns say what
+    they say under plain python, so code that chains to the previous handler (training loops'
+    graceful shutdown) never calls raceguard's, and a program that installs its own replaces it."""
+    set_handler, get_handler = signal.signal, signal.getsignal
+    before = get_handler(signal.SIGTERM)
 
     def handler(signum: int, frame: Any) -> None:
         try:
             session.report_lock_cycles()
         except Exception as exc:  # a signal handler: an escape would raise in the target's code
             session.hook_failed("reporting lock-order cycles on SIGTERM", exc)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        set_handler(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, handler)
+    def getsignal(signalnum: Any) -> Any:
+        current = get_handler(signalnum)
+        return before if current is handler else current
+
+    def set_signal(signalnum: Any, new: Any) -> Any:
+        old = set_handler(signalnum, new)
+        return before if old is handler else old
+
+    set_handler(signal.SIGTERM, handler)
+    signal.getsignal = present_as(getsignal, get_handler)
+    signal.signal = present_as(set_signal, set_handler)
 
 
 def _track_constructions(session: Any) -> None:

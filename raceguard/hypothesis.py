@@ -51,10 +51,10 @@ import threading
 from typing import Any, Callable, Iterable, Sequence
 
 from .schedule.inprocess import DEFAULT_TIMEOUT, ScheduledRun, run_schedule
-from .schedule.scheduler import ScheduleAborted
+from .schedule.scheduler import ScheduleAborted, SchedulerError
 from .schedule.strategies import PreemptionStrategy
 
-__all__ = ["DeadlockError", "Schedule", "ScheduleTimeout", "interleavings", "replay"]
+__all__ = ["DeadlockError", "Schedule", "ScheduleTimeout", "SchedulerError", "interleavings", "replay"]
 
 RACES = ("raise", "ignore")
 DEFAULT_MAX_PREEMPTIONS = 4
@@ -123,7 +123,8 @@ class Schedule:
         (they run when the others block or finish) but are never preempted. Raises the first exception a callable raised
         (in argument order), :exc:`DeadlockError` if the threads deadlocked,
         :exc:`ScheduleTimeout` past ``timeout`` seconds, and — with ``races="raise"`` —
-        :exc:`raceguard.RaceError` if the run had data races (or other error findings).
+        :exc:`raceguard.RaceError` if the run had data races (or other error findings), and
+        :exc:`SchedulerError` if raceguard's own scheduler failed (never the callables' failure).
         ``races`` and ``timeout`` override the schedule's own for this call.
         """
         __tracebackhide__ = True  # pytest: show the test's line, not this one
@@ -158,7 +159,11 @@ class Schedule:
         # them: it is never preempted, so all callables are started before the first one runs).
         n = len(callables)
         strategy = PreemptionStrategy([(c % n + 1, step, pick) for c, step, pick in self.preemptions])
-        run = run_schedule(body, strategy, timeout=timeout, label=label, main_globals=main_globals)
+        try:
+            run = run_schedule(body, strategy, timeout=timeout, label=label, main_globals=main_globals)
+        except SchedulerError as exc:  # raceguard's own failure, never the callables'
+            _add_note(exc, f"under raceguard {self!r}")
+            raise
         self.last_run = run
         self.used = [(tid - 1, step, pick) for tid, step, pick in strategy.used]
         self.switches = int(run.stats.get("switches", 0))

@@ -8,6 +8,7 @@ the process as it was (no thread left behind, ``time.sleep`` and the generators 
 
 from __future__ import annotations
 
+import queue
 import random
 import sys
 import threading
@@ -318,6 +319,60 @@ def test_a_deadlock_raises_deadlock_error_and_a_time_limit_schedule_timeout():
 
     with pytest.raises(ScheduleTimeout, match="did not finish within 0.3 s"):
         replay(timeout=0.3).run(spin)
+
+
+def test_a_scheduler_failure_in_a_hand_over_raises_raceguards_error_not_the_tests(monkeypatch):
+    """Scheduler.wake raises halfway through a hand-over: the schedule is abandoned (every thread
+    unwinds, none is left behind), the session counts it, and Schedule.run raises raceguard's
+    SchedulerError, never something that could pass for the callables' failure."""
+    from raceguard.schedule import inprocess
+    from raceguard.schedule.scheduler import Scheduler, SchedulerError
+
+    class WakeFails(dict):
+        def pop(self, key, *default):  # Scheduler.wake takes the waiters with pop(key, None)
+            if default == (None,):
+                raise RuntimeError("scheduler bug")
+            return super().pop(key, *default)
+
+    class BrokenScheduler(Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.waiters = WakeFails()
+
+    schedule = replay(races="ignore")  # first: the queue below is then an instrumented one
+    items = queue.Queue(maxsize=1)
+
+    def produce():
+        for i in range(5):
+            items.put(i)
+
+    def consume():
+        for _ in range(5):
+            items.get()
+
+    monkeypatch.setattr(inprocess, "Scheduler", BrokenScheduler)
+    sleep = time.sleep
+    with pytest.raises(SchedulerError, match=r"\(Scheduler\.wake\): RuntimeError\('scheduler bug'\)") as info:
+        schedule.run(produce, consume)
+    assert not isinstance(info.value, AssertionError)
+    assert isinstance(info.value.__cause__, RuntimeError) and "under raceguard replay([]" in str(info.value.__notes__)
+    run = info.value.run
+    assert run.left_behind == 0 and run.error is None and run.deadlock is None and not run.timed_out
+    assert run.report.incomplete["internal_errors"] == 1 and run.report.findings == []
+    assert time.sleep is sleep and hooks.yield_hook is None
+
+    items = queue.Queue(maxsize=1)  # a fresh one for produce() and consume()
+
+    def body():  # the pytest marker's way: explore() says which schedule broke
+        threads = [threading.Thread(target=f) for f in (produce, consume)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    with pytest.raises(SchedulerError) as info:
+        explore(body, schedules=2, base_seed=1)
+    assert info.value.__notes__ == ["raceguard: in schedule 1 of 2 (strategy random, seed 1)"]
 
 
 def test_repr_is_the_replay_call():

@@ -191,6 +191,38 @@ def test_deadlock_is_reported_not_hung(tmp_path: Path) -> None:
     assert deadlocks[0]["reproduce"]["command"].startswith("raceguard replay --seed ")
 
 
+def test_a_scheduler_failure_in_a_hand_over_abandons_the_schedule_as_raceguards_error(tmp_path: Path) -> None:
+    # fixtures/faults/scheduler_handover.py makes Scheduler.block raise halfway through a
+    # hand-over (the waiter is marked blocked, no thread chosen yet) in the schedules with an
+    # even seed, 10 and 12 here. Those schedules end as raceguard's internal error (incomplete,
+    # with the traceback, and a stderr line each), never as the target's failure, deadlock or
+    # timeout; the other two run to their end; the program is correct, so the run is clean, exit 0.
+    out = tmp_path / "report.json"
+    target = "fixtures/faults/scheduler_handover.py"
+    proc = raceguard("stress", "--seed", "10", "--schedules", "4", "--strategy", "random", "-j", "2", "--timeout", "20",
+                     "--format", "json", "--output", str(out), target, "block", timeout=120)
+    report = load(out)
+    assert proc.returncode == 0, proc.stderr
+    assert report["status"] == "clean" and "error" not in report, report.get("error")
+    assert report["findings"] == [] and not report.get("suppressed"), [f["message"] for f in report["findings"]]
+    assert report["target_outcome"]["kind"] == "exit" and report["target_exit_code"] == 0
+    assert report["stats"]["schedules_run"] == 4
+    schedules = report["stats"]["schedules"]
+    assert [(s["seed"], s.get("abandoned", False)) for s in schedules] == [(10, True), (11, False), (12, True), (13, False)]
+    assert all(s["scheduling_points"] > 40 for s in schedules if not s.get("abandoned"))  # ran to their end
+    lost = report["incomplete"]
+    assert lost["internal_errors"] == report["stats"]["internal_errors"] == 2
+    [error] = lost["errors"]
+    assert "(Scheduler.block): InjectedFault(" in error["message"] and "schedule was abandoned" in error["message"]
+    assert "in block" in error["traceback"] and "InjectedFault: injected into the scheduler" in error["traceback"]
+    lines = proc.stderr.splitlines()
+    for index, seed in ((0, 10), (2, 12)):
+        assert any(line.startswith(f"raceguard: stress: schedule {index} (seed {seed}) abandoned, raceguard's own error")
+                   for line in lines), proc.stderr
+    assert len([line for line in lines if line.startswith("raceguard: internal error")]) == 1, proc.stderr
+    assert "analysis incomplete" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_line_preemption_finds_a_lost_update_on_plain_python_state(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     proc = raceguard("stress", "--seed", "1", "--schedules", "30", "--stop-on-first", "--preempt", "lines",

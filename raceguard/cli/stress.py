@@ -105,6 +105,12 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
             progress.start(data["schedules"])
         elif what == "ready" and verbose and data.get("pct_steps") is not None:
             click.echo(f"raceguard: stress: PCT step estimate {data['pct_steps']} (calibration run)", err=True)
+        elif what == "abandoned" and not quiet:
+            which = "the calibration schedule" if data["index"] is None else f"schedule {data['index']}"
+            progress.note(
+                f"raceguard: stress: {which} (seed {data['seed']}) abandoned, raceguard's own error "
+                f"(no finding about the target comes from it): {data['message']}"
+            )
 
     options = stress_mod.StressOptions(
         script=script,
@@ -269,6 +275,13 @@ class _ProgressDisplay:
         if self._progress is None:
             return
         self._progress.update(self._task, completed=p.done, total=p.total, failures=p.failures, bugs=p.bugs)
+
+    def note(self, line: str) -> None:
+        """One line on stderr, above the bar while it is shown."""
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(line, err=True)
 
     def stop(self) -> None:
         if self._progress is not None:

@@ -123,6 +123,13 @@ class ScheduleResult:
     def fingerprints(self) -> list[str]:
         return [f.fingerprint for f in self.findings]
 
+    @property
+    def abandoned(self) -> bool:
+        """raceguard's scheduler failed in a hand-over and ended this schedule (its own error,
+        in ``hook_errors``): the findings it made before stand, its outcome says nothing about
+        the target."""
+        return self.outcome.get("kind") == "abandoned"
+
 
 def schedule_indices(total: int, shard: tuple[int, int] | None) -> list[int]:
     if shard is None:
@@ -158,10 +165,15 @@ class _ScheduleRun:
         self.internal_errors: list[str] = []
         self.hook_errors: list[dict[str, Any]] = []
         self.exception: str | None = None
+        # {"message", "traceback"} once raceguard's scheduler failed in a hand-over and ended the
+        # schedule (runchild's on_failure): raceguard's internal error, never the target's.
+        self.abandoned: dict[str, str] | None = None
         self.started = time.monotonic()
 
     def handle(self, event: dict) -> None:
         kind = event.get("type")
+        if kind in ("finding", "also_on") and self.abandoned is not None:
+            return  # made after the scheduler broke: nothing about the target can rest on that
         if kind == "finding":
             finding = Finding.from_dict(event["finding"])
             if finding.fingerprint not in self.by_fp:
@@ -182,6 +194,11 @@ class _ScheduleRun:
             self.internal_errors.append(event.get("message", "unknown error"))
         elif kind == "hook-error":
             self.hook_errors.append(event)
+        elif kind == "schedule-abandoned":
+            if self.abandoned is None:
+                self.abandoned = {"message": str(event.get("message", "the schedule was abandoned")),
+                                  "traceback": str(event.get("traceback", ""))}
+                self.hook_errors.append({"type": "hook-error", **self.abandoned})
         elif kind == "target-exception":
             self.exception = event.get("exception")
         elif kind == "usage-error":
@@ -189,7 +206,13 @@ class _ScheduleRun:
 
     def finish(self, done: dict) -> ScheduleResult:
         exit_code: int | None
-        if self.exit is not None:
+        if self.abandoned is not None:
+            # raceguard ended the schedule itself: no outcome of the target's, no crash or
+            # timeout finding, one event lost (the schedule) in stats.internal_errors.
+            exit_code = None
+            outcome = {"kind": "abandoned", "code": None, "signal": None, "detail": self.abandoned["message"]}
+            self.stats["internal_errors"] = max(int(self.stats.get("internal_errors") or 0), 1)
+        elif self.exit is not None:
             kind = self.exit.get("outcome", "exit")
             exit_code = self.exit.get("code")
             detail = None
@@ -335,6 +358,7 @@ class _Runner:
         self.interrupt = interrupt
         self.running: dict[int, _ScheduleRun] = {}
         self.server_error: str | None = None
+        self.calibration_abandoned: ScheduleResult | None = None
 
     def spec(self, index: int, seed: int, strategy: str, steps: int | None) -> dict:
         log = os.path.join(self.logdir, f"schedule-{index}.log") if self.logdir else None
@@ -433,6 +457,11 @@ def _calibrate(runner: _Runner) -> int | None:
         return None
     if result.internal_errors:
         runner.server_error = "; ".join(result.internal_errors)
+    if result.abandoned:
+        # Its estimate is the steps it took before raceguard's scheduler failed (deterministic,
+        # and written into every replay command); the failure goes into the report.
+        runner.calibration_abandoned = result
+        _notify(runner.options, "abandoned", {"index": None, "seed": result.seed, "message": result.outcome["detail"]})
     steps = result.stats.get("pct_choice_steps", result.stats.get("choices", 0))
     return max(int(steps or 0), 1)
 
@@ -451,6 +480,7 @@ def run_stress(options: StressOptions) -> Report:
     interrupted = False
     server_error: str | None = None
     sent: str | None = None
+    calibration: ScheduleResult | None = None
     try:
         with _interrupt_for(options) as interrupt:
             client = _start_server(options, interrupt)
@@ -472,6 +502,7 @@ def run_stress(options: StressOptions) -> Report:
                             results[result.index] = result
                 interrupted, sent = interrupt.hit, interrupt.signal
                 server_error = runner.server_error
+                calibration = runner.calibration_abandoned
             finally:
                 client.close()
     finally:
@@ -480,6 +511,7 @@ def run_stress(options: StressOptions) -> Report:
     return _build_report(
         "stress", options, results, base_seed, steps, started,
         interrupted=interrupted, sent=sent, server_error=server_error, planned=len(indices),
+        calibration=calibration,
     )
 
 
@@ -503,6 +535,8 @@ def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_s
                 break
         for result in runner.poll():
             results[result.index] = result
+            if result.abandoned:
+                _notify(options, "abandoned", {"index": result.index, "seed": result.seed, "message": result.outcome["detail"]})
             bad = [f for f in result.findings if _fails(f, options)]
             if bad:
                 failures_count += 1
@@ -541,6 +575,7 @@ def _build_report(
     server_error: str | None = None,
     planned: int = 0,
     replay: bool = False,
+    calibration: ScheduleResult | None = None,
 ) -> Report:
     target = options.target_argv()
     ordered = [results[i] for i in sorted(results)]
@@ -578,6 +613,7 @@ def _build_report(
             "seconds": round(result.seconds, 4),
             "scheduling_points": int(result.stats.get("scheduling_points", 0)),
             **({"interrupted": True} if result.outcome.get("kind") == "interrupted" else {}),
+            **({"abandoned": True} if result.abandoned else {}),
         })
         if first_failure_at is None and any(fp in failing_fps for fp in fps):
             first_failure_at = result.index
@@ -602,14 +638,17 @@ def _build_report(
                 detail += f"; {cut} more cut short, with what {'it' if cut == 1 else 'they'} had found"
         outcome = {"kind": "interrupted", "code": None, "signal": _outcome_signal(sent), "detail": detail}
         exit_code = None
-    elif first_failed is not None:
+    elif first_failed is not None and not first_failed.abandoned:
         outcome = dict(first_failed.outcome)
         exit_code = first_failed.exit_code
     else:
-        failed = next((r for r in ordered if not (r.outcome.get("kind") == "exit" and r.outcome.get("code") == 0)), None)
+        # An abandoned schedule ended by raceguard's failure, not the target's: it says nothing
+        # about how the target ends.
+        finished = [r for r in ordered if not r.abandoned]
+        failed = next((r for r in finished if not (r.outcome.get("kind") == "exit" and r.outcome.get("code") == 0)), None)
         if failed is not None:
             outcome, exit_code = dict(failed.outcome), failed.exit_code
-        elif ordered:
+        elif finished:
             outcome, exit_code = {"kind": "exit", "code": 0, "signal": None, "detail": None}, 0
         else:
             outcome, exit_code = None, None
@@ -639,8 +678,9 @@ def _build_report(
         stats["shard"] = f"{options.shard[0]}/{options.shard[1]}"
     if dropped:
         stats["dropped_reports"] = dropped
+    lost = ordered + ([calibration] if calibration is not None else [])  # an abandoned calibration run counts
     incomplete = incomplete_analysis(
-        sum(int(r.stats.get("internal_errors", 0)) for r in ordered), [e for r in ordered for e in r.hook_errors]
+        sum(int(r.stats.get("internal_errors", 0)) for r in lost), [e for r in lost for e in r.hook_errors]
     )
     if incomplete:
         stats["internal_errors"] = incomplete["internal_errors"]
@@ -670,6 +710,7 @@ def run_replay(options: StressOptions) -> Report:
     interrupted = False
     sent: str | None = None
     server_error = None
+    calibration: ScheduleResult | None = None
     with _interrupt_for(options) as interrupt:
         client = _start_server(options, interrupt)
         try:
@@ -688,11 +729,13 @@ def run_replay(options: StressOptions) -> Report:
                         results[0] = result
             interrupted, sent = interrupt.hit, interrupt.signal
             server_error = runner.server_error
+            calibration = runner.calibration_abandoned
         finally:
             client.close()
     report = _build_report(
         "replay", options, results, seed, steps, started,
         interrupted=interrupted, sent=sent, server_error=server_error, planned=1, replay=True,
+        calibration=calibration,
     )
     report.stats.pop("schedules", None)
     return report

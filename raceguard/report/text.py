@@ -258,10 +258,16 @@ def incomplete_line(report: "Report") -> str | None:
         return None
     errors = report.incomplete.get("errors") or []
     first = str(errors[0].get("message", "")) if errors else "unknown error"
+    # A scheduler failure in a hand-over between threads (Scheduler._abandon) ends its schedule:
+    # the target did not run on, but its code never saw the failure.
+    contained = "the target's code never saw it" if _HANDOVER in first else "the target ran unchanged"
     return (
-        f"raceguard: internal error inside the target, contained (the target ran unchanged): {first}; "
+        f"raceguard: internal error inside the target, contained ({contained}): {first}; "
         "please report it (the JSON report has the traceback)"
     )
+
+
+_HANDOVER = "while handing control over between threads"
 
 
 # --- building rich lines ---------------------------------------------------------------------

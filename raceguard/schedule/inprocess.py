@@ -17,6 +17,13 @@ Ending a schedule that cannot finish
     reaches a scheduling point again (stuck in an uninstrumented call) is left behind; the run
     notes how many.
 
+raceguard's own failure
+    When the scheduler itself fails halfway through handing control over between threads, the
+    schedule is aborted the same way, the session counts the failure (``incomplete`` in its
+    report), and :func:`run_schedule` raises
+    :class:`~raceguard.schedule.scheduler.SchedulerError` once the run is cleaned up: never an
+    exception that could pass for the test's own, nor a deadlock or timeout of the test's.
+
 Determinism
     The schedule is fixed by the strategy. With ``seed`` given, Python's ``random`` and torch's
     default generator are seeded from it for the run and restored afterwards, so a test that
@@ -36,7 +43,7 @@ from ..capture import session as session_mod
 from ..report.finding import Finding
 from . import hooks
 from .failures import generic_deadlock_failure
-from .scheduler import ScheduleAborted, Scheduler
+from .scheduler import ScheduleAborted, Scheduler, SchedulerError
 from .strategies import CALIBRATION_SEED, Strategy
 from .watchdog import start_watchdog, virtual_sleep, yield_hook
 
@@ -67,6 +74,9 @@ class ScheduledRun:
     left_behind: int = 0
     # The report of the run's own session (None when it attached to an active session).
     report: Any = None
+    # raceguard's scheduler failed in a hand-over and the schedule was abandoned: raised by
+    # run_schedule (never the body's failure, whatever the body raised while it unwound).
+    internal_error: SchedulerError | None = None
 
     @property
     def failed(self) -> bool:
@@ -98,7 +108,9 @@ def run_schedule(
     main_globals: dict | None = None,
 ) -> ScheduledRun:
     """Run ``body()`` in the calling thread under ``strategy``; never raises for the body's
-    failures (they are in the result), only for KeyboardInterrupt and misuse.
+    failures (they are in the result), only for KeyboardInterrupt, misuse, and raceguard's own
+    failure: :class:`~raceguard.schedule.scheduler.SchedulerError` when its scheduler broke
+    halfway through a hand-over between threads (the schedule was abandoned).
 
     Capture: when a raceguard session is active in this process (a test under the pytest
     plugin, a ``watch()`` block, a program under ``raceguard check``), the schedule attaches to
@@ -133,6 +145,9 @@ def run_schedule(
         run.findings = [f for f in watcher.failing_findings() if f.fingerprint not in before]
     if isinstance(run.error, KeyboardInterrupt):
         raise run.error
+    if run.internal_error is not None:
+        run.internal_error.run = run  # type: ignore[attr-defined]
+        raise run.internal_error
     return run
 
 
@@ -157,7 +172,13 @@ def _run_attached(capture: Any, body: Callable[[], Any], strategy: Strategy, tim
         run.timed_out = True
         sched.abort()
 
-    sched = Scheduler(strategy, on_deadlock=on_deadlock)
+    def on_failure(sched: Scheduler, what: str, exc: BaseException) -> None:
+        # The scheduler broke in a hand-over: counted on the session like a contained hook
+        # failure; the scheduler then aborts the schedule, and run_schedule raises the error.
+        run.internal_error = SchedulerError(what, exc)
+        capture.hook_failed(f"{what}, abandoning the schedule", exc)
+
+    sched = Scheduler(strategy, on_deadlock=on_deadlock, on_failure=on_failure)
     torch = sys.modules.get("torch")
     if torch is not None:
         sched.graph_task_id = torch._C._current_graph_task_id
@@ -291,19 +312,27 @@ def explore(
     result = Exploration(strategy=strategy, base_seed=base_seed)
     kwargs = {"timeout": timeout, "label": label, "main_globals": main_globals}
     steps = None
-    if strategy == "pct":
-        calibration = PCTStrategy(CALIBRATION_SEED, depth, None)
-        run = run_schedule(body, calibration, seed=CALIBRATION_SEED, **kwargs)
-        result.ran += 1
-        if run.failed:
-            result.failure, result.seed = run, base_seed
-            return result
-        steps = result.pct_steps = max(calibration.choice_steps, 1)
-    for index in range(schedules):
-        seed = base_seed + index
-        run = run_schedule(body, make_strategy(strategy, seed, depth, steps), seed=seed, **kwargs)
-        result.ran += 1
-        if run.failed:
-            result.failure, result.index, result.seed = run, index, seed
-            return result
+    which = "the PCT calibration schedule"
+    try:
+        if strategy == "pct":
+            calibration = PCTStrategy(CALIBRATION_SEED, depth, None)
+            run = run_schedule(body, calibration, seed=CALIBRATION_SEED, **kwargs)
+            result.ran += 1
+            if run.failed:
+                result.failure, result.seed = run, base_seed
+                return result
+            steps = result.pct_steps = max(calibration.choice_steps, 1)
+        for index in range(schedules):
+            seed = base_seed + index
+            which = f"schedule {index + 1} of {schedules} (strategy {strategy}, seed {seed})"
+            run = run_schedule(body, make_strategy(strategy, seed, depth, steps), seed=seed, **kwargs)
+            result.ran += 1
+            if run.failed:
+                result.failure, result.index, result.seed = run, index, seed
+                return result
+    except SchedulerError as exc:
+        add_note = getattr(exc, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(f"raceguard: in {which}")
+        raise
     return result

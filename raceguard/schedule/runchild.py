@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any, NoReturn
 
 from ..capture import child as child_mod
@@ -37,6 +38,10 @@ from .strategies import make_strategy
 from .watchdog import start_watchdog, virtual_sleep, yield_hook
 
 _stalls: list[str] = []  # where the watchdog found stalled holders (see .watchdog)
+
+# The exit status of a schedule's process that raceguard abandoned (its own failure); the parent
+# reads the "schedule-abandoned" message, not this.
+EXIT_ABANDONED = 70
 
 
 class Target:
@@ -55,8 +60,6 @@ def run_schedule(spec: dict, target: Target, fd: int) -> NoReturn:
     try:
         _run(spec, target, sink)
     except BaseException as exc:  # a bug in raceguard: say so, never hang the server
-        import traceback
-
         sink({"type": "internal-error", "message": f"raceguard failed while running a schedule: {exc!r}",
               "traceback": traceback.format_exc()})
         _flush()
@@ -127,7 +130,25 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
         session.emit({"type": "finding", "finding": generic_deadlock_failure(blocked).to_dict()})
         end("deadlock", None)
 
-    sched = Scheduler(strategy, on_deadlock=on_deadlock)
+    def on_failure(scheduler: Scheduler, what: str, exc: BaseException) -> NoReturn:
+        # The scheduler failed halfway through a hand-over between threads (Scheduler._abandon):
+        # the schedule ends here, in whichever thread found it, as raceguard's internal error.
+        # Nothing reaches the target's code (no exception, no output), no finding comes from the
+        # rest of this schedule (the lock cycles at its end included), and the run goes on with
+        # the next schedule.
+        try:
+            sched.stop()
+            session.internal_errors += 1  # in stats.internal_errors, like a contained hook failure
+            sink({"type": "schedule-abandoned",
+                  "message": f"raceguard failed while {what}: {exc!r}; the schedule was abandoned",
+                  "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))})
+            sink({"type": "exit", "code": None, "outcome": "abandoned",
+                  "stats": _stats(session, sched, strategy, started)})
+            _flush()
+        finally:
+            os._exit(EXIT_ABANDONED)
+
+    sched = Scheduler(strategy, on_deadlock=on_deadlock, on_failure=on_failure)
     try:
         import torch
 

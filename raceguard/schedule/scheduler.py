@@ -43,6 +43,15 @@ blocked for good: :attr:`on_deadlock` is called (the child reports the ``deadloc
 ends the schedule). Wait-for cycles between locks are already caught earlier by the session's
 wait-for graph, the moment the closing wait begins.
 
+Failures of the scheduler itself
+--------------------------------
+A failure at a scheduling point *before* anything changed hands (the strategy raised) is lost like
+any hook's: the caller counts it and the thread keeps the baton (``_sync_point``, ``Session.on_op``,
+the virtual ``time.sleep``). A failure *in* a hand-over (``block``, ``wake``, ``thread_exit``,
+``current``, admission, ``register``, the watchdog's ``steal``, the switch of ``point``) cannot be
+undone: the schedule is abandoned (:meth:`Scheduler._abandon`), as raceguard's own error, and no
+exception of the scheduler's ever reaches the target's code.
+
 Pure Python; no torch. The session integration lives in :mod:`raceguard.capture.sync` (the
 primitives) and :mod:`raceguard.capture.session` (tensor ops).
 """
@@ -81,6 +90,27 @@ class ScheduleAborted(SystemExit):
     in the target does not swallow it, and ``threading`` ends a thread it escapes from silently
     (no thread-exception finding).
     """
+
+
+class SchedulerError(RuntimeError):
+    """raceguard's own failure, never the target's: the scheduler raised while handing control
+    over between threads (``Scheduler.block``, ``wake``, ``thread_exit``, ``current``...).
+
+    Halfway through a hand-over nothing can be undone (which thread holds the baton, who waits on
+    what: the run's determinism, possibly its liveness), so the schedule is abandoned (see
+    :meth:`Scheduler._abandon`). ``raceguard stress`` and ``replay`` report it in the report's
+    ``incomplete`` section; the in-process front ends (the pytest marker, ``raceguard.hypothesis``)
+    raise it, so that it cannot pass for the test's own failure. ``__cause__`` is the scheduler's
+    exception, with its traceback.
+    """
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        super().__init__(
+            f"raceguard failed while {what}: {exc!r}; the schedule was abandoned "
+            "(raceguard's own error, not the program's: please report it)"
+        )
+        self.what = what
+        self.__cause__ = exc
 
 
 class SchedThread:
@@ -144,6 +174,7 @@ class Scheduler:
         *,
         on_deadlock: Callable[["Scheduler", list[SchedThread]], None] | None = None,
         max_steps: int | None = None,
+        on_failure: Callable[["Scheduler", str, BaseException], None] | None = None,
     ) -> None:
         self.strategy = strategy
         self.mutex = _thread.RLock()
@@ -153,6 +184,10 @@ class Scheduler:
         self.holder: SchedThread | None = None
         self.waiters: dict[Any, list[SchedThread]] = {}
         self.on_deadlock = on_deadlock
+        # Told once, with (scheduler, what, exception), when the scheduler itself fails halfway
+        # through a hand-over (see _abandon); ``failure`` keeps (what, exception).
+        self.on_failure = on_failure
+        self.failure: tuple[str, BaseException] | None = None
         self.max_steps = max_steps
         self.stopped = False
         # Set by abort(): every managed thread unwinds with ScheduleAborted at its next turn.
@@ -183,14 +218,18 @@ class Scheduler:
             self.holder = t
             return t
 
-    def register(self, name: str, thread: Any = None, daemon: bool = False) -> SchedThread:
+    def register(self, name: str, thread: Any = None, daemon: bool = False) -> SchedThread | None:
         """A thread is being started by the holder: it is runnable from now on."""
-        with self.mutex:
-            t = self._new_thread(name)
-            t.thread_ref = thread
-            t.daemon = daemon
-            self.progress += 1
-            return t
+        try:
+            with self.mutex:
+                t = self._new_thread(name)
+                t.thread_ref = thread
+                t.daemon = daemon
+                self.progress += 1
+                return t
+        except Exception as exc:
+            self._abandon("register", exc)
+            return None  # the schedule is over: the thread runs unmanaged
 
     def _new_thread(self, name: str) -> SchedThread:
         t = SchedThread(len(self.threads), name)
@@ -201,30 +240,39 @@ class Scheduler:
 
     def expect(self, t: SchedThread) -> None:
         """Called by the new OS thread at the very start of its bootstrap."""
-        t.ident = _get_ident()
-        t.native_id = _native_id()
-        self.pending[t.ident] = t
+        try:
+            t.ident = _get_ident()
+            t.native_id = _native_id()
+            self.pending[t.ident] = t
+        except Exception as exc:
+            self._abandon("expect", exc)
 
     def maybe_admit(self, event: Any) -> None:
         """``Event.set()`` hook: a pending thread setting its own ``_started`` event is admitted."""
-        t = self.pending.get(_get_ident())
-        if t is None:
-            return
-        thread = t.thread_ref
-        if thread is not None and getattr(thread, "_started", None) is not event:
-            return
-        self.admit(t)
+        try:
+            t = self.pending.get(_get_ident())
+            if t is None:
+                return
+            thread = t.thread_ref
+            if thread is not None and getattr(thread, "_started", None) is not event:
+                return
+            self.admit(t)
+        except Exception as exc:
+            self._abandon("maybe_admit", exc)
 
     def admit(self, t: SchedThread) -> None:
         """The new thread waits for its first turn (its gate is opened when it is chosen)."""
-        self.pending.pop(t.ident, None)
-        with self.mutex:
-            self.by_ident[t.ident] = t  # type: ignore[index]
-            t.admitted = True
-            self.progress += 1
-        if self.stopped:
-            return
-        t.gate.acquire()
+        try:
+            self.pending.pop(t.ident, None)
+            with self.mutex:
+                self.by_ident[t.ident] = t  # type: ignore[index]
+                t.admitted = True
+                self.progress += 1
+            if self.stopped:
+                return
+            t.gate.acquire()
+        except Exception as exc:
+            self._abandon("admit", exc)
 
     def current(self) -> SchedThread | None:
         """The calling thread, if it is managed and may take scheduling decisions now.
@@ -232,19 +280,23 @@ class Scheduler:
         A detached thread queues for the baton first. Returns None for unmanaged threads, for a
         thread inside ``Thread.start``'s handshake, inside scheduler code, and once stopped.
         """
-        t = self.by_ident.get(_get_ident())
-        if t is None:
-            if self.pending:
-                t = self._late_admission()
+        try:
+            t = self.by_ident.get(_get_ident())
             if t is None:
+                if self.pending:
+                    t = self._late_admission()
+                if t is None:
+                    return None
+            if self.aborted:
+                self._raise_abort(t)
+            if t.raw or t.busy or self.stopped:
                 return None
-        if self.aborted:
-            self._raise_abort(t)
-        if t.raw or t.busy or self.stopped:
+            if t.status is DETACHED:
+                self._reattach(t)
+            return t
+        except Exception as exc:
+            self._abandon("current", exc)
             return None
-        if t.status is DETACHED:
-            self._reattach(t)
-        return t
 
     def _late_admission(self) -> SchedThread | None:
         # A thread whose _started event is not instrumented: admit it at its first scheduling
@@ -267,17 +319,26 @@ class Scheduler:
         if self.live <= 1 or t.busy:
             self.steps += 1
             return
+        failed = None
         t.busy = True
         try:
             with self.mutex:
                 self.steps += 1
                 self.progress += 1
+                # A failure up to here (the strategy's) changed no hands: it reaches the caller,
+                # which loses this point and goes on (a hook boundary).
                 nxt = self._choose(t)
                 if nxt is t or nxt is None:
                     return
-                self._handoff(nxt)
+                try:
+                    self._handoff(nxt)
+                except Exception as exc:  # the baton may be with two threads now
+                    failed = exc
         finally:
             t.busy = False
+        if failed is not None:
+            self._abandon("point", failed)
+            return
         t.gate.acquire()
         if self.aborted:
             self._raise_abort(t)
@@ -313,89 +374,99 @@ class Scheduler:
         On return ``t`` holds the baton again and retries (the change may not suit it: a woken
         lock waiter may find the lock taken again, and then blocks again).
         """
-        deadlock = None
-        t.busy = True
         try:
-            with self.mutex:
-                self.steps += 1
-                self.progress += 1
-                t.status = BLOCKED
-                t.key = key
-                t.timed_out = False
-                t.deadline = None if timeout is None else self.vnow + max(float(timeout), 0.0)
-                self.waiters.setdefault(key, []).append(t)
-                nxt = self._choose(t)
-                if nxt is t:
-                    return t.timed_out  # its own timeout fired: nothing else could run
-                if nxt is None:
-                    if self.detached:
-                        self.holder = None  # the baton idles until a detached thread returns
+            deadlock = None
+            t.busy = True
+            try:
+                with self.mutex:
+                    self.steps += 1
+                    self.progress += 1
+                    t.status = BLOCKED
+                    t.key = key
+                    t.timed_out = False
+                    t.deadline = None if timeout is None else self.vnow + max(float(timeout), 0.0)
+                    self.waiters.setdefault(key, []).append(t)
+                    nxt = self._choose(t)
+                    if nxt is t:
+                        return t.timed_out  # its own timeout fired: nothing else could run
+                    if nxt is None:
+                        if self.detached:
+                            self.holder = None  # the baton idles until a detached thread returns
+                        else:
+                            deadlock = [x for x in self.threads if x.status is BLOCKED]
                     else:
-                        deadlock = [x for x in self.threads if x.status is BLOCKED]
-                else:
-                    self._handoff(nxt)
-        finally:
-            t.busy = False
-        if deadlock is not None:
-            self._deadlock(deadlock)
-        t.gate.acquire()
-        if self.aborted:
-            self._raise_abort(t)
-        return t.timed_out
+                        self._handoff(nxt)
+            finally:
+                t.busy = False
+            if deadlock is not None:
+                self._deadlock(deadlock)
+            t.gate.acquire()
+            if self.aborted:
+                self._raise_abort(t)
+            return t.timed_out
+        except Exception as exc:
+            self._abandon("block", exc)
+            return True  # only in a thread already unwinding: nothing waits any more
 
     def wake(self, key: Any) -> None:
         """``key`` changed: every thread blocked on it becomes runnable (and retries)."""
-        if key not in self.waiters:
-            return
-        with self.mutex:
-            waiting = self.waiters.pop(key, None)
-            if not waiting:
+        try:
+            if key not in self.waiters:
                 return
-            self.progress += 1
-            for w in waiting:
-                if w.status is BLOCKED:
-                    w.status = RUNNABLE
-                    w.key = None
-                    w.deadline = None
-            if self.holder is None and not self.stopped:
-                # The baton was idle (its last holder detached): hand it over right away.
-                nxt = self._choose(None)
-                if nxt is not None:
-                    self._handoff(nxt)
-
-    def thread_exit(self, t: SchedThread) -> None:
-        """``t`` has finished: wake its joiners and hand the baton on (without waiting)."""
-        if t.status is DETACHED:
-            self._reattach(t)
-        deadlock = None
-        with self.mutex:
-            t.status = FINISHED
-            t.key = None
-            self.live -= 1
-            self.progress += 1
-            if t.ident is not None:
-                self.by_ident.pop(t.ident, None)
-                self.pending.pop(t.ident, None)
-            for key in (("join", t.id), SHUTDOWN):
-                for w in self.waiters.pop(key, ()):
+            with self.mutex:
+                waiting = self.waiters.pop(key, None)
+                if not waiting:
+                    return
+                self.progress += 1
+                for w in waiting:
                     if w.status is BLOCKED:
                         w.status = RUNNABLE
                         w.key = None
                         w.deadline = None
-            if self.stopped:
-                return  # no more decisions (an aborted thread unwinding, the end of a schedule)
-            if self.holder is not t and self.holder is not None:
-                return  # never held the baton (not admitted): nothing to hand on
-            nxt = self._choose(None)
-            if nxt is None:
-                self.holder = None
-                blocked = [x for x in self.threads if x.status is BLOCKED]
-                if blocked and not self.detached and not self.stopped:
-                    deadlock = blocked
-            else:
-                self._handoff(nxt)
-        if deadlock is not None:
-            self._deadlock(deadlock)
+                if self.holder is None and not self.stopped:
+                    # The baton was idle (its last holder detached): hand it over right away.
+                    nxt = self._choose(None)
+                    if nxt is not None:
+                        self._handoff(nxt)
+        except Exception as exc:
+            self._abandon("wake", exc)
+
+    def thread_exit(self, t: SchedThread) -> None:
+        """``t`` has finished: wake its joiners and hand the baton on (without waiting)."""
+        try:
+            if t.status is DETACHED:
+                self._reattach(t)
+            deadlock = None
+            with self.mutex:
+                t.status = FINISHED
+                t.key = None
+                self.live -= 1
+                self.progress += 1
+                if t.ident is not None:
+                    self.by_ident.pop(t.ident, None)
+                    self.pending.pop(t.ident, None)
+                for key in (("join", t.id), SHUTDOWN):
+                    for w in self.waiters.pop(key, ()):
+                        if w.status is BLOCKED:
+                            w.status = RUNNABLE
+                            w.key = None
+                            w.deadline = None
+                if self.stopped:
+                    return  # no more decisions (an aborted thread unwinding, the end of a schedule)
+                if self.holder is not t and self.holder is not None:
+                    return  # never held the baton (not admitted): nothing to hand on
+                nxt = self._choose(None)
+                if nxt is None:
+                    self.holder = None
+                    blocked = [x for x in self.threads if x.status is BLOCKED]
+                    if blocked and not self.detached and not self.stopped:
+                        deadlock = blocked
+                else:
+                    self._handoff(nxt)
+            if deadlock is not None:
+                self._deadlock(deadlock)
+        except Exception as exc:
+            self._abandon("thread_exit", exc, unwind=False)  # the thread is ending: it just ends
 
     def wait_for_threads(self, t: SchedThread, on_block: Callable[[], Any] | None = None,
                          on_unblock: Callable[[Any], None] | None = None) -> None:
@@ -415,20 +486,24 @@ class Scheduler:
     # -- watchdog --------------------------------------------------------------------------
     def steal(self, marker: int) -> bool:
         """Called by the watchdog: the holder made no progress since ``marker``; detach it."""
-        with self.mutex:
-            h = self.holder
-            if h is None or self.progress != marker or self.stopped or not h.admitted:
-                return False
-            h.status = DETACHED
-            self.detached += 1
-            self.watchdog_steals += 1
-            self.progress += 1
-            nxt = self._choose(None)
-            if nxt is None:
-                self.holder = None
-            else:
-                self._handoff(nxt)
-            return True
+        try:
+            with self.mutex:
+                h = self.holder
+                if h is None or self.progress != marker or self.stopped or not h.admitted:
+                    return False
+                h.status = DETACHED
+                self.detached += 1
+                self.watchdog_steals += 1
+                self.progress += 1
+                nxt = self._choose(None)
+                if nxt is None:
+                    self.holder = None
+                else:
+                    self._handoff(nxt)
+                return True
+        except Exception as exc:  # in the watchdog's own thread
+            self._abandon("steal", exc)
+            return False
 
     def _reattach(self, t: SchedThread) -> None:
         with self.mutex:
@@ -460,6 +535,35 @@ class Scheduler:
             for t in self.threads:
                 if t.status is not FINISHED and t.gate.locked():
                     t.gate.release()
+
+    def _abandon(self, name: str, exc: BaseException, unwind: bool = True) -> None:
+        """The scheduler itself raised ``exc`` in ``Scheduler.<name>``, halfway through handing
+        control over between threads. Which thread holds the baton and who waits on what can no
+        longer be trusted, and nothing of it can be undone: the schedule ends here, as
+        raceguard's failure, and ``exc`` never reaches the target.
+
+        ``on_failure`` is told once (the child of ``stress`` reports it and ends its process, so
+        nothing more of the target runs; it does not return). Otherwise the schedule is aborted
+        as an in-process deadlock is: every managed thread unwinds with :class:`ScheduleAborted`,
+        the calling one right away (unless ``unwind`` is False: a finishing thread just ends; an
+        unmanaged thread goes on, with plain primitives from now on).
+        """
+        if self.failure is None:
+            what = f"handing control over between threads (Scheduler.{name})"  # report.text knows it
+            self.failure = (what, exc)
+            self.stopped = True  # no more decisions, in any thread
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(self, what, exc)
+                except Exception:
+                    pass  # the handler's own failure: the abort below still ends the schedule
+        try:
+            self.abort()
+            t = self.by_ident.get(_get_ident()) if unwind else None
+        except Exception:
+            t = None  # what is left of the scheduler is beyond use: never raise into the target
+        if t is not None:
+            self._raise_abort(t)
 
     def _raise_abort(self, t: SchedThread) -> None:
         if t.abort_raised or t.busy:

@@ -222,6 +222,14 @@ def test_a_scheduler_failure_in_a_hand_over_abandons_the_schedule_as_raceguards_
     assert len([line for line in lines if line.startswith("raceguard: internal error")]) == 1, proc.stderr
     assert "analysis incomplete" in proc.stderr and "Traceback" not in proc.stderr
 
+    # Every schedule abandoned: nothing was tested, and a clean exit would let CI pass on it.
+    proc = raceguard("stress", "--seed", "10", "--schedules", "1", "--strategy", "random", "--timeout", "20",
+                     "--format", "json", "--output", str(out), target, "block", timeout=120)
+    report = load(out)
+    assert proc.returncode == 4, proc.stderr
+    assert report["status"] == "error" and "nothing was tested" in report["error"]
+    assert report["findings"] == []
+
 
 def test_line_preemption_finds_a_lost_update_on_plain_python_state(tmp_path: Path) -> None:
     out = tmp_path / "report.json"

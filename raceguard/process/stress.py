@@ -623,6 +623,9 @@ def _build_report(
     errors = list(dict.fromkeys(e for r in ordered for e in r.internal_errors))
     if server_error:
         errors.append(server_error)
+    if ordered and not interrupted and all(r.abandoned for r in ordered):
+        # Nothing was tested: a clean exit would let CI pass on raceguard's own failure.
+        errors.append(f"every schedule ({len(ordered)}) was abandoned by raceguard's own failure: nothing was tested")
 
     if interrupted:
         # Schedules still running were ended; what they had found is kept (stats.schedules

@@ -92,6 +92,19 @@ def test_torch_multiprocessing_spawn_workers_are_checked(tmp_path):
     assert race["details"]["processes"] == ["rank 0", "rank 1"]
 
 
+def test_forkserver_pool_workers_are_checked(tmp_path):
+    # The fork server is a checked worker; the pool workers it forks reconnect, stay checked and
+    # report a race between their own threads (they used to stop reporting at the fork).
+    fixture = FIXTURES / "forkserver_pool_race.py"
+    proc, report = _check(tmp_path, str(fixture))
+    assert proc.returncode == 1, proc.stderr
+    [race] = [f for f in report["findings"] if f["kind"] == "data-race"]
+    assert race["resource"].startswith("tensor float32[16] allocated at forkserver_pool_race.py:14")
+    assert {a["stack"][0]["line"] for a in race["accesses"]} == _markers(fixture)
+    assert {a["thread"] for a in race["accesses"]} == {"bump-0", "bump-1"}
+    assert len(race["details"].get("processes", [])) >= 1
+
+
 def test_no_children_checks_only_the_targets_own_process(tmp_path):
     proc, report = _check(tmp_path, *TORCHRUN, str(FIXTURES / "async_allreduce_before_wait.py"), options=("--no-children",))
     assert (proc.returncode, report["findings"]) == (0, []), proc.stderr

@@ -93,6 +93,9 @@ def start(config: dict) -> None:
 def _activate(sink: ProcessSink, config: dict) -> None:
     own_modules = set(sys.modules)
     session, state = child.start_session(sink, config, own_modules, child.import_torch_quietly())
+    # A fork of a worker (a forkserver's pool workers) stays checked: start() reconnects it to
+    # the supervisor with a socket of its own, so its lines never interleave with this one's.
+    session.detach_on_fork = False
 
     def at_exit() -> None:
         # Registered first, so it runs last: after the worker's own atexit handlers. Contained:

@@ -610,7 +610,8 @@ class Session:
         return None
 
     def _access(self, rec: Any) -> Access:
-        state = self.timelines[rec.timeline]
+        """The report's view of a recorded access (the session's and the hazard hooks' alike)."""
+        state = self.timelines[rec.timeline] if rec.timeline < len(self.timelines) else None
         name = state.name if state is not None else f"thread-{rec.timeline}"
         return Access(
             thread=name,

@@ -10,7 +10,8 @@ from typing import Any
 
 from ...engine.hb import Race
 from ...report.finding import Access, Finding, compute_fingerprint
-from ..stacks import render_site, user_key
+from ..naming import Resource, race_finding
+from ..stacks import user_key
 from ._state import _groups, _report_lock, _reported
 from .locations import _slot_names
 
@@ -28,20 +29,6 @@ def _internal_error(s: Any, what: str, exc: BaseException, ordering: bool = Fals
 def _room(s: Any) -> bool:
     room = getattr(s, "_room_for_report", None)
     return room() if room is not None else True
-
-
-def _access(s: Any, rec: Any) -> Access:
-    state = s.timelines[rec.timeline] if rec.timeline < len(s.timelines) else None
-    name = state.name if state is not None else f"thread-{rec.timeline}"
-    return Access(
-        thread=name,
-        timeline=f"thread:{name}",
-        mode="write" if rec.is_write else "read",
-        op=rec.info.op,
-        locks_held=[s.lock_name(lk) for lk in rec.info.locks],
-        stack=render_site(rec.info.site),
-        origin=s.origin_of(rec.info, rec.timeline),
-    )
 
 
 def _module_path(s: Any, module: Any) -> tuple[str, str]:
@@ -180,7 +167,7 @@ def _why(first: Access, second: Access, race: Race) -> str:
 
 
 def _race_finding(s: Any, race: Race, named: _Named) -> Finding:
-    first, second = _access(s, race.earlier), _access(s, race.later)
+    first, second = s._access(race.earlier), s._access(race.later)
     details: dict[str, Any] = {"why": _why(first, second, race)}
     if named.kind == "shared-rng":
         threads = f"'{first.thread}' and '{second.thread}'"
@@ -211,16 +198,8 @@ def _race_finding(s: Any, race: Race, named: _Named) -> Finding:
         f"{first.mode} by '{first.thread}' vs {second.mode} by '{second.thread}'"
     )
     details["hazard"] = _hazard_name(named, race)
-    return Finding(
-        kind="data-race",
-        resource=named.name,
-        resource_kind=named.resource_kind,
-        message=message,
-        accesses=[first, second],
-        fingerprint=compute_fingerprint("data-race", named.fingerprint_resource, [first, second]),
-        hint=_hint(named, race),
-        details=details,
-    )
+    resource = Resource(named.name, named.resource_kind, named.fingerprint_resource)
+    return race_finding(resource, message, first, second, _hint(named, race), details)
 
 
 def _rng_what(a: Access) -> str:

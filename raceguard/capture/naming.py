@@ -178,7 +178,8 @@ class Namer:
             self._next_grad_sweep = max(1024, 2 * len(self._grads))
 
     def _noted_grads(self, storage: Any) -> dict[int, tuple[Any, int, int]]:
-        """``{id(param): (param, lo, hi)}`` of the gradients the engine put in ``storage``."""
+        """``{id(param): (param, lo, hi)}`` of the gradients the engine put in ``storage`` (live
+        parameters only, so an id found here is that parameter's)."""
         entry = self._grads.get(storage._cdata)
         if entry is None or entry[0]() is not storage:
             return {}
@@ -261,7 +262,7 @@ class Namer:
                 g = p.grad if grads else None
                 if g is not None:
                     yield pname + ".grad", "grad", root, g
-                elif id(p) in noted and noted[id(p)][0] is p:
+                elif id(p) in noted:
                     yield pname + ".grad", _NOTED_GRAD, root, (storage, *noted[id(p)][1:])
         for _, opt in optimizers:
             label = self.optimizer_label(opt)
@@ -275,7 +276,7 @@ class Namer:
                         g = p.grad if grads else None
                         if g is not None:
                             yield f"{label}.{pname}.grad", "grad", label, g
-                        elif id(p) in noted and noted[id(p)][0] is p:
+                        elif id(p) in noted:
                             yield f"{label}.{pname}.grad", _NOTED_GRAD, label, (storage, *noted[id(p)][1:])
                     state = opt.state.get(p)
                     if not state:

@@ -629,6 +629,40 @@ def test_reuse_on_the_same_stream_is_clean(sim):
     assert sim.findings == []
 
 
+def test_a_freed_blocks_own_stream_accesses_are_forgotten_and_other_streams_kept(sim):
+    # The caching allocator reuses a block only on its own stream, which is ordered after that
+    # stream's accesses: those are dropped at the free (the shadow does not grow with every
+    # allocation); another stream's access is what a missing record_stream races with: kept.
+    g, main = sim.gpu, sim.main
+    memory = sim.tracker.memory
+
+    def live_cells(lo: int, hi: int) -> list:
+        sh = memory.shadow
+        return [c for a, b, c in zip(sh.starts, sh.ends, sh.cells) if lo < b and a < hi and (c.write or c.reads)]
+
+    x = g.alloc(main, (256,))
+    g.kernel(main, "aten::fill_.Scalar", writes=[x])
+    g.kernel(main, "aten::sum", reads=[x], out_shape=())
+    lo = x.untyped_storage().data_ptr()
+    hi = lo + x.untyped_storage().nbytes()
+    assert live_cells(lo, hi)
+    g.free(x)
+    del x
+    assert live_cells(lo, hi) == []
+
+    z = g.alloc(main, (256,))
+    side = FakeStream()
+    side.wait_stream(g.default)
+    with g.stream(side):
+        g.kernel(main, "aten::sum", reads=[z], out_shape=())
+    lo = z.untyped_storage().data_ptr()
+    hi = lo + z.untyped_storage().nbytes()
+    g.free(z)
+    del z
+    assert live_cells(lo, hi), "the side stream's read must outlive the free"
+    assert sim.findings == []
+
+
 def test_reuse_after_synchronizing_the_side_stream_is_clean(sim):
     g, main = sim.gpu, sim.main
     x = g.alloc(main, (256,))

@@ -576,6 +576,15 @@ def test_slots_store_compares_the_slot_value(run: Run) -> None:
     assert f.resource == "model.s.scale"
 
 
+# -- bookkeeping that must not pile up ------------------------------------------------------------
+def test_a_dead_storages_shadow_is_dropped_at_the_next_op(run: Run) -> None:
+    # Kept until a sweep, 4,096 dead shadows drove the target into full garbage collections.
+    x = torch.ones(64)
+    for _ in range(500):
+        (x * 2).sum()  # two fresh storages per iteration, both dead by the next one
+    assert len(run.session.shadows) < 20, len(run.session.shadows)
+
+
 # -- the autograd engine's accumulation into .grad (issue 13) --------------------------------------
 def _backward(model: nn.Module, x: torch.Tensor) -> None:
     model(x).pow(2).sum().backward()

@@ -1,6 +1,6 @@
 """raceguard: a happens-before data-race and deadlock detector for PyTorch programs."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .schedule import hooks as _schedule_hooks  # noqa: E402 - light: no torch, no threading
 

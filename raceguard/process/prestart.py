@@ -3,7 +3,8 @@
 ``raceguard check`` runs the target in a child process that must import torch (1.5 s or more)
 before the target's first line. The supervising process itself needs ~50–100 ms to import click,
 the CLI and the configuration, parse the arguments and read ``pyproject.toml``; done before the
-child starts, that time adds to every run. So the entry point (:func:`main`) starts the child
+child starts, that time adds to every run. So the entry point (``raceguard.__main__``, through
+:func:`start_for`) starts the child
 first, when the command is ``check``: the child imports torch and raceguard's capture layer while
 the supervisor gets ready, then waits for its configuration (what to run, with which limits) on
 a pipe. Nothing of the target runs before the configuration arrives, and what the child imported
@@ -144,16 +145,13 @@ def _discard_unused() -> None:
     _discard(pre)
 
 
-def main() -> None:
-    """The ``raceguard`` console script."""
+def start_for(args: list[str]) -> None:
+    """Pre-start the target's process when the command line asks for ``check`` (the console
+    script calls this before it imports the CLI); on any failure the CLI starts it the usual way."""
     global _pending
-    args = sys.argv[1:]
     if args[:1] == ["check"] and not os.environ.get("RACEGUARD_NO_PRESTART"):
         try:
             _pending = start()
             atexit.register(_discard_unused)
-        except Exception:  # the CLI starts the child the usual way
+        except Exception:
             _pending = None
-    from ..cli import main as cli_main
-
-    cli_main(prog_name="raceguard")

@@ -55,12 +55,9 @@ def default_stats() -> dict[str, Any]:
 
 
 def tool_version() -> str:
-    # Imported lazily: the package __init__ may not define __version__ yet (or may be mid-import).
-    try:
-        from raceguard import __version__  # type: ignore[attr-defined]
-    except Exception:
-        return "0.1.0"
-    return str(__version__)
+    from raceguard.version import __version__
+
+    return __version__
 
 
 @dataclass

@@ -20,29 +20,6 @@ from test_cli_fixtures import FIXTURES, ROOT, _expectation, _innermost_user_line
 
 HAZARDS = FIXTURES / "hazards"
 
-# The session calls raceguard.capture.hazards from Session.on_op, Thread.start(), submit() and
-# the child's set-up; until those few lines are in place (see "Wiring" in the docstring of
-# raceguard/capture/hazards/__init__.py) the CLI runs without the hazard patches and these tests
-# cannot pass.
-_CAPTURE = ROOT / "raceguard" / "capture"
-
-
-def _source(name: str) -> str:
-    path = _CAPTURE / name
-    return path.read_text() if path.exists() else ""
-
-
-_WIRED = (
-    "hazards.install(" in _source("install.py") + _source("child.py")
-    and "hazards.on_rng_op(" in _source("session.py")
-    and "hazards.on_thread_start(" in _source("sync/threads.py")
-    and "hazards.on_submit(" in _source("sync/futures.py")
-    and "is_rng_op(" in _source("torch_ops.py")
-)
-pytestmark = pytest.mark.skipif(
-    not _WIRED, reason="raceguard.capture.hazards is not wired into the session yet (see its docstring)"
-)
-
 RESOURCE_KIND = {
     "train_flag_flip": "module-attribute",
     "forward_attribute": "module-attribute",

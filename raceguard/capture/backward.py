@@ -17,7 +17,7 @@ from __future__ import annotations
 import _thread
 from typing import Any, Callable
 
-from .identity import present_as
+from .identity import present_as, shield
 
 # thread ident -> depth of backward calls it is inside (reentrant backward, e.g. checkpointing)
 _inside: dict[int, int] = {}
@@ -25,16 +25,16 @@ _patched: list[tuple[Any, Callable]] = []  # (module, original) for each patched
 
 
 _broken = False  # the bookkeeping failed once: gradients are never read again (conservative)
+# Where the bookkeeping's own failures are counted (the session's hook_failed), set by install().
+_report_failure: Callable[[str, BaseException], None] | None = None
 
 
 def _failed(what: str, exc: BaseException) -> None:
     global _broken
     _broken = True
-    from . import session as session_mod
-
-    session = session_mod.ACTIVE
-    if session is not None:
-        session.hook_failed(what, exc)
+    report = _report_failure
+    if report is not None:
+        report(what, exc)
 
 
 def _bracket(original: Callable) -> Callable:
@@ -60,8 +60,11 @@ def _bracket(original: Callable) -> Callable:
     return present_as(_engine_run_backward, original)
 
 
-def install() -> bool:
-    """Bracket the engine's entry point; False (nothing patched) when this torch has none."""
+def install(report_failure: Callable[[str, BaseException], None] | None = None) -> bool:
+    """Bracket the engine's entry point; False (nothing patched) when this torch has none.
+    ``report_failure(what, exc)`` counts the bookkeeping's own failures (never the target's)."""
+    global _report_failure
+    _report_failure = report_failure
     if _patched:
         return True
     try:
@@ -73,8 +76,6 @@ def install() -> bool:
     if original is None or not callable(original):
         return False
     wrapper = _bracket(original)
-    from .compiled import shield
-
     shield(wrapper.__code__)  # Dynamo never traces raceguard (see compiled.py)
     # torch.autograd imports the name into its own namespace: both bindings are called.
     for module in (graph, autograd):
@@ -85,7 +86,8 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-    global _broken
+    global _broken, _report_failure
+    _report_failure = None
     while _patched:
         module, original = _patched.pop()
         module._engine_run_backward = original

@@ -44,6 +44,7 @@ import torch
 
 from ..engine.hb import Race, ShadowStorage
 from . import session as session_mod
+from .identity import shield
 from .naming import OpInfo, StorageMeta, shape_of
 from .stacks import add_library_location, op_site_function
 from .torch_ops import byte_ranges
@@ -56,18 +57,6 @@ _lock = _thread.allocate_lock()  # raw: never an instrumented lock
 
 
 # -- 1. invisible to Dynamo -------------------------------------------------------------------
-def shield(code: Any) -> bool:
-    """Dynamo skips frames of ``code`` and every frame called from them; False when this torch
-    has no per-code frame strategy (older than 2.6)."""
-    try:
-        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
-
-        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
-        return True
-    except Exception:
-        return False
-
-
 # -- 3. compiled graph calls as accesses ------------------------------------------------------
 class _CompiledGraph:
     """A graph Dynamo compiled, recording each call as one access per input tensor."""

@@ -218,7 +218,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             session_mod.ACTIVE = session
             hazards.install(session)
             compiled.install()  # torch.compile: Dynamo never traces raceguard; graphs recorded
-            backward.install()  # which threads are inside backward: when .grad is safe to read
+            backward.install(session.hook_failed)  # which threads are inside backward: when .grad is safe to read
             distributed.install(session)  # async collectives as timelines of their process group
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.

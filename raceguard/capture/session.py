@@ -22,7 +22,6 @@ from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
 from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, Origin, compute_fingerprint
-from . import hazards
 from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, StorageRef, race_finding, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
@@ -45,7 +44,7 @@ _op_site = op_site_function()  # the site of a tensor op (see on_op)
 _plans_by_id = plans_by_id
 _Tensor = torch.Tensor
 # The autograd node running in this thread (None outside backward): checked inline per op, so the
-# common case pays one C call (hazards.grad_accumulation does the rest; None on an old torch).
+# common case pays one C call (hazard_grad_accumulation does the rest; None on an old torch).
 _autograd_node = getattr(torch._C, "_current_autograd_node", None)
 _ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGrad", None)
 
@@ -81,6 +80,14 @@ class ThreadState:
 
 
 class Session:
+    # Observers that raceguard.hazards registers when it is installed for this session
+    # (hazards reports *to* the session, which never imports it): an RNG op about to run
+    # ``(session, state, func, args, kwargs)``; an op inside an AccumulateGrad node, before
+    # ``(session, state) -> var | None`` and after its accesses ``(session, state, var)``.
+    hazard_rng_op: Callable[..., None] | None = None
+    hazard_grad_accumulation: Callable[..., Any] | None = None
+    hazard_grad_accumulated: Callable[..., None] | None = None
+
     def __init__(
         self,
         sink: Sink,
@@ -387,8 +394,8 @@ class Session:
             if self.sched is not None:  # a scheduling point before every tensor op
                 self.sched.op_point()
             plan = _plans_by_id.get(id(func)) or plan_for(func)
-            if plan.rng:
-                hazards.on_rng_op(self, state, func, args, kwargs)
+            if plan.rng and self.hazard_rng_op is not None:
+                self.hazard_rng_op(self, state, func, args, kwargs)
             site = _op_site()
             info = OpInfo(site, plan.name, state.locks, state.origin)
             inputs: list[int] = []
@@ -402,8 +409,8 @@ class Session:
             acc = node = None
             if _autograd_node is not None:
                 node = _autograd_node()
-                if node is not None:  # inside backward
-                    acc = hazards.grad_accumulation(self, state)
+                if node is not None and self.hazard_grad_accumulation is not None:  # inside backward
+                    acc = self.hazard_grad_accumulation(self, state)
             cuda = self.cuda
             if cuda is not None and accessed:
                 # CUDA tensors (and the pinned host side of non_blocking copies) also go to
@@ -471,7 +478,7 @@ class Session:
             if node is not None and type(node) is _ACCUMULATE_GRAD:  # a gradient installed
                 self.namer.note_grad(node.variable, plan.name, accessed, out)
             if acc is not None:
-                hazards.grad_accumulated(self, state, acc)
+                self.hazard_grad_accumulated(self, state, acc)
             if races:
                 self.report_races(races)
         except Exception as exc:

@@ -34,13 +34,14 @@ A location is touched only while the session has more than one timeline: while a
 exists, every timeline created later is forked from it and so ordered after the access, which
 therefore can never race. Single-threaded programs pay one comparison per module call.
 
-Wiring: the session calls five hooks (a dozen lines in child.py, session.py, torch_ops.py and
-the sync package)::
+Wiring: the session never imports this package; :func:`install` registers the observers it
+calls from ``Session.on_op`` (``hazard_rng_op`` before an RNG op, ``hazard_grad_accumulation`` /
+``hazard_grad_accumulated`` around an op inside AccumulateGrad), and the sync package reports
+thread starts and task submissions::
 
-    hazards.install(session)       # child.main(), right after ``session_mod.ACTIVE = session``
+    hazards.install(session)       # activation (raceguard.process.install), after ``ACTIVE = session``
     hazards.uninstall()            # when a session ends in process (tests, the Python API)
     OpPlan.rng = is_rng_op(func)   # torch_ops.build_plan: once per op overload
-    if plan.rng: hazards.on_rng_op(self, state, func, args, kwargs)   # Session.on_op, before the op
     hazards.on_thread_start(s, thread)   # sync._thread_start, after s.fork() (parent side)
     hazards.on_submit(s, work_item)      # sync._work_item_init, after the submit edge
 
@@ -114,6 +115,9 @@ def install(session: Any) -> None:
         _groups.clear()
         _reported.clear()
     _state._session = session
+    session.hazard_rng_op = on_rng_op
+    session.hazard_grad_accumulation = grad_accumulation
+    session.hazard_grad_accumulated = grad_accumulated
     if _state._installed:
         return
     import torch.optim.optimizer as optimizer_mod
@@ -173,8 +177,15 @@ def install(session: Any) -> None:
     _state._installed = True
 
 
+def _unregister(session: Any) -> None:
+    if session is not None:
+        for name in ("hazard_rng_op", "hazard_grad_accumulation", "hazard_grad_accumulated"):
+            session.__dict__.pop(name, None)
+
+
 def uninstall() -> None:
     """Undo :func:`install` and forget every location (the session is over)."""
+    _unregister(_state._session)
     if not _state._installed:
         _state._session = None
         return

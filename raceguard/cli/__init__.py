@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from .. import __version__
 from .common import (
     TARGET_CONTEXT,
     TargetCommand,
@@ -24,12 +23,30 @@ from .common import (
     split_target,
     suppressions_from,
 )
+from .doctor import doctor
 from .stress import merge, replay, stress
 from ..config import ConfigError, load_config
 
 
+def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """The version, and which installed distribution it comes from: PyPI's `raceguard` is another
+    project, so the name alone does not say what runs."""
+    if not value or ctx.resilient_parsing:
+        return
+    from .distribution import clash_warning, describe_running
+
+    click.echo(describe_running())
+    warning = clash_warning()
+    if warning:
+        click.echo(warning, err=True)
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="raceguard")
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
+    help="Show the version and the distribution that provides it, then exit.",
+)
 def main() -> None:
     """raceguard: find data races, lock-order cycles and deadlocks in PyTorch programs."""
 
@@ -85,7 +102,7 @@ def show_config() -> None:
         click.echo(line)
 
 
-for _command in (stress, replay, merge):
+for _command in (stress, replay, merge, doctor):
     main.add_command(_command)
 
 

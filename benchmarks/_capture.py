@@ -66,7 +66,7 @@ def install_capture() -> Capture:
 
     from raceguard.capture import child as child_mod
     from raceguard.capture import session as session_mod
-    from raceguard.capture import sync
+    from raceguard import sync
 
     child_mod._track_constructions(session)
     sync.install()

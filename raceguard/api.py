@@ -536,7 +536,7 @@ def _plain_sync_types() -> set:
     import _thread
     import queue
 
-    from .capture import sync
+    from . import sync
 
     originals = getattr(sync, "_orig", {})
     plain: set = {_thread.LockType, _thread.RLock}

@@ -1,4 +1,4 @@
-"""Faithfulness of the instrumented primitives (:mod:`raceguard.capture.sync`).
+"""Faithfulness of the instrumented primitives (:mod:`raceguard.sync`).
 
 The promise: with ``sync.install()`` and an active session, ``threading`` / ``queue`` /
 ``concurrent.futures`` behave exactly like the originals, and on top of that carry the
@@ -47,7 +47,7 @@ import pytest
 import torch
 
 from raceguard.capture import session as session_mod
-from raceguard.capture import sync
+from raceguard import sync
 from raceguard.capture.session import Session
 
 # -- the pristine interpreter ----------------------------------------------------------------------

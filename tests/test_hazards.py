@@ -20,7 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from raceguard.capture import hazards, sync
+from raceguard.capture import hazards
+from raceguard import sync
 from raceguard.capture import session as session_mod
 from raceguard.capture.session import Session
 from raceguard.engine.hb import ShadowStorage

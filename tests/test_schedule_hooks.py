@@ -37,7 +37,7 @@ def test_a_failing_scheduling_point_is_raceguards_error_never_the_targets(monkey
     from types import SimpleNamespace
 
     from raceguard.capture import session as session_mod
-    from raceguard.capture.sync._common import _sync_point
+    from raceguard.sync._common import _sync_point
     from raceguard.schedule.watchdog import virtual_sleep, yield_hook
 
     thread = SimpleNamespace(nest=0)

@@ -45,7 +45,7 @@ from . import cuda
 from . import distributed
 from . import hazards
 from . import session as session_mod
-from . import sync
+from .. import sync
 from .identity import present_as
 from .session import Session
 

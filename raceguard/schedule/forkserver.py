@@ -96,7 +96,8 @@ def server_main() -> None:
     guard = Guard()
     guard.arm()
     try:
-        from ..capture import lockreport, naming, session, stacks, sync, torch_ops  # noqa: F401
+        from ..capture import lockreport, naming, session, stacks, torch_ops  # noqa: F401
+        from .. import sync  # noqa: F401
         from . import failures, runchild, scheduler, strategies  # noqa: F401
         from .runchild import Target
 

@@ -52,7 +52,7 @@ the virtual ``time.sleep``). A failure *in* a hand-over (``block``, ``wake``, ``
 undone: the schedule is abandoned (:meth:`Scheduler._abandon`), as raceguard's own error, and no
 exception of the scheduler's ever reaches the target's code.
 
-Pure Python; no torch. The session integration lives in :mod:`raceguard.capture.sync` (the
+Pure Python; no torch. The session integration lives in :mod:`raceguard.sync` (the
 primitives) and :mod:`raceguard.capture.session` (tensor ops).
 """
 

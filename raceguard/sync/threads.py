@@ -9,9 +9,9 @@ import sys
 import threading
 from typing import Any
 
-from ...engine.hb import SyncVar
-from ...schedule.scheduler import ScheduleAborted
-from .. import hazards
+from ..engine.hb import SyncVar
+from ..schedule.scheduler import ScheduleAborted
+from ..capture import hazards
 from . import pool
 from ._common import _active, _deadline, _logical_wait, _orig, _sync_point
 
@@ -76,7 +76,7 @@ def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
             return _sched_join(self, s, t, st, timeout)
     tid = getattr(self, "_rg_tid", None)
     if s is not None and tid is not None and timeout is None and self._started.is_set() and self.is_alive():
-        from ...engine.waitfor import ThreadJoin
+        from ..engine.waitfor import ThreadJoin
 
         token = s.wait_begin(ThreadJoin(tid), True)
         try:
@@ -91,8 +91,8 @@ def _thread_join(self: threading.Thread, timeout: float | None = None) -> None:
 
 
 def _sched_join(thread: threading.Thread, s: Any, t: Any, st: Any, timeout: float | None) -> None:
-    from ...engine.waitfor import ThreadJoin
-    from ...schedule.scheduler import FINISHED
+    from ..engine.waitfor import ThreadJoin
+    from ..schedule.scheduler import FINISHED
 
     sch = s.sched
     _sync_point(sch, t)
@@ -124,7 +124,7 @@ def _excepthook(args: Any) -> None:
         s.thread_exception(args)
     if args.exc_value is not None and args.exc_traceback is not None:
         try:
-            from ..runner import own_frames_removed
+            from ..capture.runner import own_frames_removed
 
             exc = own_frames_removed(args.exc_value)
             args = threading.ExceptHookArgs([args.exc_type, exc, exc.__traceback__, args.thread])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import concurrent.futures._base as futures_base
 from typing import Any
 
-from ...engine.hb import SyncVar
-from .. import hazards
+from ..engine.hb import SyncVar
+from ..capture import hazards
 from ._common import _active, _blocking, _deadline, _logical_wait, _orig, _remaining, _sync_point, _var
 
 

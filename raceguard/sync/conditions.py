@@ -11,8 +11,8 @@ import collections
 import threading
 from typing import Any
 
-from ...engine.hb import SyncVar
-from ..stacks import current_site
+from ..engine.hb import SyncVar
+from ..capture.stacks import current_site
 from ._common import _active, _blocking, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _untracked, _var
 from .locks import TrackedRLock
 

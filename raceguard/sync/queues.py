@@ -11,7 +11,7 @@ import collections
 import queue
 from typing import Any
 
-from ...engine.hb import SyncVar
+from ..engine.hb import SyncVar
 from ._common import _active, _blocking, _deadline, _logical_wait, _orig, _sync_point
 
 

@@ -42,7 +42,7 @@ import queue
 import sys
 import threading
 
-from .. import session as session_mod
+from ..capture import session as session_mod
 from ._common import _active, _orig, _present_as
 from .conditions import Barrier, BoundedSemaphore, Condition, Event, Semaphore
 from .futures import (

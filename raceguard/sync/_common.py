@@ -1,5 +1,5 @@
 """What every instrumented primitive shares: the originals they wrap (``_orig``, filled by
-:func:`raceguard.capture.sync.install`), the active session, the glue to the controlled scheduler
+:func:`raceguard.sync.install`), the active session, the glue to the controlled scheduler
 (scheduling points, virtual deadlines, logical waits), telling the target's own calls from a
 library's, announcing native blocking calls for deadlock detection, the per-object sync variable,
 and giving a replacement the identity of what it replaces.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ...engine.hb import SyncVar
-from .. import session as session_mod
-from ..identity import present_as as _present_as  # noqa: F401 - the primitives' identity
-from ..stacks import HIDDEN, USER, classify_code
+from ..engine.hb import SyncVar
+from ..capture import session as session_mod
+from ..capture.identity import present_as as _present_as  # noqa: F401 - the primitives' identity
+from ..capture.stacks import HIDDEN, USER, classify_code
 
 
 _orig: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Unit tests of raceguard.capture.hazards, in process.
+"""Unit tests of raceguard.hazards, in process.
 
 A real :class:`Session` with the instrumented primitives and the hazard patches installed (as
 ``raceguard check`` does), findings collected from its sink. The hooks the session itself calls
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from raceguard.capture import hazards
+from raceguard import hazards
 from raceguard import sync
 from raceguard.capture import session as session_mod
 from raceguard.capture.session import Session

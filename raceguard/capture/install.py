@@ -43,7 +43,7 @@ from . import backward
 from . import compiled
 from . import cuda
 from . import distributed
-from . import hazards
+from .. import hazards
 from . import session as session_mod
 from .. import sync
 from .identity import present_as

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from ..capture import child as child_mod
 from ..capture import cuda
-from ..capture import hazards
+from .. import hazards
 from ..capture import runner
 from ..capture import session as session_mod
 from ..capture.child import PipeSink

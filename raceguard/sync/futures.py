@@ -9,7 +9,7 @@ import concurrent.futures._base as futures_base
 from typing import Any
 
 from ..engine.hb import SyncVar
-from ..capture import hazards
+from .. import hazards
 from ._common import _active, _blocking, _deadline, _logical_wait, _orig, _remaining, _sync_point, _var
 
 

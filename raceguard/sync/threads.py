@@ -11,7 +11,7 @@ from typing import Any
 
 from ..engine.hb import SyncVar
 from ..schedule.scheduler import ScheduleAborted
-from ..capture import hazards
+from .. import hazards
 from . import pool
 from ._common import _active, _deadline, _logical_wait, _orig, _sync_point
 

@@ -12,9 +12,9 @@ import weakref
 from bisect import bisect_right
 from typing import Any, Callable
 
-from ...engine.hb import Race, ShadowStorage
-from ..naming import OpInfo
-from ..stacks import op_site_function
+from ..engine.hb import Race, ShadowStorage
+from ..capture.naming import OpInfo
+from ..capture.stacks import op_site_function
 
 
 # -- locations -------------------------------------------------------------------------------

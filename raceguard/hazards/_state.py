@@ -1,5 +1,5 @@
 """The state every hazard hook shares: the session the hooks report to (``None`` until
-:func:`raceguard.capture.hazards.install`), the originals install() replaced, whether it did,
+:func:`raceguard.hazards.install`), the originals install() replaced, whether it did,
 per-thread flags, and what was reported already. ``_session`` and ``_installed`` are rebound by
 install() / uninstall(): read them as ``_state._session`` / ``_state._installed``, never import
 the names themselves.

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from ...report.finding import Access, Finding
-from ..stacks import current_site, render_site
+from ..report.finding import Access, Finding
+from ..capture.stacks import current_site, render_site
 from . import _state
 from ._state import _orig, _tls
 from .reporting import _emit, _internal_error, _module_path

@@ -9,7 +9,7 @@ import concurrent.futures.thread as futures_thread
 import threading
 from typing import Any
 
-from ..stacks import current_site
+from ..capture.stacks import current_site
 from ._state import _tls
 from .calls import watch_module_calls
 from .modes import _MODES, _UNSET, _Origin

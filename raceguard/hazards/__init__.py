@@ -63,8 +63,8 @@ from typing import Any
 
 from torch import nn
 
-from ..identity import present_as
-from ..rng_ops import RNG_ALWAYS_DEFAULT, RNG_OPS, is_rng_op, rng_generator
+from ..capture.identity import present_as
+from ..capture.rng_ops import RNG_ALWAYS_DEFAULT, RNG_OPS, is_rng_op, rng_generator
 from . import _state, calls, lazy
 from ._state import _groups, _orig, _reported
 from .attributes import _HOOK_METHODS, _handle_remove, _hook_registrar, _module_delattr, _module_setattr

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...engine.hb import Race, ShadowStorage
-from ..identity import present_as
+from ..engine.hb import Race, ShadowStorage
+from ..capture.identity import present_as
 from . import _state
 from ._state import _tls
 from .locations import CALL_SLOTS, _locs, _module_loc, _record

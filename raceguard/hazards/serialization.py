@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ...engine.hb import Race, ShadowStorage
-from ..naming import OpInfo, StorageMeta, shape_of
-from ..torch_ops import byte_ranges
+from ..engine.hb import Race, ShadowStorage
+from ..capture.naming import OpInfo, StorageMeta, shape_of
+from ..capture.torch_ops import byte_ranges
 from . import _state
 from ._state import _orig, _tls
 from .locations import _site

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from ...engine.hb import Race
+from ..engine.hb import Race
 from . import _state
 from .calls import _compiling
 from .locations import _loc, _record

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..identity import present_as
-from ..rng_ops import default_generator_name, rng_generator
+from ..capture.identity import present_as
+from ..capture.rng_ops import default_generator_name, rng_generator
 from . import _state
 from ._state import _orig
 from .locations import _loc, _record

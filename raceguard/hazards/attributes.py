@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..identity import present_as
+from ..capture.identity import present_as
 from . import _state, lazy
 from ._state import _orig, _tls
 from .locations import _module_loc, _record, _slot

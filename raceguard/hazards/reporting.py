@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...engine.hb import Race
-from ...report.finding import Access, Finding, compute_fingerprint
-from ..naming import Resource, race_finding
-from ..stacks import user_key
+from ..engine.hb import Race
+from ..report.finding import Access, Finding, compute_fingerprint
+from ..capture.naming import Resource, race_finding
+from ..capture.stacks import user_key
 from ._state import _groups, _report_lock, _reported
 from .locations import _slot_names
 

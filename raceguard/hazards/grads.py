@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ...engine.hb import SyncVar
+from ..engine.hb import SyncVar
 from .reporting import _internal_error
 
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from raceguard.report.finding import KINDS, Access, Finding, Frame, Origin
+from raceguard.report.why import plain_why
 
 if TYPE_CHECKING:
     from raceguard.report.document import Report
@@ -246,10 +247,27 @@ def summary_line(report: "Report", glyphs: Glyphs = UNICODE) -> str:
     outcome = describe_outcome(report)
     if outcome:
         text += f"; {outcome}"
+    budget = budget_phrase(report)
+    if budget:
+        text += f"; {budget}"
     if report.incomplete:
         lost = int(report.incomplete.get("internal_errors", 0))
         text += f"; analysis incomplete: {lost} {_plural(lost, 'event')} lost to raceguard's own errors"
     return text
+
+
+def budget_phrase(report: "Report") -> str | None:
+    """``time budget of 10 min spent: 37 of 100 schedules run`` when --max-time ended a stress run."""
+    stats = report.stats
+    if not stats.get("time_budget_spent"):
+        return None
+    seconds = stats.get("max_time_seconds")
+    amount = f" of {seconds_phrase(float(seconds))}" if isinstance(seconds, (int, float)) and seconds else ""
+    run = int(stats.get("schedules_run") or 0)
+    planned = stats.get("schedules_planned")
+    if isinstance(planned, int):
+        return f"time budget{amount} spent: {run} of {planned} schedules run"
+    return f"time budget{amount} spent: {run} {_plural(run, 'schedule')} run"
 
 
 def incomplete_line(report: "Report") -> str | None:
@@ -289,7 +307,11 @@ def finding_lines(finding: Finding, *, verbose: bool = False, glyphs: Glyphs = U
                 lines.extend(_stack_lines(access.origin.stack, verbose=True, indent="      "))
     details = finding.details
     if details.get("why"):
-        lines.extend(_labelled("why", str(details["why"])))
+        # In the program's terms; the engine's clock explanation only under --verbose.
+        plain = plain_why(finding)
+        lines.extend(_labelled("why", plain or str(details["why"])))
+        if plain and verbose:
+            lines.extend(_labelled("clocks", str(details["why"]), style=STYLE_MUTED))
     also_on = details.get("also_on")
     if isinstance(also_on, list) and also_on:
         shown = also_on if verbose else also_on[:ALSO_ON_SHOWN]
@@ -458,6 +480,15 @@ def _scope(report: "Report") -> str:
         parts.append(f"{schedules} {_plural(schedules, 'schedule')}")
     parts.append(f"{float(stats.get('wall_seconds') or 0.0):.1f} s")
     return ", ".join(parts)
+
+
+def seconds_phrase(seconds: float) -> str:
+    """``45 s``, ``10 min``, ``2.5 min``, ``1.5 h``."""
+    if seconds < 60:
+        return f"{seconds:g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"
 
 
 def _count_findings(findings: list[Finding]) -> str:

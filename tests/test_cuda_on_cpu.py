@@ -1,6 +1,6 @@
 """The CUDA path on the CPU: the whole CPU fixture suite through the CUDA tracker.
 
-With ``RACEGUARD_SIMULATE_CUDA=1`` (raceguard/capture/cudasim.py) every CPU tensor is device memory
+With ``RACEGUARD_SIMULATE_CUDA=1`` (raceguard/cuda/sim.py) every CPU tensor is device memory
 of a simulated ``cuda:0`` and every thread launches on the default stream, the way most GPU
 programs run: a model moved to the GPU, no stream ever created. Real ops go through the real
 tracker, so what broke on the first real GPU (``x * 2`` passing a Python number where the schema

@@ -26,7 +26,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _wired() -> bool:
-    """Whether the session routes ops through raceguard.capture.cuda (the lead's patch)."""
+    """Whether the session routes ops through raceguard.cuda.tracker (the lead's patch)."""
     from raceguard.capture.session import Session
 
     return hasattr(Session(lambda event: None), "cuda")
@@ -34,7 +34,7 @@ def _wired() -> bool:
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
 needs_wiring = pytest.mark.skipif(
-    HAS_CUDA and not _wired(), reason="raceguard.capture.cuda is not wired into Session yet (docs/cuda.md)"
+    HAS_CUDA and not _wired(), reason="raceguard.cuda.tracker is not wired into Session yet (docs/cuda.md)"
 )
 
 
@@ -152,7 +152,7 @@ def test_cuda_fixtures_are_well_formed() -> None:
 def test_install_activates_when_cuda_initialises() -> None:
     """In process: install() does not initialise CUDA; the first CUDA op activates the tracker,
     and torch's gpu trace callbacks reach it."""
-    from raceguard.capture import cuda
+    from raceguard.cuda import tracker as cuda
     from raceguard.capture.session import Session
 
     session = Session(lambda event: None)

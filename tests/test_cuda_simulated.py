@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.cuda._gpu_trace as gpu_trace
 
-from raceguard.capture import cuda
+from raceguard.cuda import tracker as cuda
 from raceguard.capture.session import OpInfo, Session
 from raceguard.capture import stacks
 from raceguard.capture.stacks import current_site

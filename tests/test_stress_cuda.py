@@ -183,7 +183,7 @@ def test_schedules_track_cuda_streams_as_check_does(tmp_path: Path):
 @pytest.fixture
 def cuda_on_cpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RACEGUARD_SIMULATE_CUDA", "1")
-    from raceguard.capture import cudasim
+    from raceguard.cuda import sim as cudasim
 
     return cudasim
 

@@ -2,7 +2,7 @@
 """CPU proxy for raceguard's CUDA overhead: the tracker's own cost per op, measurable without a GPU.
 
 ``RACEGUARD_SIMULATE_CUDA=1`` makes every CPU tensor device memory of a simulated ``cuda:0``, so
-every op goes through the same :class:`raceguard.capture.cuda.CudaTracker` code a GPU run does
+every op goes through the same :class:`raceguard.cuda.tracker.CudaTracker` code a GPU run does
 (stream lookup, launch edge, device shadow, allocation and free bookkeeping), on top of the host
 capture. Each workload runs in-process in a fresh child per mode, the modes alternating:
 

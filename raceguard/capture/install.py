@@ -41,7 +41,8 @@ from typing import Any, Callable
 from ..engine.hb import HappensBefore
 from . import backward
 from . import compiled
-from . import cuda
+from .. import cuda as cuda_pkg
+from ..cuda import tracker as cuda
 from . import distributed
 from .. import hazards
 from . import session as session_mod
@@ -49,8 +50,8 @@ from .. import sync
 from .identity import present_as
 from .session import Session
 
-# Set to a non-empty value other than "0": CPU tensors are device memory (see capture/cudasim.py).
-cudasim_env = cuda.SIMULATE_ENV
+# Set to a non-empty value other than "0": CPU tensors are device memory (see raceguard/cuda/sim.py).
+cudasim_env = cuda_pkg.SIMULATE_ENV
 
 # Guards ACTIVE hand-over and the install count. A raw lock: never an instrumented one.
 _guard = _thread.allocate_lock()
@@ -223,7 +224,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
             # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
-            cuda.install_tracking(session)
+            cuda_pkg.install_tracking(session)
         except BaseException:
             distributed.uninstall(session)
             backward.uninstall()

@@ -131,7 +131,7 @@ class Session:
         self.internal_errors = 0
         self._hook_error_keys: set[tuple[str, str]] = set()
         self.ordering_lost = False  # a synchronisation event was lost (see hook_failed)
-        # CUDA streams as timelines (raceguard.capture.cuda.CudaTracker), set by cuda.install() once
+        # CUDA streams as timelines (raceguard.cuda.tracker.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
         self.cuda: Any = None
         # Asynchronous torch.distributed collectives (raceguard.capture.distributed.DistTracker),

@@ -3,7 +3,7 @@
 A CUDA stream is one more timeline of :class:`~raceguard.engine.hb.HappensBefore`, next to the
 host threads. Its vector clock stands for the work *enqueued* on it so far: a kernel runs after
 everything enqueued before it on the same stream (program order of the timeline) and after
-whatever the stream was made to wait for. The capture layer (``raceguard.capture.cuda``) maps
+whatever the stream was made to wait for. The capture layer (``raceguard.cuda.tracker``) maps
 torch's callbacks and Python APIs onto the operations below; every one of them is a
 release/acquire pair on the engine, so host threads and streams share one model:
 

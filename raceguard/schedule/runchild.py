@@ -25,7 +25,8 @@ import traceback
 from typing import Any, NoReturn
 
 from ..capture import child as child_mod
-from ..capture import cuda
+from .. import cuda as cuda_pkg
+from ..cuda import tracker as cuda
 from .. import hazards
 from ..capture import runner
 from ..capture import session as session_mod
@@ -163,7 +164,7 @@ def _run(spec: dict, target: Target, sink: PipeSink) -> None:
     # CUDA streams as timelines, as under `check`: installed here, in the schedule's own process,
     # never in the fork server (it initialises nothing: the target's first CUDA call does, in
     # this child). With RACEGUARD_SIMULATE_CUDA, the CUDA-on-CPU backend.
-    cuda.install_tracking(session)
+    cuda_pkg.install_tracking(session)
     main_t = sched.add_main(threading.main_thread().name)
     hooks.yield_hook = yield_hook(sched)
     time.sleep = virtual_sleep(sched)  # type: ignore[assignment]

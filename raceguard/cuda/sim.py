@@ -2,7 +2,7 @@
 
 CI has no GPU, and a tracker only ever driven by hand-made events breaks on the first real op
 (``x * 2`` passes a Python ``int`` where the schema says ``Tensor``). This backend runs the
-*real* op stream of a CPU program through :class:`raceguard.capture.cuda.CudaTracker`:
+*real* op stream of a CPU program through :class:`raceguard.cuda.tracker.CudaTracker`:
 
 * every CPU tensor is device memory of a simulated ``cuda:0`` (``is_device``), so every op is a
   kernel launch on the calling thread's current stream, recorded on that stream's timeline and,
@@ -34,9 +34,8 @@ from typing import Any, Iterator
 import torch
 import torch.cuda._gpu_trace as gpu_trace
 
-from . import cuda
+from . import tracker as cuda
 
-ENV_VAR = "RACEGUARD_SIMULATE_CUDA"
 
 _local = threading.local()  # .handle: the calling thread's current stream (0: default)
 _stream_handles = itertools.count(0x5000, 16)
@@ -162,7 +161,7 @@ def pin(t: torch.Tensor) -> torch.Tensor:
 
 
 class SimBackend:
-    """What :class:`~raceguard.capture.cuda.CudaTracker` asks torch, answered for the simulation."""
+    """What :class:`~raceguard.cuda.tracker.CudaTracker` asks torch, answered for the simulation."""
 
     def current_stream(self, device: int) -> tuple[int, int]:
         return 0, getattr(_local, "handle", 0)

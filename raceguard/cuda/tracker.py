@@ -46,12 +46,12 @@ from typing import Any, Callable, Iterable
 
 from ..engine.hb import Race, ShadowStorage
 from ..engine.streams import DEFAULT_STREAM, DeviceBlock, DeviceMemory, StreamModel, StreamTimeline
-from .naming import StorageMeta, shape_of
-from .stacks import current_site, op_site_function
-from .torch_ops import byte_ranges
-from .cuda_backend import TorchBackend, get_device, is_cuda, storage_is_cuda, target_device, tensorlike
-from .cuda_patches import Patches, hook_failed, in_api, patch_apis, torch_targets
-from .cuda_report import CudaReporter
+from ..capture.naming import StorageMeta, shape_of
+from ..capture.stacks import current_site, op_site_function
+from ..capture.torch_ops import byte_ranges
+from .backend import TorchBackend, get_device, is_cuda, storage_is_cuda, target_device, tensorlike
+from .patches import Patches, hook_failed, in_api, patch_apis, torch_targets
+from .report import CudaReporter
 
 # Site capture for the trace callbacks: torch's C++ stack capture when it has one (a few µs, not
 # a Python walk of the whole stack); raceguard's own frames are hidden when rendered.
@@ -139,7 +139,7 @@ class CudaTracker:
         self._handle_device: dict[int, int] = {}
         self.reporter = CudaReporter(self)
         # How the backend tells device tensors from host ones (the CPU simulation of
-        # raceguard.capture.cudasim calls every CPU tensor device memory).
+        # raceguard.cuda.sim calls every CPU tensor device memory).
         self._is_device = getattr(backend, "is_device", None) or is_cuda
         self._device_of = getattr(backend, "device_of", None) or get_device
         self._is_device_storage = getattr(backend, "is_device_storage", None) or storage_is_cuda
@@ -781,22 +781,6 @@ def install(
         session.cuda = None
         LAST_NOTE = f"CUDA streams not tracked: installing raceguard's CUDA hooks failed ({exc!r})"
         return None
-
-
-SIMULATE_ENV = "RACEGUARD_SIMULATE_CUDA"
-
-
-def install_tracking(session: Any) -> CudaTracker | None:
-    """What every front end calls (``check``'s child, ``watch()``, each ``stress`` schedule):
-    the real tracker, or with ``RACEGUARD_SIMULATE_CUDA`` set (not "0") the CUDA-on-CPU backend
-    of :mod:`.cudasim` (CPU tensors as device memory, raceguard's own GPU tests)."""
-    import os
-
-    if os.environ.get(SIMULATE_ENV, "") not in ("", "0"):
-        from . import cudasim
-
-        return cudasim.install(session)
-    return install(session)
 
 
 def _install(session: Any, backend: Any, trace: Any, targets: dict | None, lazy: bool | None) -> CudaTracker | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import _thread
 from typing import Any, Callable
 
-from .identity import present_as
+from ..capture.identity import present_as
 
 _tls = _thread._local()  # depth of patched torch.cuda API calls in this thread
 

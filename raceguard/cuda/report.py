@@ -7,12 +7,12 @@ from typing import Any
 
 from ..engine.hb import AccessRecord, Race
 from ..report.finding import Access, Finding
-from .naming import Resource, describe_tensor, race_finding
-from .stacks import first_user_location, render_site, user_key
+from ..capture.naming import Resource, describe_tensor, race_finding
+from ..capture.stacks import first_user_location, render_site, user_key
 
 
 class CudaReporter:
-    """Names and reports the races a :class:`~raceguard.capture.cuda.CudaTracker` owns; groups
+    """Names and reports the races a :class:`~raceguard.cuda.tracker.CudaTracker` owns; groups
     them so that one pair of lines is one finding (a stream race and a launch-order race on the
     same two accesses included)."""
 
@@ -186,7 +186,7 @@ def _launch_why(first: Access, second: Access, race: Race) -> str:
 
 
 def _launch_hint(first: Access, second: Access, resource: Resource) -> str:
-    from .session import _race_hint
+    from ..capture.session import _race_hint
 
     return _race_hint(first, second, resource) + (
         " (a CUDA stream orders kernels only in the order the host launched them)"

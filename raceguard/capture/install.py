@@ -43,7 +43,7 @@ from . import backward
 from . import compiled
 from .. import cuda as cuda_pkg
 from ..cuda import tracker as cuda
-from . import distributed
+from ..distributed import tracker as distributed
 from .. import hazards
 from . import session as session_mod
 from .. import sync

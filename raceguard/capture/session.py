@@ -134,7 +134,7 @@ class Session:
         # CUDA streams as timelines (raceguard.cuda.tracker.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
         self.cuda: Any = None
-        # Asynchronous torch.distributed collectives (raceguard.capture.distributed.DistTracker),
+        # Asynchronous torch.distributed collectives (raceguard.distributed.tracker.DistTracker),
         # set by its install(); it names the races that involve a collective's timeline.
         self.dist: Any = None
         # The controlled scheduler (raceguard stress / replay), None otherwise: then the hot path

@@ -3,7 +3,7 @@
 A collective or point-to-point op launched with ``async_op=True`` reads and writes its tensors
 in the background, from the launch until some host thread learns that it completed. Each such
 op runs on a *lane*: a timeline of :class:`~raceguard.engine.hb.HappensBefore`, like a CUDA
-stream in :mod:`.streams`. The capture layer (``raceguard.capture.distributed``) records the
+stream in :mod:`.streams`. The capture layer (``raceguard.distributed.tracker``) records the
 op's tensor accesses on the lane, so a host access before the wait is unordered with them:
 
 =====================================  ==========================================================

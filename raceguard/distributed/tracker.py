@@ -45,9 +45,9 @@ from typing import Any, Callable
 from ..engine.collectives import CollectiveModel, Pending
 from ..engine.hb import AccessRecord, Race, ShadowStorage
 from ..report.finding import Access, Finding
-from .naming import Resource, StorageMeta, race_finding, shape_of
-from .stacks import current_site, first_user_location, render_site, user_key
-from .torch_ops import byte_ranges
+from ..capture.naming import Resource, StorageMeta, race_finding, shape_of
+from ..capture.stacks import current_site, first_user_location, render_site, user_key
+from ..capture.torch_ops import byte_ranges
 
 # The tracker the patched APIs report to (one session at a time, like session.ACTIVE).
 _ACTIVE: "DistTracker | None" = None

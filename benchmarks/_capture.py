@@ -1,7 +1,7 @@
 """Install raceguard's capture in this process exactly as ``raceguard check``'s child does.
 
-Newer checkouts route this through :func:`raceguard.capture.install.activate`; older ones (and
-the brief this benchmark was written to) do it by hand in ``raceguard/capture/child.py``: build a
+Newer checkouts route this through :func:`raceguard.process.install.activate`; older ones (and
+the brief this benchmark was written to) do it by hand in ``raceguard/process/child.py``: build a
 ``Session``, track constructions, ``sync.install()``, set ``session.ACTIVE``, ``enter_thread`` on
 the main thread. Either way the sink only collects events, so reporting costs nothing.
 """
@@ -57,14 +57,14 @@ def install_capture() -> Capture:
         main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
     )
     try:
-        from raceguard.capture.install import activate, deactivate
+        from raceguard.process.install import activate, deactivate
     except ImportError:
         activate = deactivate = None
     if activate is not None:
         handle = activate(session, thread=threading.main_thread())
         return Capture(session, handle.state, events, lambda: deactivate(handle))
 
-    from raceguard.capture import child as child_mod
+    from raceguard.process import child as child_mod
     from raceguard.capture import session as session_mod
     from raceguard import sync
 

@@ -7,7 +7,7 @@ rounds so that other load on the machine hits all three alike:
 * plain: no dispatch mode;
 * a no-op ``TorchDispatchMode`` (``_should_skip_dynamo`` returns False, like raceguard's): the
   price of leaving C++ for Python on every op, which any Python-level capture pays;
-* raceguard's capture, installed the way ``raceguard/capture/child.py`` does (a ``Session`` with
+* raceguard's capture, installed the way ``raceguard/process/child.py`` does (a ``Session`` with
   a no-op sink, ``sync.install()``, ``session.ACTIVE``, ``enter_thread`` on the main thread).
 
 Then it times the pieces of ``Session.on_op`` one by one on the same op (``current_site`` at the

@@ -2,7 +2,7 @@
 """Where raceguard's per-op time goes: run one workload in this process under the capture and
 profile it.
 
-The capture is installed the way ``raceguard/capture/child.py`` installs it (a ``Session`` with a
+The capture is installed the way ``raceguard/process/child.py`` installs it (a ``Session`` with a
 sink that only collects, construction tracking, ``sync.install()``, ``session.ACTIVE``,
 ``enter_thread`` on the main thread); the workload runs with ``runpy`` as ``__main__``.
 

@@ -243,7 +243,7 @@ class WatchSession:
 
     # -- lifecycle (used by watch() and the pytest plugin) ---------------------------------------
     def _start(self) -> "WatchSession":
-        from .capture import install
+        from .process import install
 
         capture = install.ScopedSession(self._sink, main_globals=self._main_globals, max_reports=self.max_reports)
         capture.owner = self
@@ -262,7 +262,7 @@ class WatchSession:
 
     def _stop(self, exc: BaseException | None = None) -> None:
         """Stop watching: report lock-order cycles, restore everything. Idempotent."""
-        from .capture import install
+        from .process import install
 
         if self._handle is None or self._ended is not None:
             return
@@ -360,7 +360,7 @@ def _watch_for_deadlock(session: WatchSession, capture: Any, stopping: Any) -> N
     """A raw thread per watched block: reports "every thread blocked forever" (a join while
     holding a lock, a get on a queue nobody fills) like ``raceguard check`` does. Lock-order
     deadlocks are reported by the wait-for graph the moment they close."""
-    from .capture.child import AllBlocked
+    from .process.child import AllBlocked
 
     blocked = AllBlocked(capture)
     while not stopping.acquire(True, DEADLOCK_POLL):

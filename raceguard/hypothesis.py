@@ -240,7 +240,7 @@ def _hold_primitives() -> None:
     global _held
     if _held:
         return
-    from .capture import install
+    from .process import install
 
     install.hold_primitives()
     _held = True
@@ -251,7 +251,7 @@ def _release_primitives() -> None:
     global _held
     if not _held:
         return
-    from .capture import install
+    from .process import install
 
     install.release_primitives()
     _held = False

@@ -238,7 +238,7 @@ def _hold_primitives(config: pytest.Config) -> None:
     """Install the instrumented primitives for the rest of the run (released at unconfigure)."""
     if config.stash.get(HELD_KEY, False):
         return
-    from .capture import install
+    from .process import install
 
     install.hold_primitives()
     config.stash[HELD_KEY] = True
@@ -272,7 +272,7 @@ def pytest_configure(config: pytest.Config) -> None:
         run.report_path = report_path_for(Path(config.invocation_params.dir, report), _worker_id(config))
     if _is_xdist_controller(config):
         if config.stash.get(HELD_KEY, False):  # -n was given some way the early check missed
-            from .capture import install
+            from .process import install
 
             config.stash[HELD_KEY] = False
             install.release_primitives()
@@ -285,7 +285,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if config.stash.get(HELD_KEY, False):
-        from .capture import install
+        from .process import install
 
         config.stash[HELD_KEY] = False
         install.release_primitives()

@@ -24,7 +24,7 @@ import torch
 
 import raceguard
 from raceguard.api import active_session, untracked_sync_objects
-from raceguard.capture import install
+from raceguard.process import install
 from raceguard.capture import session as session_mod
 from raceguard.config import ConfigError
 from raceguard.report.document import Report, validate_report
@@ -512,7 +512,7 @@ def test_watch_example_runs_as_documented():
     assert text.rstrip().endswith("locked version: clean")
 
 
-# -- raceguard.capture.install -------------------------------------------------------------------
+# -- raceguard.process.install -------------------------------------------------------------------
 
 
 def _scoped_session():

@@ -9,7 +9,7 @@ first, when the command is ``check``: the child imports torch and raceguard's ca
 the supervisor gets ready, then waits for its configuration (what to run, with which limits) on
 a pipe. Nothing of the target runs before the configuration arrives, and what the child imported
 for itself (torch and its dependencies) stays out of the target's ``sys.modules`` until the target
-imports it (:mod:`raceguard.capture.hidden`): a program that never imports torch does not see it.
+imports it (:mod:`raceguard.process.hidden`): a program that never imports torch does not see it.
 
 If the supervisor ends without using the child (``--help``, a usage error, or a caller of
 ``supervisor.run_target`` asking for another interpreter), the child is killed at exit; it never
@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any
 
-CHILD_ENV = "RACEGUARD_CHILD"  # the same variable as raceguard.capture.child.ENV_VAR
+CHILD_ENV = "RACEGUARD_CHILD"  # the same variable as raceguard.process.child.ENV_VAR
 
 
 class Prestarted:
@@ -58,7 +58,7 @@ def bootstrap_code(package_parent: str) -> str:
     """The ``python -c`` program of the child; binds no name in the target's ``__main__``."""
     return (
         f"__import__('sys').path.insert(0, {package_parent!r}); "
-        "__import__('raceguard.capture.child', fromlist=['main']).main()"
+        "__import__('raceguard.process.child', fromlist=['main']).main()"
     )
 
 

@@ -2,7 +2,7 @@
 
 The race raceguard reports may kill the process it happens in (two threads corrupting the heap
 through ``zero_grad``/``backward`` segfault a few percent of runs), so the target never runs in
-this process: a child runs it (:mod:`raceguard.capture.child`) and streams findings over a pipe
+this process: a child runs it (:mod:`raceguard.process.child`) and streams findings over a pipe
 as they are made. This process imports neither torch nor the target; it only waits, enforces the
 timeout, turns Ctrl-C into "stop and report what was found", and says how the target ended.
 """

@@ -6,10 +6,10 @@ Python, which inherits the environment. The supervisor listens on a unix socket 
 variables in the target's environment:
 
 * ``RACEGUARD_WORKERS``: where to connect, and where raceguard itself is;
-* ``PYTHONPATH``, with ``raceguard/capture/bootstrap`` first: its ``sitecustomize.py`` runs in
+* ``PYTHONPATH``, with ``raceguard/process/bootstrap`` first: its ``sitecustomize.py`` runs in
   every such Python before its ``__main__``, takes its directory back out of ``sys.path``, runs
   the environment's own ``sitecustomize`` if there is one, then connects and starts a session
-  exactly like the target's (:mod:`raceguard.capture.worker`): instrumented primitives, the
+  exactly like the target's (:mod:`raceguard.process.child_worker`): instrumented primitives, the
   dispatch mode, findings streamed as JSON lines the moment they are made.
 
 Each worker labels its accesses with its process (``rank 1`` once torch.distributed is
@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable
 
 ENV_VAR = "RACEGUARD_WORKERS"
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "capture", "bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
 def for_each_json_line(recv: Callable[[], bytes], handle: Callable[[dict], None], bad: Callable[[Exception], None]) -> None:

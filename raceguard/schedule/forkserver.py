@@ -67,7 +67,7 @@ _children: dict[int, _Child] = {}
 
 def server_main() -> None:
     config = json.loads(os.environ.pop(ENV_VAR))
-    from ..capture import child as child_mod
+    from ..process import child as child_mod
 
     child_mod._hide_bootstrap_frames()
     bootstrap_path = config.get("bootstrap_path")
@@ -81,7 +81,7 @@ def server_main() -> None:
     def send(obj: dict) -> None:
         _write_all(out_fd, (json.dumps(obj, default=str) + "\n").encode())
 
-    from ..capture import runner
+    from ..process import runner
 
     code = runner.prepare_or_exit(config, send)
 

@@ -3,7 +3,7 @@
 The child sets up a capture session exactly like ``raceguard check``'s child does, attaches a
 :class:`~raceguard.schedule.scheduler.Scheduler` driven by the schedule's strategy, runs the
 target as ``__main__`` and streams findings over its pipe as they are made (same messages as
-:mod:`raceguard.capture.child`). It always ends with ``os._exit``: the fork server's interpreter
+:mod:`raceguard.process.child`). It always ends with ``os._exit``: the fork server's interpreter
 state (atexit handlers, buffered output) must not run twice.
 
 Determinism: besides the scheduler's choices, the child fixes what else the schedule could vary
@@ -24,13 +24,13 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from ..capture import child as child_mod
+from ..process import child as child_mod
 from .. import cuda as cuda_pkg
 from ..cuda import tracker as cuda
 from .. import hazards
-from ..capture import runner
+from ..process import runner
 from ..capture import session as session_mod
-from ..capture.child import PipeSink
+from ..process.child import PipeSink
 from ..capture.session import Session
 from . import hooks
 from .failures import all_thread_frames, exception_failure, exit_failure, generic_deadlock_failure, timeout_failure

@@ -39,16 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.hb import HappensBefore
-from . import backward
-from . import compiled
+from ..capture import backward
+from ..capture import compiled
 from .. import cuda as cuda_pkg
 from ..cuda import tracker as cuda
 from ..distributed import tracker as distributed
 from .. import hazards
-from . import session as session_mod
+from ..capture import session as session_mod
 from .. import sync
-from .identity import present_as
-from .session import Session
+from ..capture.identity import present_as
+from ..capture.session import Session
 
 # Set to a non-empty value other than "0": CPU tensors are device memory (see raceguard/cuda/sim.py).
 cudasim_env = cuda_pkg.SIMULATE_ENV

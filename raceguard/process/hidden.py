@@ -106,7 +106,7 @@ class HiddenModules:
             try:
                 self.on_everything()
             except Exception as exc:  # raceguard's own (torch's held-back warnings): never the target's import
-                from . import session as session_mod
+                from ..capture import session as session_mod
 
                 if session_mod.ACTIVE is not None:
                     session_mod.ACTIVE.hook_failed("handing torch back to the target", exc)

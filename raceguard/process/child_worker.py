@@ -1,8 +1,8 @@
 """A worker process of a checked multi-process job: its session, streaming to the supervisor.
 
-Started by ``raceguard/capture/bootstrap/sitecustomize.py`` in every Python the target starts
+Started by ``raceguard/process/bootstrap/sitecustomize.py`` in every Python the target starts
 with ``sys.executable`` (see :mod:`raceguard.workers`), before the worker's ``__main__``. It sets up
-what :mod:`raceguard.capture.child` sets up for the target's own process (instrumented
+what :mod:`raceguard.process.child` sets up for the target's own process (instrumented
 primitives, the dispatch mode in the main thread, the heartbeat and its deadlock watchdog,
 lock-order cycles on SIGTERM), with two differences: the worker's own interpreter runs its
 ``__main__`` (nothing to run here), and every finding's accesses carry the process they
@@ -38,7 +38,7 @@ def process_label(known: list) -> str:
 
 
 class ProcessSink(PipeSink):
-    """A :class:`~raceguard.capture.child.PipeSink` on the worker's socket that labels each
+    """A :class:`~raceguard.process.child.PipeSink` on the worker's socket that labels each
     finding's accesses with this process."""
 
     def __init__(self, fd: int) -> None:

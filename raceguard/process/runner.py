@@ -134,7 +134,7 @@ def print_uncaught(exc: BaseException) -> None:
     try:
         own_frames_removed(exc)
     except Exception as error:  # raceguard's own failure: printed with its frames rather than not at all
-        from . import session as session_mod
+        from ..capture import session as session_mod
 
         if session_mod.ACTIVE is not None:
             session_mod.ACTIVE.hook_failed("taking raceguard's frames out of a traceback", error)

@@ -26,7 +26,7 @@ def _bootstrap() -> None:
         _sys.modules.setdefault(__name__, me)
     raw = _os.environ.get("RACEGUARD_WORKERS")
     if not raw or "RACEGUARD_CHILD" in _os.environ:
-        return  # not under raceguard, or the target's own process (raceguard.capture.child)
+        return  # not under raceguard, or the target's own process (raceguard.process.child)
     if _os.environ.get("RACEGUARD_CHECKED_PID") == str(_os.getpid()):
         return  # a subinterpreter of a process raceguard already checks: torch cannot load there
     try:
@@ -35,7 +35,7 @@ def _bootstrap() -> None:
         config = json.loads(raw)
         _sys.path.insert(0, config["package"])
         try:
-            from raceguard.capture import worker
+            from raceguard.process import child_worker as worker
         finally:
             if _sys.path and _sys.path[0] == config["package"]:
                 del _sys.path[0]

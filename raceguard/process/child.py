@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from .identity import present_as
+from ..capture.identity import present_as
 
 ENV_VAR = "RACEGUARD_CHILD"
 
@@ -154,7 +154,7 @@ def _track_constructions(session: Any) -> None:
 
 def _hide_bootstrap_frames() -> None:
     """The ``python -c`` line that called us is raceguard's, not the target's: never report it."""
-    from .stacks import hide_code
+    from ..capture.stacks import hide_code
 
     f = sys._getframe(1)
     while f is not None:
@@ -207,7 +207,7 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
 
     from . import hidden
     from .install import activate
-    from .session import Session
+    from ..capture.session import Session
 
     session = Session(
         sink,
@@ -250,7 +250,7 @@ def main() -> None:
     from . import runner
 
     config.update(_read_config(config.pop("config_fd")))
-    from ..process.workers import forget_bootstrap  # the target's Python children (--no-children: not)
+    from .workers import forget_bootstrap  # the target's Python children (--no-children: not)
 
     forget_bootstrap(config.get("children", True))
 

@@ -1,0 +1,60 @@
+"""The native op-capture backend: tensor ops recorded by a C++ RecordFunction observer.
+
+:func:`choose` picks the backend for a session where it is activated: the native recorder when
+it loads and the run is one it records faithfully, else the Python dispatch mode
+(:mod:`..torch_ops`), which stays the fallback and the oracle. ``RACEGUARD_BACKEND=python`` or
+``native`` forces the choice. :func:`status` says which backend the process uses and why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+ENV_VAR = "RACEGUARD_BACKEND"
+# The native backend is used only when asked for (RACEGUARD_BACKEND=native) until it reports
+# what the Python mode reports on every case the Python mode handles (see docs/native.md).
+DEFAULT = "python"
+
+_status: tuple[str, str] = ("python", "no session chose a backend yet")
+
+
+def status() -> tuple[str, str]:
+    """(backend, reason) of this process's last choice: ("native" | "python", one line)."""
+    return _status
+
+
+def requested() -> str:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    return value if value in ("python", "native") else DEFAULT
+
+
+def choose(session: Any) -> tuple[str, str]:
+    """Attach the native recorder to ``session`` (not yet activated) when it is requested and
+    loads; otherwise leave the Python dispatch mode. Never raises."""
+    global _status
+    try:
+        _status = _choose(session)
+    except Exception as exc:  # the check goes on with the Python mode
+        _status = ("python", f"the native recorder failed to start: {exc!r}")
+    return _status
+
+
+def _choose(session: Any) -> tuple[str, str]:
+    raw = os.environ.get(ENV_VAR, "").strip().lower()
+    if raw and raw not in ("python", "native"):
+        return ("python", f"{ENV_VAR}={raw!r} is not 'python' or 'native'")
+    if requested() == "python":
+        why = f"{ENV_VAR}=python" if raw == "python" else f"the default (set {ENV_VAR}=native to use the native recorder)"
+        return ("python", why)
+    if getattr(session, "sched", None) is not None:
+        return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not")
+    from .build import ensure
+
+    result = ensure()
+    if result.module is None:
+        return ("python", result.reason)
+    from .backend import NativeBackend
+
+    NativeBackend(result.module).attach(session)
+    return ("native", result.reason)

@@ -1,0 +1,300 @@
+"""Drain the native recorder's records into a session, as ``Session.on_op`` would have.
+
+Each record is one op the Python dispatch mode would have seen, with its thread, site (the same
+``(code, lasti, ...)`` tuples :func:`..stacks.current_site` makes), tensor accesses and outputs.
+Applying it makes exactly the calls ``on_op`` makes: the same access records, shadows keyed by
+the storage's ``_cdata``, creation records for fresh outputs, gradient accumulation ordering
+and naming, and race reports.
+
+When: every use of the session's lock drains first (:class:`DrainingLock`). Every
+synchronisation event, thread start and end, lock, queue, hazard and report goes through that
+lock, so each thread's ops are applied before anything that changes its clock, and a thread's
+locks and origin at drain time are those it had when it ran them. A background thread drains
+when a buffer is half full, and the session's statistics (the heartbeat, the exit) drain too.
+"""
+
+from __future__ import annotations
+
+import _thread
+from typing import Any
+
+from ...engine.hb import ShadowStorage
+from ..naming import OpInfo, StorageMeta, StorageRef
+from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
+
+# Per-thread capacities: records, tensor accesses (inputs and outputs), frames.
+DEFAULT_CAPACITY = (1 << 14, 1 << 15, 1 << 17)
+DRAIN_INTERVAL_S = 0.05
+
+# Access tuple fields (recorder.cpp access_tuple)
+_F_WRITE, _F_CONTIG, _F_TRUNCATED = 1, 2, 8
+
+
+class _Strided:
+    """What :func:`byte_ranges` and ``Namer.note_grad`` read of a tensor, from a record."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, access: tuple) -> None:
+        self._a = access
+
+    def is_contiguous(self) -> bool:
+        return bool(self._a[2] & _F_CONTIG)
+
+    def element_size(self) -> int:
+        return self._a[6]
+
+    def numel(self) -> int:
+        return self._a[7]
+
+    def storage_offset(self) -> int:
+        return self._a[5]
+
+    @property
+    def shape(self) -> tuple:
+        return self._a[4]
+
+    def stride(self) -> tuple:
+        return self._a[8]
+
+
+class DrainingLock:
+    """The session's lock, draining pending op records whenever it is taken (not reentrantly)."""
+
+    def __init__(self, lock: Any, drain: Any) -> None:
+        self._lock = lock
+        self._drain = drain
+
+    def __enter__(self) -> bool:
+        self._lock.acquire()
+        self._drain()
+        return True
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        got = self._lock.acquire(*args, **kwargs)
+        if got:
+            self._drain()
+        return got
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
+
+class NativeBackend:
+    """Records ops in C++ for ``session`` and applies them to it."""
+
+    def __init__(self, module: Any, capacity: tuple[int, int, int] = DEFAULT_CAPACITY) -> None:
+        self.module = module
+        self.capacity = capacity
+        self.session: Any = None
+        self._plans: dict[int, tuple[str, bool, bool]] = {}
+        self._native_states: dict[int, Any] = {}
+        self._draining: set[int] = set()
+        self._prev: dict[int, tuple] = {}  # per thread key: (plan name, first storage) of its last op
+        self.dead_accesses = 0  # accesses to storages freed before their record was drained
+        self.unwatched_records = 0  # ops of Python threads raceguard does not watch
+        self._lost_reported = 0
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self, session: Any) -> None:
+        """Record for ``session`` from now on (before it is activated)."""
+        self.session = session
+        session.native = self
+        session.lock = DrainingLock(session.lock, self.drain)
+        stats = session.stats
+
+        def stats_after_drain() -> dict:
+            self.drain()
+            out = stats()
+            lost = self.module.stats()[0]
+            if lost:
+                out["native_lost_records"] = lost
+            return out
+
+        session.stats = stats_after_drain
+        self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
+        _thread.start_new_thread(self._drain_loop, ())
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.module.pause()
+        self.module.wake()
+        self.drain()
+
+    def _drain_loop(self) -> None:
+        while not self._stopped:
+            try:
+                self.module.wait(DRAIN_INTERVAL_S)
+                if self._stopped:
+                    return
+                session = self.session
+                with session.lock:  # drains
+                    pass
+            except BaseException:  # interpreter teardown: the thread just ends
+                return
+
+    # -- draining ----------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Apply every published record. Never raises (a failure is raceguard's own, counted)."""
+        me = _thread.get_ident()
+        if me in self._draining:  # a __del__ run by our own bookkeeping took the lock again
+            return
+        self._draining.add(me)
+        try:
+            records = self.module.drain()
+            if records:
+                self._apply_all(records)
+            lost = self.module.stats()[0]
+            if lost and not self._lost_reported:
+                self._lost_reported = lost
+                self.session.hook_failed(
+                    "recording tensor ops natively",
+                    RecordsLost(f"op records were dropped because a thread's buffer was full ({lost} so far)"),
+                    ordering=True,
+                )
+        except Exception as exc:
+            self.session.hook_failed("applying natively recorded tensor ops", exc, ordering=True)
+        finally:
+            self._draining.discard(me)
+
+    def _apply_all(self, records: list) -> None:
+        s = self.session
+        apply = self._apply
+        for rec in records:
+            try:
+                apply(s, rec)
+            except Exception as exc:
+                s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
+
+    def _state(self, key: int) -> Any:
+        s = self.session
+        if key > 0:
+            return s.states.get(key)
+        state = self._native_states.get(key)
+        if state is None:
+            from ..session import ThreadState
+
+            tid = s.hb.new_timeline(None)
+            state = ThreadState(tid, None)
+            state.last_name = f"native thread {-key}"
+            while len(s.timelines) <= tid:
+                s.timelines.append(None)
+            s.timelines[tid] = state
+            self._native_states[key] = state
+        return state
+
+    def _plan(self, pid: int) -> tuple[str, bool, bool]:
+        plan = self._plans.get(pid)
+        if plan is None:
+            plan = self._plans[pid] = self.module.plan(pid)
+        return plan
+
+    def _apply(self, s: Any, rec: tuple) -> None:
+        seq, key, pid, backward, site, accs, outs, param = rec
+        name, metadata_only, fresh_input = self._plan(pid)
+        prev = self._prev.get(key)
+        first_cd = accs[0][1] if accs else (outs[0][1] if outs else 0)
+        self._prev[key] = (name, first_cd)
+        if name == "aten::detach_" and prev is not None and prev[0] in _LIFT_OPS and prev[1] == first_cd:
+            return  # torch.tensor()'s own detach_ of the tensor it just made: no mode sees it
+        state = self._state(key)
+        if state is None:
+            self.unwatched_records += 1
+            return
+        tid = state.tid
+        info = OpInfo(site, name, state.locks, state.origin)
+        hb = s.hb
+        shadows = s.shadows
+        races: list = []
+        inputs: list[int] = []
+        accessed: list = []
+        var = None
+        s.ops += 1
+        if s._dead:
+            s._reap()
+        if param is not None and hb.timelines > 1:
+            from ...hazards import grads
+
+            var = grads._grad_var(param)
+            hb.acquire(tid, var)
+        if metadata_only:
+            accs = ()
+        if fresh_input:
+            for a in accs:
+                self._fresh(s, a, info, tid, inputs)
+        else:
+            read_rec = write_rec = None
+            for a in accs:
+                st = a[0]
+                if st is None:
+                    self.dead_accesses += 1
+                    continue
+                cd = a[1]
+                inputs.append(cd)
+                is_write = bool(a[2] & _F_WRITE)
+                if param is not None:
+                    accessed.append((a[9], is_write))
+                sh = shadows.get(cd)
+                if sh is None or sh.meta.ref() is not st:
+                    ref = StorageRef(st, s._on_storage_death, cd)
+                    sh = shadows[cd] = _shadow(StorageMeta(ref, a[3], a[4], site, seen_only=True))
+                if is_write:
+                    r = write_rec
+                    if r is None:
+                        r = write_rec = hb.record(tid, True, info)
+                else:
+                    r = read_rec
+                    if r is None:
+                        r = read_rec = hb.record(tid, False, info)
+                if a[2] & _F_CONTIG:
+                    lo = a[5] * a[6]
+                    hb.access_range(sh, lo, lo + a[7] * a[6], r, races)
+                else:
+                    hb.access(sh, byte_ranges(_Strided(a)), r, races)  # type: ignore[arg-type]
+        if outs:
+            if len(inputs) > 8:
+                inputs = set(inputs)  # type: ignore[assignment]
+            for o in outs:
+                self._fresh(s, o, info, tid, inputs)
+        if param is not None:
+            out = outs[0][9] if len(outs) == 1 else None
+            s.namer.note_grad(param, name, accessed, out)
+            if var is not None:
+                hb.release(tid, var)
+        if races:
+            s.report_races(races)
+
+    def _fresh(self, s: Any, a: tuple, info: Any, tid: int, inputs: Any) -> None:
+        """``Session._fresh`` for an output known from a record."""
+        st = a[0]
+        if st is None:
+            return
+        cd = a[1]
+        if cd in inputs:
+            return
+        shadows = s.shadows
+        sh = shadows.get(cd)
+        if sh is not None and sh.meta.ref() is st:
+            return
+        meta = StorageMeta(StorageRef(st, s._on_storage_death, cd), a[3], a[4], info.site)
+        shadows[cd] = _shadow(meta, s.hb.record_creation(tid, info), st.nbytes())
+        if len(shadows) > s._next_sweep:
+            s._sweep()
+
+
+_LIFT_OPS = frozenset({"aten::lift_fresh", "aten::lift"})
+
+
+def _shadow(meta: Any, *rest: Any) -> Any:
+    return ShadowStorage(meta, *rest)
+
+
+class RecordsLost(RuntimeError):
+    """Op records a full per-thread buffer could not take (the analysis is incomplete)."""

@@ -18,6 +18,7 @@ import _thread
 import os
 import sys
 import sysconfig
+from types import TracebackType
 from typing import Any, Callable
 
 from ..report.finding import Frame
@@ -331,3 +332,28 @@ def first_user_location(site: Site) -> str | None:
         if frame.user:
             return f"{os.path.basename(frame.file)}:{frame.line}"
     return None
+
+
+def own_frames_removed(exc: BaseException | None) -> BaseException | None:
+    """``exc`` with raceguard's own frames (the bootstrap on top, the module-call wrapper in the
+    middle) left out of its traceback and those of the exceptions chained to it, so that printing
+    it gives what the interpreter prints without raceguard. Changes the exceptions in place."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        entries = []
+        tb = e.__traceback__
+        while tb is not None:
+            if not tb.tb_frame.f_code.co_filename.startswith(_RACEGUARD_DIR):
+                entries.append(tb)
+            tb = tb.tb_next
+        rebuilt = None
+        for entry in reversed(entries):
+            rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+        e.__traceback__ = rebuilt
+        todo += [e.__cause__, e.__context__]
+    return exc

@@ -14,6 +14,8 @@ import threading
 import types
 from typing import Any
 
+from ..capture.stacks import own_frames_removed
+
 
 class UsageError(Exception):
     """The target cannot be started at all (missing file, syntax error, unknown module)."""
@@ -87,32 +89,6 @@ def exit_code_of(exc: SystemExit) -> int:
     return 1
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def own_frames_removed(exc: BaseException | None) -> BaseException | None:
-    """``exc`` with raceguard's own frames (the bootstrap on top, the module-call wrapper in the
-    middle) left out of its traceback and those of the exceptions chained to it, so that printing
-    it gives what the interpreter prints without raceguard. Changes the exceptions in place."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        entries = []
-        tb = e.__traceback__
-        while tb is not None:
-            if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-                entries.append(tb)
-            tb = tb.tb_next
-        rebuilt = None
-        for entry in reversed(entries):
-            rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-        e.__traceback__ = rebuilt
-        todo += [e.__cause__, e.__context__]
-    return exc
 
 
 def prepare_or_exit(config: dict, send: Any) -> Any:

@@ -124,7 +124,7 @@ def _excepthook(args: Any) -> None:
         s.thread_exception(args)
     if args.exc_value is not None and args.exc_traceback is not None:
         try:
-            from ..process.runner import own_frames_removed
+            from ..capture.stacks import own_frames_removed
 
             exc = own_frames_removed(args.exc_value)
             args = threading.ExceptHookArgs([args.exc_type, exc, exc.__traceback__, args.thread])

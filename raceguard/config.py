@@ -57,7 +57,7 @@ PATH_KEYS = ("output", "suppressions", "baseline")
 DEFAULTS: dict[str, Any] = {
     "fail-on": "error",
     "format": "text",
-    "output": None,  # None: the text report goes to stderr, other formats to stdout
+    "output": None,  # None: the text report goes to stderr, other formats to raceguard-report.<ext>
     "suppressions": None,
     "baseline": None,
     "timeout": None,  # seconds; None: no limit
@@ -104,7 +104,7 @@ class Config:
 
 # What an unset (None) setting means, for `raceguard config`.
 NONE_MEANS = {
-    "output": "the text report goes to stderr, other formats to stdout",
+    "output": "the text report goes to stderr, json/sarif/junit to raceguard-report.json/.sarif/.xml",
     "timeout": "no limit",
     "seed": "a random seed, printed",
     "jobs": "one per CPU",

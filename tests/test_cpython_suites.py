@@ -9,6 +9,7 @@ off)."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default disposition. A shell starts background
+    jobs and nohup'd commands with SIGINT ignored, and an ignored SIGINT is inherited across exec:
+    test_threading's interrupt_main tests then fail under plain python too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _side_by_side(args: list[str], cwd: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     # In a scratch directory each: the suites write their temporary files to the working directory.
     (cwd / "plain").mkdir()
     (cwd / "raceguard").mkdir()
     procs = [
-        subprocess.Popen(cmd, cwd=cwd / where, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(cmd, cwd=cwd / where, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_sigint)
         for where, cmd in (("plain", [sys.executable, *args]), ("raceguard", [*RACEGUARD, "check", *args]))
     ]
     done = []

@@ -79,3 +79,134 @@ def test_doctor_says_what_a_run_would_use(tmp_path: Path) -> None:
     assert lines["pytest plugin"].startswith(("registered", "not registered"))
     assert lines["configuration"] == f"{(tmp_path / 'pyproject.toml').resolve()} [tool.raceguard]"
     assert proc.stdout.splitlines()[0].startswith("raceguard ")
+
+
+# -- machine-readable reports never mix with the target's stdout ---------------------------------
+RACE = FIXTURES / "races" / "state_dict_snapshot.py"
+PRINTS = 'import sys, threading\nprint("saved 2650 checkpoints")\nt = threading.Thread(target=print, args=("done",))\nt.start(); t.join()\n'
+
+
+def _printing_target(tmp_path: Path) -> Path:
+    path = tmp_path / "prints.py"
+    path.write_text(PRINTS)
+    return path
+
+
+@pytest.mark.parametrize("fmt, name", [("json", "raceguard-report.json"), ("sarif", "raceguard-report.sarif"), ("junit", "raceguard-report.xml")])
+def test_machine_format_without_output_goes_to_a_file_and_stdout_is_the_targets(tmp_path: Path, fmt: str, name: str) -> None:
+    target = _printing_target(tmp_path)
+    plain = subprocess.run([sys.executable, target.name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = raceguard("check", "--format", fmt, target.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == plain.stdout == "saved 2650 checkpoints\ndone\n"
+    assert f"raceguard: {fmt} report written to {name}" in proc.stderr.splitlines()
+    text = (tmp_path / name).read_text()
+    if fmt == "json":
+        report = json.loads(text)
+        validate_report(report)
+        assert report["target"] == [target.name] and report["target_exit_code"] == 0
+    elif fmt == "sarif":
+        assert json.loads(text)["version"] == "2.1.0"
+    else:
+        import xml.etree.ElementTree as ET
+
+        assert ET.fromstring(text).tag in ("testsuites", "testsuite")
+
+
+def test_a_racing_target_keeps_its_stdout_and_the_report_with_findings_validates(tmp_path: Path) -> None:
+    proc = raceguard("check", "--format", "json", str(RACE), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""  # the fixture prints nothing
+    report = json.loads((tmp_path / "raceguard-report.json").read_text())
+    validate_report(report)
+    assert report["findings"] and report["status"] == "findings"
+
+
+def test_report_on_stdout_is_refused_where_a_target_runs_and_exact_json_for_merge(tmp_path: Path) -> None:
+    for command in ("check", "stress", "replay"):
+        extra = ["--seed", "1"] if command == "replay" else []
+        proc = raceguard(command, *extra, "--format", "json", "-o", "-", str(RACE), cwd=tmp_path)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.splitlines() == [
+            "raceguard: error: --output -: stdout carries the target's own output; write the report to a file (-o FILE)"
+        ]
+        assert proc.stdout == ""
+    one = tmp_path / "one.json"
+    assert raceguard("check", "--format", "json", "-o", str(one), str(_printing_target(tmp_path)), cwd=tmp_path).returncode == 0
+    merged = raceguard("merge", str(one), "--format", "json", "-o", "-", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    report = json.loads(merged.stdout)  # all of stdout, and nothing else
+    validate_report(report)
+    assert report["command"] == "merge"
+    default = raceguard("merge", str(one), "--format", "json", cwd=tmp_path)
+    assert default.stdout == "" and "raceguard: json report written to raceguard-report.json" in default.stderr
+
+
+def test_stress_without_output_writes_the_default_file(tmp_path: Path) -> None:
+    target = _printing_target(tmp_path)
+    proc = raceguard("stress", "--schedules", "2", "--seed", "1", "--jobs", "1", "--format", "json", target.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # stress keeps the schedules' output to itself
+    report = json.loads((tmp_path / "raceguard-report.json").read_text())
+    validate_report(report)
+    assert report["command"] == "stress"
+
+
+# -- usage errors are answered before the target's process is used --------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["check", "missing.py"], "can't open file 'missing.py': No such file or directory"),
+    (["check", "."], "'.' is a directory, not a Python script"),
+    (["check", "-m", "no_such_module_rg"], "No module named no_such_module_rg"),
+    (["check", "-m", "no_such_package_rg.sub"],
+     "Error while finding module specification for 'no_such_package_rg.sub' (ModuleNotFoundError: No module named 'no_such_package_rg')"),
+    (["stress", "missing.py"], "can't open file 'missing.py': No such file or directory"),
+    (["replay", "--seed", "1", "-m", "no_such_module_rg"], "No module named no_such_module_rg"),
+])
+def test_a_target_that_cannot_start_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = raceguard(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"raceguard: error: {message}"]
+    assert proc.stdout == ""
+
+
+def test_a_missing_submodule_imports_its_package_once_as_under_python(tmp_path: Path) -> None:
+    """Only the top-level package is looked up before the target's process runs: importing the
+    package there would run its code in raceguard's process too."""
+    pkg = tmp_path / "pkg_rg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import os\nopen(os.path.join(os.path.dirname(__file__), '..', 'imported'), 'a').write('x\\n')\n")
+    proc = raceguard("check", "-m", "pkg_rg.nosuch", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["raceguard: error: No module named pkg_rg.nosuch"]
+    assert (tmp_path / "imported").read_text() == "x\n"
+
+
+# -- --write-baseline, -v, check -m without a module -----------------------------------------------
+def test_write_baseline_is_a_success_and_says_what_it_wrote(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.json"
+    proc = raceguard("check", "-q", "--write-baseline", str(baseline), str(RACE), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    n = len(json.loads(baseline.read_text())["fingerprints"])
+    assert n >= 1
+    assert proc.stderr.splitlines()[-1] == f"raceguard: baseline: {n} finding{'' if n == 1 else 's'} written to {baseline}"
+    again = raceguard("check", "-q", "--baseline", str(baseline), str(RACE), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_verbose_prints_the_configuration_before_the_target_runs(tmp_path: Path) -> None:
+    target = tmp_path / "says.py"
+    target.write_text("import sys\nprint('TARGET RAN', file=sys.stderr)\n")
+    proc = raceguard("check", "-v", target.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    config = [i for i, line in enumerate(lines) if line.startswith("raceguard: config: ")]
+    assert config and max(config) < lines.index("TARGET RAN")
+    assert "raceguard: config: fail-on = 'error'  (default)" in lines
+
+
+@pytest.mark.parametrize("command", ["check", "stress"])
+def test_m_without_a_module_shows_the_usage_and_one_error_line(command: str) -> None:
+    proc = raceguard(command, "-m")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == f"Usage: raceguard {command} [OPTIONS] [TARGET]..."
+    assert proc.stderr.splitlines()[-1] == "Error: Option '-m' requires an argument."

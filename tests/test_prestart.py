@@ -64,13 +64,14 @@ def test_the_cli_leaves_no_child_behind_when_it_does_not_run_one(argv, tmp_path)
     assert children_of(proc.pid) == []  # reaped: the prestarted child was killed and waited for
 
 
-def test_prestarted_and_late_started_children_give_the_same_report():
+def test_prestarted_and_late_started_children_give_the_same_report(tmp_path):
     fixture = ROOT / "fixtures" / "races" / "overlapping_slices.py"
     results = []
     for env in (dict(os.environ), dict(os.environ, RACEGUARD_NO_PRESTART="1")):
-        done = subprocess.run([*RACEGUARD, "check", "--format", "json", str(fixture)], cwd=ROOT, env=env,
+        out = tmp_path / "report.json"
+        done = subprocess.run([*RACEGUARD, "check", "--format", "json", "-o", str(out), str(fixture)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
-        report = json.loads(done.stdout)
+        report = json.loads(out.read_text())
         # Which pairs of the racing lines are reported can vary with timing; what raced cannot.
         results.append((done.returncode, sorted({(f["kind"], f["resource"]) for f in report["findings"]})))
     assert results[0] == results[1] and results[0][0] == 1 and results[0][1]

@@ -284,7 +284,7 @@ def test_merge_junit_has_one_testcase_per_schedule(tmp_path: Path) -> None:
         path = tmp_path / f"r{i}.json"
         path.write_text(json.dumps(report))
         reports.append(str(path))
-    proc = raceguard("merge", *reports, "--format", "junit")
+    proc = raceguard("merge", *reports, "--format", "junit", "-o", "-")
     assert proc.returncode == 1
     assert proc.stdout.count("<testcase") == 2 and proc.stdout.count("<failure") == 1
 

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from ..config import ConfigError, load_config, merge_cli
-from ..report.document import FORMATS, Report, write_atomic
+from ..report.document import DEFAULT_REPORT_FILES, FORMATS, STDOUT, Report, write_atomic
 from ..report.render import render
 
 if TYPE_CHECKING:  # imported where used: not needed before the target starts
     from ..report.filters import Suppressions
 
+EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 4
 
@@ -54,7 +55,15 @@ class TargetCommand(click.Command):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, module_args_verbatim(args, self.get_params(ctx)))
+        try:
+            return super().parse_args(ctx, module_args_verbatim(args, self.get_params(ctx)))
+        except click.UsageError as exc:
+            # click's option parser raises "Option '-m' requires an argument." without a context,
+            # and then prints no usage line: give it this command's.
+            if exc.ctx is None:
+                exc.ctx = ctx
+                exc.cmd = self
+            raise
 
 
 def module_args_verbatim(args: list[str], params: list[click.Parameter]) -> list[str]:
@@ -99,12 +108,18 @@ def module_args_verbatim(args: list[str], params: list[click.Parameter]) -> list
 
 
 def split_target(module: str | None, target: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    """(script, args) of the command line's target; exits 2 when there is none."""
+    """(script, args) of the command line's target; exits 2 when there is none, or when it
+    cannot start (a missing script, an unknown module): answered here, at once, not after the
+    target's process has imported torch (a pre-started one is killed at exit)."""
+    from ..process.preflight import target_problem
+
     if module is None and not target:
         fail_usage("missing SCRIPT (or -m MODULE): what should raceguard run?")
-    if module:
-        return None, tuple(target)
-    return target[0], tuple(target[1:])
+    script, args = (None, tuple(target)) if module else (target[0], tuple(target[1:]))
+    problem = target_problem(script, module)
+    if problem:
+        fail_usage(problem)
+    return script, args
 
 
 def module_option(f: Any) -> Any:
@@ -118,7 +133,9 @@ def module_option(f: Any) -> Any:
 def report_options(f: Any) -> Any:
     options = [
         click.option("--format", "fmt", type=click.Choice(FORMATS), help="Report format [default: text]."),
-        click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report here (atomically)."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+                     help="Write the report here (atomically) [default: text to stderr, json/sarif/junit to "
+                     "raceguard-report.json/.sarif/.xml]."),
         click.option("--fail-on", type=click.Choice(["error", "warning"]), help="Lowest severity that fails the run [default: error]."),
         click.option("--max-reports", type=click.IntRange(min=1), help="Report at most N findings [default: 100]."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the target after SECONDS and report."),
@@ -146,11 +163,19 @@ REPORT_OPTIONS = {
 
 
 def config_from(opts: dict, options: dict[str, str] = REPORT_OPTIONS) -> Any:
-    """``[tool.raceguard]`` with the command line's ``options`` over it; a bad value exits 2."""
+    """``[tool.raceguard]`` with the command line's ``options`` over it; a bad value exits 2.
+    With ``-v`` the effective configuration is printed now, before anything runs."""
     try:
-        return merge_cli(load_config(), {key: opts.get(param) for key, param in options.items()})
+        config = merge_cli(load_config(), {key: opts.get(param) for key, param in options.items()})
     except ConfigError as exc:
         fail_usage(str(exc))
+    ctx = click.get_current_context(silent=True)
+    if config["output"] == STDOUT and ctx is not None and isinstance(ctx.command, TargetCommand):
+        fail_usage("--output -: stdout carries the target's own output; write the report to a file (-o FILE)")
+    if opts.get("verbose"):
+        for line in config.describe():
+            click.echo(f"raceguard: config: {line}", err=True)
+    return config
 
 
 def suppressions_from(path: str | None) -> Suppressions | None:
@@ -174,7 +199,12 @@ def baseline_from(path: str | None) -> Any:
 
 
 def finish(report: Report, config: Any, opts: dict) -> NoReturn:
-    """Write the report where it was asked for, print the summary, exit with the contract code."""
+    """Write the report where it was asked for, print the summary, exit with the contract code.
+
+    A machine-readable format never goes to stdout unless asked for (``-o -``, refused where a
+    target runs): without ``--output`` it is written to ``raceguard-report.<ext>`` in the working
+    directory and that path is printed on stderr. ``--write-baseline`` makes findings a success.
+    """
     from ..report.filters import write_baseline
     from ..report.text import print_report
 
@@ -183,20 +213,27 @@ def finish(report: Report, config: Any, opts: dict) -> NoReturn:
     quiet, verbose = opts.get("quiet"), opts.get("verbose")
     try:
         if opts.get("write_baseline"):
-            write_baseline(opts["write_baseline"], report.findings + report.suppressed)
-        if output:
+            recorded = report.findings + report.suppressed
+            write_baseline(opts["write_baseline"], recorded)
+        if output == STDOUT:
+            sys.stdout.write(render(report, fmt, verbose=verbose))
+            sys.stdout.flush()
+        elif output:
             write_atomic(output, render(report, fmt, verbose=verbose))
-        if fmt == "text" and not output:
-            print_report(report, file=sys.stderr, verbose=verbose, quiet=quiet)
-        else:
-            if not output:
-                sys.stdout.write(render(report, fmt, verbose=verbose))
-                sys.stdout.flush()
-            # The human summary still goes to stderr: CI logs show what happened.
-            print_report(report, file=sys.stderr, verbose=verbose, quiet=True if fmt != "text" or quiet else quiet)
-        if verbose:
-            for line in config.describe():
-                click.echo(f"raceguard: config: {line}", err=True)
+        elif fmt != "text":
+            output = DEFAULT_REPORT_FILES[fmt]
+            write_atomic(output, render(report, fmt, verbose=verbose))
+            click.echo(f"raceguard: {fmt} report written to {output}", err=True)
+        # The human report on stderr: all of it for text (unless -q), else the summary, so that CI
+        # logs show what happened.
+        full = fmt == "text" and output != STDOUT and not quiet
+        print_report(report, file=sys.stderr, verbose=verbose, quiet=not full)
+        if opts.get("write_baseline"):
+            n = len({f.fingerprint for f in recorded})
+            click.echo(f"raceguard: baseline: {n} finding{'' if n == 1 else 's'} written to {opts['write_baseline']}", err=True)
     except OSError as exc:
         fail_usage(f"cannot write the report: {exc}")
-    sys.exit(report.exit_code(config["fail-on"]))
+    code = report.exit_code(config["fail-on"])
+    if opts.get("write_baseline") and code == EXIT_FINDINGS:
+        code = 0  # recording the known findings is what was asked: they are adopted, not failures
+    sys.exit(code)

@@ -25,6 +25,10 @@ from raceguard.report.finding import KINDS, MODES, RESOURCE_KINDS, SEVERITIES, F
 REPORT_VERSION = 1
 TOOL_NAME = "raceguard"
 FORMATS = ("text", "json", "sarif", "junit")
+# Where a machine-readable report goes without --output: a file in the working directory, never
+# stdout, which belongs to the target (its own output and a report must not mix: `| jq` breaks).
+DEFAULT_REPORT_FILES = {"json": "raceguard-report.json", "sarif": "raceguard-report.sarif", "junit": "raceguard-report.xml"}
+STDOUT = "-"  # --output -: the report on stdout, for the commands that run no target (merge)
 COMMANDS = ("check", "stress", "replay", "merge")
 STATUSES = ("clean", "findings", "error")
 OUTCOME_KINDS = ("exit", "signal", "timeout", "interrupted", "exception", "usage-error", "deadlock")

@@ -245,6 +245,8 @@ class WatchSession:
     def _start(self) -> "WatchSession":
         from .process import install
 
+        # The block's duration includes raceguard's set-up, as a check's includes importing torch.
+        started = time.monotonic()
         capture = install.ScopedSession(self._sink, main_globals=self._main_globals, max_reports=self.max_reports)
         capture.owner = self
         self._thread_name = threading.current_thread().name
@@ -254,7 +256,7 @@ class WatchSession:
             raise RuntimeError(_already_active_message(exc.active, self)) from None
         self._capture = capture
         self._handle = handle
-        self._started = time.monotonic()
+        self._started = started
         self._stopping = _thread.allocate_lock()  # released by _stop(): ends the deadlock watch
         self._stopping.acquire()
         _thread.start_new_thread(_watch_for_deadlock, (self, capture, self._stopping))

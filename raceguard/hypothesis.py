@@ -283,7 +283,7 @@ def interleavings(
         from hypothesis import strategies as st
     except ImportError:
         raise ImportError(
-            "raceguard.hypothesis.interleavings() needs Hypothesis: pip install 'raceguard[hypothesis]'"
+            "raceguard.hypothesis.interleavings() needs Hypothesis: pip install 'torch-raceguard[hypothesis]'"
         ) from None
 
     if races not in RACES:

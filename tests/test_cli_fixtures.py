@@ -25,6 +25,10 @@ from raceguard.report.text import render_finding_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+# A backstop against raceguard itself hanging, not a time limit: the fixtures end in seconds, and
+# those that could run on (deadlocks) get raceguard's own --timeout. Under load (two shared cores,
+# pytest -n 2) one check can take minutes, so the guard is far above any expected run.
+HANG_GUARD_SECONDS = 900
 
 
 def _expectation(path: Path) -> tuple[str, str | None]:
@@ -55,7 +59,7 @@ def run_check(
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=HANG_GUARD_SECONDS,
         env=env,
     )
     assert out.exists(), f"no report written; stderr:\n{proc.stderr}"

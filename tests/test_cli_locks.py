@@ -7,7 +7,6 @@ mark each blocked thread's waiting line with ``# WAIT: <thread name>``.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -68,11 +67,10 @@ def test_lock_order_cycle_is_reported_from_a_run_that_did_not_deadlock(name: str
 def test_real_deadlock_is_reported_instead_of_hanging(name: str, tmp_path: Path) -> None:
     path = LOCKS / f"{name}.py"
     kind, expected = _expectation(path)
-    started = time.monotonic()
     proc, report = run_check(path, tmp_path, "--timeout", "60")
-    elapsed = time.monotonic() - started
-    assert elapsed < 30, f"deadlock fixture took {elapsed:.1f} s"
     assert proc.returncode == 1, proc.stderr
+    # Ended by raceguard's deadlock detection, not by --timeout (that outcome would be "timeout"):
+    # no wall-clock bound, which a loaded machine exceeds.
     assert report["target_outcome"]["kind"] == "deadlock"
     assert report["target_exit_code"] is None
     deadlocks = [f for f in report["findings"] if f["kind"] == "deadlock"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from raceguard.report.document import validate_report
+from test_cli_fixtures import HANG_GUARD_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,12 +22,12 @@ def _report(fixture: str, tmp_path: Path) -> tuple[dict, str]:
     out = tmp_path / "report.json"
     subprocess.run(
         [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), fixture],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS,
     )
     report = json.loads(out.read_text())
     validate_report(report)
     text = subprocess.run(
-        [sys.executable, "-m", "raceguard", "check", fixture], cwd=ROOT, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "raceguard", "check", fixture], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS
     ).stderr
     return report, text
 

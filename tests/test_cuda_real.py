@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_cli_targets import raceguard_frames
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_FIXTURES = ROOT / "fixtures" / "cuda"
 HAS_CUDA = torch.cuda.is_available()
@@ -191,5 +193,5 @@ def test_check_of_a_cuda_program_without_cuda_lets_the_target_fail_on_its_own(tm
     assert lines[-1].startswith("raceguard: clean — no findings")
     assert f"target raised {outcome['detail']}" in lines[-1]
     assert "needs CUDA, which this machine does not have" in lines[-1]
-    assert not [line for line in lines[:-1] if "raceguard" in line]
+    assert raceguard_frames(lines[:-1]) == []
     assert proc.stdout == ""

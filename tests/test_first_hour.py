@@ -210,3 +210,27 @@ def test_m_without_a_module_shows_the_usage_and_one_error_line(command: str) -> 
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0] == f"Usage: raceguard {command} [OPTIONS] [TARGET]..."
     assert proc.stderr.splitlines()[-1] == "Error: Option '-m' requires an argument."
+
+
+def test_a_short_watch_block_shows_its_duration_not_zero() -> None:
+    import threading
+
+    import torch
+
+    import raceguard
+    from raceguard.report.text import summary_line
+
+    weight = torch.zeros(4)
+
+    def step() -> None:
+        weight.add_(1)
+
+    with raceguard.watch() as session:
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    report = session.report()
+    assert report.stats["wall_seconds"] > 0
+    line = summary_line(report)
+    assert not line.endswith(" 0.0 s"), line
+    assert line.endswith((" ms", " s"))

@@ -145,7 +145,7 @@ def test_summary_clean() -> None:
 
 def test_summary_singular_and_fixed() -> None:
     report = Report("check", ["t.py"], [race()], 0, {"threads": 1, "ops": 1, "wall_seconds": 0.04}, fixed=["0123456789abcdef"])
-    assert summary_line(report) == "raceguard: 1 finding (1 data-race) in 1 thread, 1 op, 0.0 s; 1 baseline finding fixed"
+    assert summary_line(report) == "raceguard: 1 finding (1 data-race) in 1 thread, 1 op, 40 ms; 1 baseline finding fixed"
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def test_a_preemption_that_never_fired_changes_nothing(sizes, preemptions):
 
 def test_interleavings_without_hypothesis_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis -> ImportError
-    with pytest.raises(ImportError, match=r"pip install 'raceguard\[hypothesis\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'torch-raceguard\[hypothesis\]'"):
         interleavings()
 
 

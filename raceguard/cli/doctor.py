@@ -8,6 +8,7 @@ the optional extras and the configuration file. It only reads: it never fails a 
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import sys
 from importlib import metadata
@@ -80,9 +81,17 @@ def capture_line() -> str:
         from ..capture import native
 
         backend, reason = native.status()
+        requested = getattr(native, "requested", None)
+        env_var = getattr(native, "ENV_VAR", None)
     except Exception as exc:
         return f"python dispatch mode (the native backend's status failed: {type(exc).__name__}: {exc})"
-    return f"{backend} ({reason})"
+    line = f"{backend} ({reason})"
+    if requested is not None and env_var:
+        # This process runs no session: what a run would ask for is the useful part.
+        value = os.environ.get(env_var)
+        how = f"{env_var}={value}" if value else f"{env_var} unset, default {getattr(native, 'DEFAULT', '?')}"
+        line = f"{requested()} requested ({how}); in this process: {line}"
+    return line
 
 
 def pytest_plugin_line() -> str:

@@ -478,7 +478,9 @@ def _scope(report: "Report") -> str:
     schedules = int(stats.get("schedules_run") or 0)
     if report.command == "stress" or schedules > 1:
         parts.append(f"{schedules} {_plural(schedules, 'schedule')}")
-    parts.append(f"{float(stats.get('wall_seconds') or 0.0):.1f} s")
+    wall = float(stats.get("wall_seconds") or 0.0)
+    # A watch() block often takes milliseconds: "0.0 s" would read as "not measured".
+    parts.append(f"{wall * 1000:.0f} ms" if 0 < wall < 0.095 else f"{wall:.1f} s")
     return ", ".join(parts)
 
 

@@ -40,6 +40,7 @@ ALLOWED = {
     "hazards": {"capture", "engine", "report"},
     "cuda": {"capture", "engine", "report"},
     "distributed": {"capture", "engine", "report"},
+    "multiprocess": {"capture", "engine", "report"},
 }
 
 

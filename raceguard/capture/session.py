@@ -87,6 +87,9 @@ class Session:
     hazard_rng_op: Callable[..., None] | None = None
     hazard_grad_accumulation: Callable[..., Any] | None = None
     hazard_grad_accumulated: Callable[..., None] | None = None
+    # Set by raceguard.multiprocess in a checked multi-process run: each access to a storage in
+    # shared memory ``(session, tensor, storage, shadow, record)``, checked across processes.
+    shared_access: Callable[..., None] | None = None
 
     def __init__(
         self,
@@ -429,6 +432,7 @@ class Session:
                     hb = self.hb
                     shadows = self.shadows
                     read_rec = write_rec = None
+                    shared = self.shared_access
                     for t, is_write in accessed:
                         try:
                             st = t.untyped_storage()
@@ -456,6 +460,8 @@ class Session:
                             hb.access_range(sh, lo, lo + t.numel() * es, rec, races)
                         else:
                             hb.access(sh, byte_ranges(t), rec, races)
+                        if shared is not None and st.is_shared():
+                            shared(self, t, st, sh, rec)
         except Exception as exc:  # with CUDA an op can be a synchronisation (.item(), copies)
             self.hook_failed("recording a tensor op", exc, self.cuda is not None)
             return func(*args, **kwargs)

@@ -264,6 +264,9 @@ def main() -> None:
             pass
 
     session, main_state = start_session(sink, config, own_modules, held)
+    from .forks import follow, socket_path  # forks stay checked; multiprocessing hand-offs
+
+    follow(session, sink, socket_path(), own_process=True, label=lambda: None)
 
     exit_code = 0
     outcome = "exit"

@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 
-from . import child
+from . import child, forks
 from .child import PipeSink, mark_checked
 
 # Processes that never run the target's code: not worth torch's import.
@@ -77,25 +77,13 @@ def start(config: dict) -> None:
     except Exception as exc:  # the worker runs unchecked, exactly as without raceguard
         sink({"type": "internal-error", "message": f"could not check worker process {os.getpid()}: {exc!r}"})
 
-    def reconnect() -> None:
-        # A forked child of this worker (a forkserver's workers) gets its own connection, so
-        # that two processes never interleave their lines; it keeps the session, as forks do.
-        try:
-            old, sink.fd = sink.fd, _connect(config["socket"])
-            os.close(old)
-            sink({"type": "hello", "pid": os.getpid(), "process": process_label(sink.rank)})
-        except Exception:  # OSError: the supervisor is gone; anything else is raceguard's own
-            sink.broken = True  # this fork runs unchecked, exactly as without raceguard
-
-    os.register_at_fork(after_in_child=reconnect)
-
 
 def _activate(sink: ProcessSink, config: dict) -> None:
     own_modules = set(sys.modules)
     session, state = child.start_session(sink, config, own_modules, child.import_torch_quietly())
-    # A fork of a worker (a forkserver's pool workers) stays checked: start() reconnects it to
-    # the supervisor with a socket of its own, so its lines never interleave with this one's.
-    session.detach_on_fork = False
+    # A fork of a worker (a forkserver's pool workers) stays checked: it reconnects to the
+    # supervisor with a socket of its own, so its lines never interleave with this one's.
+    forks.follow(session, sink, config["socket"], own_process=False, label=lambda: process_label(sink.rank))
 
     def at_exit() -> None:
         # Registered first, so it runs last: after the worker's own atexit handlers. Contained:

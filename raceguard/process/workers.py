@@ -18,9 +18,14 @@ supervisor's collector, one finding per fingerprint listing every process it was
 (``details.processes``). A worker that crashes loses nothing already streamed; a timeout or a
 Ctrl-C ends every worker that said hello too.
 
-Left out: forked children (they keep the parent's session, as before), Pythons started with
-``-I``, ``-E`` or ``-S`` or with an environment of their own (they ignore or lack
-``PYTHONPATH``), and multiprocessing's resource tracker (it never runs target code).
+Forked children keep their parent's session and connect for themselves
+(:mod:`raceguard.process.forks`). Storages in shared memory are checked across processes here:
+every process streams its accesses to them, and :meth:`WorkerHub.finish` runs
+:class:`~raceguard.multiprocess.crosscheck.CrossProcessCheck` once all have finished.
+
+Left out: Pythons started with ``-I``, ``-E`` or ``-S`` or with an environment of their own
+(they ignore or lack ``PYTHONPATH``), and multiprocessing's resource tracker (it never runs
+target code).
 
 This module is imported by :mod:`raceguard.prestart`: standard library only, no torch.
 """
@@ -35,6 +40,8 @@ import tempfile
 import threading
 import time
 from typing import Any, Callable
+
+from ..multiprocess.crosscheck import CrossProcessCheck
 
 ENV_VAR = "RACEGUARD_WORKERS"
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
@@ -116,7 +123,7 @@ def scrub_environment(environ: Any = os.environ) -> None:
 
 
 class _Worker:
-    __slots__ = ("pid", "label", "stats", "exited", "done", "conn")
+    __slots__ = ("pid", "label", "stats", "exited", "done", "conn", "records_only", "index")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
@@ -125,6 +132,8 @@ class _Worker:
         self.stats: dict = {}
         self.exited = False
         self.done = False  # its connection ended: the process is gone (or closed it)
+        self.records_only = False  # the target's own process: shared-storage accesses only
+        self.index = 0
 
 
 class WorkerHub:
@@ -143,6 +152,7 @@ class WorkerHub:
         self.workers: list[_Worker] = []
         self.readers: list[threading.Thread] = []
         self._closing = False
+        self.cross = CrossProcessCheck()
         self._accepter = threading.Thread(target=self._accept, name="raceguard-workers", daemon=True)
         self._accepter.start()
 
@@ -162,6 +172,7 @@ class WorkerHub:
             worker = _Worker(conn)
             reader = threading.Thread(target=self._read, args=(worker,), name="raceguard-worker-reader", daemon=True)
             with self.lock:
+                worker.index = len(self.workers)
                 self.workers.append(worker)
                 self.readers.append(reader)
             reader.start()
@@ -190,6 +201,9 @@ class WorkerHub:
         if kind == "hello":
             worker.pid = event.get("pid")
             worker.label = event.get("process")
+            worker.records_only = bool(event.get("records_only"))
+        elif kind.startswith("mp-"):
+            self.cross.add(worker.index, worker.pid, event)
         elif kind == "finding":
             finding = event["finding"]
             labels = [a.get("process") for a in finding.get("accesses", []) if a.get("process")]
@@ -243,11 +257,73 @@ class WorkerHub:
         for reader in readers:
             reader.join(timeout=max(0.0, deadline - time.monotonic()))
         with self.lock:
-            totals = {"workers": len(self.workers), "threads": 0, "ops": 0, "internal_errors": 0, "dropped_reports": 0}
-            for w in self.workers:
+            self._report_cross_process_races()
+            workers = [w for w in self.workers if not w.records_only]
+            totals = {"workers": len(workers), "threads": 0, "ops": 0, "internal_errors": 0, "dropped_reports": 0}
+            for w in workers:
                 for key in ("threads", "ops", "internal_errors", "dropped_reports"):
                     totals[key] += int(w.stats.get(key, 0) or 0)
         return totals
+
+
+    def _report_cross_process_races(self) -> None:
+        try:
+            for event in self.cross.findings(cross_process_finding):
+                self._event(self._nobody, event)
+        except Exception as exc:  # raceguard's own failure: reported, never a traceback
+            self.handle({"type": "internal-error", "message": f"checking shared storages across processes failed: {exc!r}"})
+
+    @property
+    def _nobody(self) -> "_Worker":
+        worker = _Worker.__new__(_Worker)
+        worker.label = None
+        return worker
+
+
+CROSS_PROCESS_HINT = (
+    "these processes share the storage (shared memory) and nothing orders the two accesses: take one "
+    "multiprocessing Lock (mp.Lock, created before the processes start) around every update and "
+    "every read, or hand the tensor over through a queue or pipe; a Hogwild run that races on "
+    "purpose: mark the parameters with raceguard.benign(model.parameters(), reason=\"hogwild\") "
+    "in each process, or record the finding with --write-baseline and check with --baseline"
+)
+
+
+def cross_process_finding(a: Any, b: Any) -> dict:
+    """A ``data-race`` finding (as the event a process would stream) for two records of
+    :class:`~raceguard.multiprocess.crosscheck.CrossProcessCheck`."""
+    from ..report.finding import Access, compute_fingerprint
+
+    first, second = (a, b) if a.write else (b, a)
+    accesses = [dict(first.site), dict(second.site)]
+    resource = first.resource
+
+    def who(access: dict) -> str:
+        return f"'{access['thread']}' ({access.get('process') or 'main process'})"
+
+    message = (
+        f"data race on {resource['name']} across processes: {accesses[0]['mode']} by {who(accesses[0])} "
+        f"vs {accesses[1]['mode']} by {who(accesses[1])}"
+    )
+    why = (
+        f"the storage is shared memory, and nothing orders these accesses across processes: no "
+        f"Process.start/join, multiprocessing lock, queue, pipe or pool hand-off passes from "
+        f"{who(accesses[0])} to {who(accesses[1])} or back between them"
+    )
+    fingerprint = compute_fingerprint("data-race", resource["root"], [Access.from_dict(x) for x in accesses])
+    return {
+        "type": "finding",
+        "finding": {
+            "kind": "data-race",
+            "resource": resource["name"],
+            "resource_kind": resource["kind"],
+            "message": message,
+            "accesses": accesses,
+            "fingerprint": fingerprint,
+            "hint": CROSS_PROCESS_HINT,
+            "details": {"why": why, "bytes": [max(a.lo, b.lo), min(a.hi, b.hi)], "across_processes": True},
+        },
+    }
 
 
 def _processes_of(finding: Any) -> list[str]:

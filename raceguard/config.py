@@ -7,7 +7,7 @@ so that ``--verbose`` and error messages can say "fail-on = 'warning' (from pypr
 
 Keys use the TOML spelling with hyphens (``fail-on``, ``max-reports``). The
 ``[tool.raceguard.stress]`` sub-table lives in the same flat namespace (``schedules``, ``seed``,
-``strategy``, ``depth``, ``jobs``): none of its names collides with a top-level key, and the CLI
+``strategy``, ``depth``, ``jobs``, ``max-time``): none of its names collides with a top-level key, and the CLI
 options have the same names.
 
 Pure Python, no torch. :class:`ConfigError` is what every bad setting, unreadable file or bad
@@ -68,9 +68,12 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "pct",
     "depth": 3,  # PCT bug depth: number of priority change points + 1
     "jobs": None,  # None: one per CPU
+    # Seconds for a whole stress run (0: no budget): the default schedules of a small program
+    # fit easily, and a CI job ends in time when each schedule takes many seconds.
+    "max-time": 600.0,
 }
 TOP_LEVEL_KEYS = ("fail-on", "format", "output", "suppressions", "baseline", "timeout", "max-reports")
-STRESS_KEYS = ("schedules", "seed", "strategy", "depth", "jobs")
+STRESS_KEYS = ("schedules", "seed", "strategy", "depth", "jobs", "max-time")
 
 
 @dataclass
@@ -234,6 +237,12 @@ def _positive_number(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _seconds_or_zero(key: str, value: Any, where: str) -> Any:
+    if not (_is_int(value) or isinstance(value, float)) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a number of seconds, 0 for no limit (got {value!r})")
+    return value
+
+
 def _path(key: str, value: Any, where: str) -> Any:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -255,6 +264,7 @@ _VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "strategy": _choice(STRATEGY_CHOICES),
     "depth": _positive_int,
     "jobs": _positive_int,
+    "max-time": _seconds_or_zero,
 }
 
 

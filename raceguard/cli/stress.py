@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 from typing import Any
 
 import click
@@ -43,7 +45,29 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return (i, n)
 
 
-STRESS_OPTIONS = {**REPORT_OPTIONS, **{key: key for key in ("schedules", "seed", "strategy", "depth", "jobs")}}
+STRESS_OPTIONS = {**REPORT_OPTIONS, **{key: key for key in ("schedules", "seed", "strategy", "depth", "jobs")},
+                  "max-time": "max_time"}
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+class Duration(click.ParamType):
+    """Seconds, or a duration like ``90s``, ``10m``, ``1h30m``."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        else:
+            match = _DURATION.fullmatch(str(value).strip())
+            if not match or not str(value).strip():
+                self.fail(f"{value!r} is not a duration (seconds, or e.g. 90s, 10m, 1h30m)", param, ctx)
+            h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+            seconds = h * 3600 + m * 60 + sec
+        if seconds < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return seconds
 
 
 def _stress_config(opts: dict) -> Any:
@@ -71,6 +95,8 @@ def _schedule_options(f: Any) -> Any:
 @_schedule_options
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Schedules run in parallel [default: CPU count].")
 @click.option("--stop-on-first", is_flag=True, help="Stop at the first failing schedule.")
+@click.option("--max-time", type=Duration(), help="Time budget for the whole run (seconds, or 90s, 10m, 1h): once "
+              "spent, no new schedule starts and the report says how many ran; 0 means no budget [default: 10m].")
 @click.option("--shard", metavar="I/N", help="Run only schedules i with i % N == I-1 (split one run across CI jobs).")
 @report_options
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
@@ -80,7 +106,8 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     Exactly one thread runs at a time; at every tensor op and synchronisation operation the
     strategy picks which thread continues. Each failing schedule can be replayed exactly with
     the `raceguard replay` command printed next to its findings. --timeout is per schedule
-    (default 60 s).
+    (default 60 s); --max-time bounds the whole run (default 10 min). Progress goes to stderr:
+    a bar on a terminal, a line now and then otherwise.
     """
     from ..process import stress as stress_mod
 
@@ -89,7 +116,8 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     shard = _parse_shard(opts.get("shard"))
     jobs = config["jobs"] or os.cpu_count() or 1
     quiet, verbose = bool(opts.get("quiet")), bool(opts.get("verbose"))
-    progress = _ProgressDisplay(enabled=not quiet and _is_terminal(sys.stderr))
+    progress = _progress_display(quiet)
+    max_time = config["max-time"] or None  # 0: no budget
     seed_given = config["seed"] is not None
 
     def on_event(what: str, data: dict) -> None:
@@ -97,12 +125,17 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
             strategy = config["strategy"]
             desc = f"strategy {strategy}" + (f" (depth {config['depth']})" if strategy == "pct" else "")
             shard_text = f", shard {shard[0]}/{shard[1]}" if shard else ""
+            from ..report.text import seconds_phrase
+
+            budget = f", time budget {seconds_phrase(max_time)}" if max_time else ""
             click.echo(
                 f"raceguard: stress: seed {data['seed']}{'' if seed_given else ' (random)'}, {desc}, "
-                f"{data['schedules']} schedules{shard_text}, {jobs} {'job' if jobs == 1 else 'jobs'}",
+                f"{data['schedules']} schedules{shard_text}, {jobs} {'job' if jobs == 1 else 'jobs'}{budget}",
                 err=True,
             )
             progress.start(data["schedules"])
+        elif what == "calibrating" and not quiet:
+            progress.phase("calibrating")
         elif what == "ready" and verbose and data.get("pct_steps") is not None:
             click.echo(f"raceguard: stress: PCT step estimate {data['pct_steps']} (calibration run)", err=True)
         elif what == "abandoned" and not quiet:
@@ -124,6 +157,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
         jobs=jobs,
         stop_on_first=bool(opts.get("stop_on_first")),
         timeout=config["timeout"],
+        max_time=max_time,
         shard=shard,
         preempt=opts.get("preempt") or "ops",
         max_reports=config["max-reports"],
@@ -234,6 +268,12 @@ def merge(reports: tuple[str, ...], **opts: Any) -> None:
 
 
 # -- progress ---------------------------------------------------------------------------------
+# Without a terminal, a progress line at most every this many schedules (a tenth of the run) or,
+# when schedules are slow, once this many seconds passed since the last line.
+PLAIN_LINES_PER_RUN = 10
+PLAIN_INTERVAL = 30.0
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return stream.isatty()
@@ -241,40 +281,126 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
-class _ProgressDisplay:
-    """A rich progress bar on stderr: schedules done, failures, distinct bugs, ETA."""
+def _progress_display(quiet: bool) -> Any:
+    if quiet:
+        return _PlainProgress(enabled=False)
+    if _is_terminal(sys.stderr):
+        return _BarProgress()
+    return _PlainProgress(enabled=True)
+
+
+def _duration_text(seconds: float | None) -> str:
+    """``45 s``, ``3m05s``, ``1h02m``."""
+    if seconds is None:
+        return "?"
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total} s"
+    minutes, sec = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _eta(p: Any) -> tuple[float | None, bool]:
+    """(seconds left, whether the time budget is what ends the run) from the pace so far."""
+    left = None
+    if p.done and p.total > p.done:
+        left = p.scheduling / p.done * (p.total - p.done)
+    elif p.total and p.done >= p.total:
+        left = 0.0
+    budget = p.budget_left
+    if budget is not None and (left is None or budget < left):
+        return budget, True
+    return left, False
+
+
+def _progress_text(p: Any) -> str:
+    """``12/100 schedules, 1 finding (3 failing schedules), 1m05s elapsed, about 8m10s left``."""
+    text = f"{p.done}/{p.total} schedules, {p.bugs} {'finding' if p.bugs == 1 else 'findings'}"
+    if p.failures:
+        text += f" ({p.failures} failing {'schedule' if p.failures == 1 else 'schedules'})"
+    text += f", {_duration_text(p.elapsed)} elapsed"
+    left, by_budget = _eta(p)
+    if left is not None and p.done < p.total:
+        text += f", at most {_duration_text(left)} left (time budget)" if by_budget else f", about {_duration_text(left)} left"
+    return text
+
+
+class _PlainProgress:
+    """Progress as plain lines on stderr (CI logs, pipes): one every tenth of the run, or every
+    :data:`PLAIN_INTERVAL` seconds while schedules are slow; never one per schedule of a big run."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.step = 1
+        self.printed_done = 0
+        self.printed_at = time.monotonic()
+
+    def start(self, total: int) -> None:
+        self.step = max(1, -(-total // PLAIN_LINES_PER_RUN))
+        self.printed_at = time.monotonic()
+
+    def phase(self, name: str) -> None:
+        if self.enabled and name == "calibrating":
+            click.echo("raceguard: stress: calibration run (measures the PCT step estimate)", err=True)
+
+    def update(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        due = p.done - self.printed_done >= self.step or now - self.printed_at >= PLAIN_INTERVAL
+        if due and (p.done < p.total or self.printed_done < p.total):
+            self.printed_done, self.printed_at = p.done, now
+            click.echo(f"raceguard: stress: {_progress_text(p)}", err=True)
+
+    def note(self, line: str) -> None:
+        click.echo(line, err=True)
+
+    def stop(self) -> None:
+        pass
+
+
+class _BarProgress:
+    """A rich progress bar on stderr, redrawn in place: schedules done, findings, elapsed, ETA."""
+
+    def __init__(self) -> None:
         self._progress: Any = None
         self._task: Any = None
 
     def start(self, total: int) -> None:
-        if not self.enabled or self._progress is not None:
+        if self._progress is not None:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("[bold]stress"),
+            TextColumn("[bold]{task.fields[phase]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("schedules"),
+            TextColumn("[magenta]{task.fields[bugs]} findings"),
             TextColumn("[red]{task.fields[failures]} failing"),
-            TextColumn("[magenta]{task.fields[bugs]} distinct"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=Console(file=sys.stderr),
             transient=True,
         )
-        self._task = self._progress.add_task("stress", total=total, failures=0, bugs=0)
+        self._task = self._progress.add_task("stress", total=total, failures=0, bugs=0, phase="stress", eta="")
         self._progress.start()
+
+    def phase(self, name: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, phase=name)
 
     def update(self, p: Any) -> None:
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=p.done, total=p.total, failures=p.failures, bugs=p.bugs)
+        left, by_budget = _eta(p)
+        eta = "" if left is None else f"{'budget' if by_budget else 'ETA'} {_duration_text(left)}"
+        self._progress.update(self._task, completed=p.done, total=p.total, failures=p.failures, bugs=p.bugs,
+                              phase="stress", eta=eta)
 
     def note(self, line: str) -> None:
         """One line on stderr, above the bar while it is shown."""

@@ -51,6 +51,8 @@ from ..schedule.strategies import CALIBRATION_SEED
 DEFAULT_SCHEDULE_TIMEOUT = 60.0
 OUTPUT_TAIL = 4000
 CALIBRATION_INDEX = -1
+# How many seeds of timed-out schedules the one timeout finding lists.
+TIMEOUT_SEEDS_LISTED = 20
 
 __all__ = [
     "DEFAULT_SCHEDULE_TIMEOUT",
@@ -81,6 +83,9 @@ class StressOptions:
     jobs: int = 1
     stop_on_first: bool = False
     timeout: float | None = None
+    # Seconds for the whole run (server start and calibration included); once spent, no new
+    # schedule starts and the running ones finish. None: no budget.
+    max_time: float | None = None
     shard: tuple[int, int] | None = None  # (I, N), 1-based I
     preempt: str = "ops"
     max_reports: int | None = None
@@ -102,9 +107,12 @@ class StressOptions:
 class Progress:
     done: int
     total: int
-    failures: int
-    bugs: int
+    failures: int  # schedules that failed
+    bugs: int  # distinct failing findings (fingerprints) so far
     running: int = 0
+    elapsed: float = 0.0  # seconds since the run started
+    scheduling: float = 0.0  # seconds since the first schedule started (the pace of the rest)
+    budget_left: float | None = None  # seconds of --max-time left; None without a budget
 
 
 @dataclass
@@ -481,6 +489,7 @@ def run_stress(options: StressOptions) -> Report:
     server_error: str | None = None
     sent: str | None = None
     calibration: ScheduleResult | None = None
+    budget_spent = False
     try:
         with _interrupt_for(options) as interrupt:
             client = _start_server(options, interrupt)
@@ -491,7 +500,7 @@ def run_stress(options: StressOptions) -> Report:
                     steps = _calibrate(runner)
                 _notify(options, "ready", {"pct_steps": steps})
                 if not interrupt.hit and runner.server_error is None:
-                    _run_all(runner, options, indices, base_seed, steps, results)
+                    budget_spent = _run_all(runner, options, indices, base_seed, steps, results, started)
                 if interrupt.hit:
                     for result in runner.stop():
                         # A schedule cut short before it found anything adds nothing to the report.
@@ -511,12 +520,18 @@ def run_stress(options: StressOptions) -> Report:
     return _build_report(
         "stress", options, results, base_seed, steps, started,
         interrupted=interrupted, sent=sent, server_error=server_error, planned=len(indices),
-        calibration=calibration,
+        calibration=calibration, budget_spent=budget_spent,
     )
 
 
+# How often the progress callback hears from a run while no schedule finishes (a heartbeat for
+# the elapsed time and a budget that runs out during a long schedule).
+PROGRESS_TICK = 1.0
+
+
 def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_seed: int, steps: int | None,
-             results: dict[int, ScheduleResult]) -> None:
+             results: dict[int, ScheduleResult], started: float) -> bool:
+    """Run the schedules of ``indices``; True when the time budget stopped it before all had run."""
     queue = list(indices)
     queue.reverse()
     jobs = max(1, options.jobs)
@@ -524,16 +539,38 @@ def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_s
     failures_count = 0
     first_failure: int | None = None
     total = len(indices)
+    deadline = started + options.max_time if options.max_time else None
+    budget_spent = False
+    last_report = 0.0
+    first_launch: float | None = None
+
+    def report_progress() -> None:
+        nonlocal last_report
+        if options.on_progress is None:
+            return
+        now = time.monotonic()
+        last_report = now
+        left = max(0.0, deadline - now) if deadline is not None else None
+        options.on_progress(Progress(len(results), total, failures_count, len(failing), len(runner.running),
+                                     elapsed=now - started, scheduling=now - (first_launch or now), budget_left=left))
+
     while (queue or runner.running) and not runner.interrupt.hit and runner.server_error is None:
+        if queue and deadline is not None and time.monotonic() >= deadline:
+            # The schedules already running finish; the rest are not started.
+            budget_spent = True
+            queue.clear()
         while queue and len(runner.running) < jobs and first_failure is None and not runner.interrupt.hit:
             index = queue.pop()
+            if first_launch is None:
+                first_launch = time.monotonic()
             runner.launch(runner.spec(index, base_seed + index, options.strategy, steps))
         if first_failure is not None:
             # --stop-on-first: lower-numbered schedules already running still count (so the
             # reported first failure is the lowest failing index); higher ones are not needed.
             if not any(i < first_failure for i in runner.running):
                 break
-        for result in runner.poll():
+        finished = runner.poll()
+        for result in finished:
             results[result.index] = result
             if result.abandoned:
                 _notify(options, "abandoned", {"index": result.index, "seed": result.seed, "message": result.outcome["detail"]})
@@ -543,8 +580,9 @@ def _run_all(runner: _Runner, options: StressOptions, indices: list[int], base_s
                 failing.update(f.fingerprint for f in bad)
                 if options.stop_on_first and (first_failure is None or result.index < first_failure):
                     first_failure = result.index
-            if options.on_progress is not None:
-                options.on_progress(Progress(len(results), total, failures_count, len(failing), len(runner.running)))
+        if finished or time.monotonic() - last_report >= PROGRESS_TICK:
+            report_progress()
+    return budget_spent
 
 
 def _fails(finding: Finding, options: StressOptions) -> bool:
@@ -576,13 +614,17 @@ def _build_report(
     planned: int = 0,
     replay: bool = False,
     calibration: ScheduleResult | None = None,
+    budget_spent: bool = False,
 ) -> Report:
     target = options.target_argv()
     ordered = [results[i] for i in sorted(results)]
     # Aggregate by fingerprint: the lowest schedule index that showed a finding keeps it.
     chosen: dict[str, Finding] = {}
+    timed_out: list[ScheduleResult] = []
     for result in ordered:
         command_line = replay_command(target, result.seed, options.strategy, options.depth, steps, options.preempt)
+        if any(failures.is_timeout(f) for f in result.findings):
+            timed_out.append(result)
         for finding in result.findings:
             if finding.fingerprint in chosen:
                 also = finding.details.get("also_on")
@@ -592,6 +634,8 @@ def _build_report(
                 continue
             finding.reproduce = Reproduce(seed=result.seed, schedule_index=None if replay else result.index, command=command_line)
             chosen[finding.fingerprint] = finding
+    if len(timed_out) > 1:
+        _count_timeouts(chosen, timed_out)
     filtered = apply_filters(list(chosen.values()), options.suppressions, options.baseline)
     kept = filtered.kept
     dropped = 0
@@ -679,6 +723,11 @@ def _build_report(
         stats["pct_steps"] = steps
     if options.shard is not None:
         stats["shard"] = f"{options.shard[0]}/{options.shard[1]}"
+    if not replay:
+        stats["schedules_planned"] = planned
+        if options.max_time:
+            stats["max_time_seconds"] = options.max_time
+            stats["time_budget_spent"] = budget_spent
     if dropped:
         stats["dropped_reports"] = dropped
     lost = ordered + ([calibration] if calibration is not None else [])  # an abandoned calibration run counts
@@ -699,6 +748,23 @@ def _build_report(
         fixed=filtered.fixed,
         incomplete=incomplete,
     )
+
+
+def _count_timeouts(chosen: dict[str, Finding], timed_out: list[ScheduleResult]) -> None:
+    """Several schedules ran past --timeout: they share one finding (its fingerprint does not
+    depend on where the threads were), kept from the first of them, which says how many."""
+    finding = next((f for f in chosen.values() if failures.is_timeout(f)), None)
+    if finding is None:
+        return
+    count = len(timed_out)
+    seconds = finding.details.get("timeout_seconds")
+    limit = f"within {seconds:g} s " if isinstance(seconds, (int, float)) and seconds else ""
+    finding.message = (
+        f"the target did not finish {limit}in {count} schedules "
+        f"(the stacks are those of the first, schedule #{timed_out[0].index})"
+    )
+    finding.details["timed_out_schedules"] = count
+    finding.details["timed_out_seeds"] = [r.seed for r in timed_out[:TIMEOUT_SEEDS_LISTED]]
 
 
 def run_replay(options: StressOptions) -> Report:
@@ -785,10 +851,12 @@ def merge_reports(reports: Iterable[Report]) -> Report:
     }
     if schedules:
         stats["schedules"] = [schedules[i] for i in sorted(schedules)]
-    for extra in ("failed_schedules", "scheduling_points", "watchdog_interventions"):
+    for extra in ("failed_schedules", "scheduling_points", "watchdog_interventions", "schedules_planned"):
         if any(extra in r.stats for r in reports):
             stats[extra] = sum(int(r.stats.get(extra) or 0) for r in reports)
-    for same in ("seed", "strategy", "depth", "pct_steps"):
+    if any("time_budget_spent" in r.stats for r in reports):
+        stats["time_budget_spent"] = any(bool(r.stats.get("time_budget_spent")) for r in reports)
+    for same in ("seed", "strategy", "depth", "pct_steps", "max_time_seconds"):
         values = {repr(r.stats.get(same)) for r in reports}
         if len(values) == 1 and reports[0].stats.get(same) is not None:
             stats[same] = reports[0].stats[same]

@@ -66,7 +66,11 @@ def exit_failure(code: int, exc: BaseException | None = None) -> Finding:
 
 
 def timeout_failure(seconds: float, frames: Iterable[tuple[str, Any]] = ()) -> Finding:
-    """The schedule ran longer than ``--timeout``; ``frames`` are (thread name, frame) pairs."""
+    """The schedule ran longer than ``--timeout``; ``frames`` are (thread name, frame) pairs.
+
+    Its fingerprint leaves the stacks out: they say where each thread happened to be when the
+    time ran out, which differs from schedule to schedule, so the schedules that time out are one
+    finding (``stress`` counts them), not one per schedule."""
     accesses = []
     for name, frame in frames:
         stack = render_site(site_of_frame(frame)) if frame is not None else []
@@ -77,11 +81,16 @@ def timeout_failure(seconds: float, frames: Iterable[tuple[str, Any]] = ()) -> F
         resource_kind="thread",
         message=f"the target did not finish within {seconds:g} s under this schedule",
         accesses=accesses,
-        fingerprint=compute_fingerprint("target-failure", "timeout", accesses),
+        fingerprint=compute_fingerprint("target-failure", "timeout", []),
         hint="a livelock or a wait raceguard cannot see (I/O, a C extension): the stacks show "
         "where each thread was; raise --timeout if the program is just slow",
         details={"timeout_seconds": seconds},
     )
+
+
+def is_timeout(finding: Finding) -> bool:
+    """Whether ``finding`` is a schedule's timeout (:func:`timeout_failure`)."""
+    return finding.kind == "target-failure" and "timeout_seconds" in finding.details
 
 
 def crash_failure(signal_name: str | None, code: int | None, detail: str | None = None) -> Finding:
@@ -121,6 +130,7 @@ __all__ = [
     "exception_failure",
     "exit_failure",
     "format_traceback",
+    "is_timeout",
     "timeout_failure",
 ]
 

@@ -6,7 +6,8 @@ they are made, one JSON object per line, so a target that segfaults, aborts or c
 ``os._exit`` loses none of them. The target's stdin/stdout/stderr are the child's own, untouched.
 
 Messages: ``finding``, ``also_on``, ``internal-error``, ``usage-error``, ``stats`` (a heartbeat),
-``exit`` (the target's exit code and final statistics).
+``target-started`` (the target's first line is next: a Ctrl-C before it is "interrupted before the
+target started"), ``exit`` (the target's exit code and final statistics).
 """
 
 from __future__ import annotations
@@ -234,39 +235,20 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
 def main() -> None:
     own_modules = set(sys.modules)  # what the child imports beyond these is hidden from the target
     config = json.loads(os.environ.pop(ENV_VAR))
-    mark_checked()  # the target's own subinterpreters must not start a worker session
-    _hide_bootstrap_frames()
-    bootstrap_path = config.get("bootstrap_path")
-    if bootstrap_path and sys.path and sys.path[0] == bootstrap_path:
-        del sys.path[0]
-    # Not inherited by the target's own subprocesses, so the supervisor sees EOF when we end.
-    os.set_inheritable(config["fd"], False)
-    sink = PipeSink(config["fd"])
+    try:
+        if config.pop("unblock_sigint", False):
+            # The supervisor started this process with SIGINT blocked (raceguard.prestart): a
+            # Ctrl-C that came meanwhile arrives here, as the KeyboardInterrupt below.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        sink, code, session, main_state = _prepare(config, own_modules)
+    except KeyboardInterrupt:
+        # Ctrl-C (from the terminal, or forwarded by the supervisor) while torch was imported or
+        # the configuration awaited: none of the target ran, so end quietly, with no traceback
+        # of raceguard's; the supervisor says "interrupted before the target started".
+        os._exit(130)
+    from . import runner  # imported by _prepare already
 
-    # Started before the supervisor had parsed its arguments (raceguard.prestart): import what
-    # takes long meanwhile, then wait for what to run. None of the target runs before that.
-    held = import_torch_quietly()
-
-    from . import runner
-
-    config.update(_read_config(config.pop("config_fd")))
-    from .workers import forget_bootstrap  # the target's Python children (--no-children: not)
-
-    forget_bootstrap(config.get("children", True))
-
-    code = runner.prepare_or_exit(config, sink)
-
-    crash_log = config.get("crash_log")
-    if crash_log:
-        try:
-            faulthandler.enable(file=open(crash_log, "w"), all_threads=True)
-        except OSError:
-            pass
-
-    session, main_state = start_session(sink, config, own_modules, held)
-    from .forks import follow, socket_path  # forks stay checked; multiprocessing hand-offs
-
-    follow(session, sink, socket_path(), own_process=True, label=lambda: None)
+    sink({"type": "target-started"})
 
     exit_code = 0
     outcome = "exit"
@@ -303,3 +285,42 @@ def main() -> None:
     except Exception:
         pass
     sys.exit(exit_code)
+
+
+def _prepare(config: dict, own_modules: set) -> tuple[PipeSink, Any, Any, Any]:
+    """Everything before the target's first line: (sink, compiled code, session, main state);
+    ``config`` gets what the supervisor sends. Started before the supervisor had parsed its
+    arguments (raceguard.prestart), it imports what takes long meanwhile, then waits for what
+    to run."""
+    mark_checked()  # the target's own subinterpreters must not start a worker session
+    _hide_bootstrap_frames()
+    bootstrap_path = config.get("bootstrap_path")
+    if bootstrap_path and sys.path and sys.path[0] == bootstrap_path:
+        del sys.path[0]
+    # Not inherited by the target's own subprocesses, so the supervisor sees EOF when we end.
+    os.set_inheritable(config["fd"], False)
+    sink = PipeSink(config["fd"])
+
+    held = import_torch_quietly()
+
+    from . import runner
+
+    config.update(_read_config(config.pop("config_fd")))
+    from .workers import forget_bootstrap  # the target's Python children (--no-children: not)
+
+    forget_bootstrap(config.get("children", True))
+
+    code = runner.prepare_or_exit(config, sink)
+
+    crash_log = config.get("crash_log")
+    if crash_log:
+        try:
+            faulthandler.enable(file=open(crash_log, "w"), all_threads=True)
+        except OSError:
+            pass
+
+    session, main_state = start_session(sink, config, own_modules, held)
+    from .forks import follow, socket_path  # forks stay checked; multiprocessing hand-offs
+
+    follow(session, sink, socket_path(), own_process=True, label=lambda: None)
+    return sink, code, session, main_state

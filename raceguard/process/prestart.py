@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -73,9 +74,16 @@ def start(python: str | None = None) -> Prestarted:
     parent = package_parent()
     read_fd, write_fd = os.pipe()
     config_read, config_write = os.pipe()
+    # The child starts with SIGINT blocked (the mask is inherited): a Ctrl-C during its
+    # interpreter's own start-up would print Python's "Fatal Python error: init_import_site".
+    # Blocked, it stays pending until raceguard.process.child unblocks it, where it ends the
+    # child quietly; the target's first line runs with the mask raceguard was given.
+    sigint_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
     env = dict(os.environ)
-    env[CHILD_ENV] = json.dumps({"fd": write_fd, "config_fd": config_read, "bootstrap_path": parent})
+    env[CHILD_ENV] = json.dumps({"fd": write_fd, "config_fd": config_read, "bootstrap_path": parent,
+                                 "unblock_sigint": not sigint_blocked})
     listener = _workers_listener(parent, env)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         proc = subprocess.Popen(
             [python or sys.executable, "-c", bootstrap_code(parent)],
@@ -89,6 +97,7 @@ def start(python: str | None = None) -> Prestarted:
             listener.close()
         raise
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         os.close(config_read)
     pre = Prestarted(proc, read_fd, config_write)
@@ -145,6 +154,21 @@ def _discard_unused() -> None:
     _discard(pre)
 
 
+# Ctrl-C or SIGTERM that reached raceguard while its command line got ready, with the child
+# already started: noted, not raised (a KeyboardInterrupt there is a traceback through click), so
+# that the supervisor, which takes the note over, ends the run with one line and its report.
+_early_signals: list[str] = []
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    _early_signals.append(signal.Signals(signum).name)
+
+
+def early_signal() -> str | None:
+    """The first of SIGINT/SIGTERM that arrived before the supervisor waited for the target."""
+    return _early_signals[0] if _early_signals else None
+
+
 def start_for(args: list[str]) -> None:
     """Pre-start the target's process when the command line asks for ``check`` (the console
     script calls this before it imports the CLI); on any failure the CLI starts it the usual way."""
@@ -155,3 +179,6 @@ def start_for(args: list[str]) -> None:
             atexit.register(_discard_unused)
         except Exception:
             _pending = None
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _note_signal)

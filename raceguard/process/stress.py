@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ..report.document import Report, incomplete_analysis
+from ..report.document import NOT_STARTED, Report, incomplete_analysis
 from ..report.filters import Baseline, Suppressions, apply_filters
 from ..report.finding import Finding, Reproduce
 from ..schedule import failures
@@ -367,6 +367,7 @@ class _Runner:
         self.running: dict[int, _ScheduleRun] = {}
         self.server_error: str | None = None
         self.calibration_abandoned: ScheduleResult | None = None
+        self.launched = 0  # schedules started, the calibration run included
 
     def spec(self, index: int, seed: int, strategy: str, steps: int | None) -> dict:
         log = os.path.join(self.logdir, f"schedule-{index}.log") if self.logdir else None
@@ -384,6 +385,7 @@ class _Runner:
 
     def launch(self, spec: dict) -> None:
         self.running[spec["index"]] = _ScheduleRun(spec["index"], spec["seed"], spec["log"], spec["timeout"])
+        self.launched += 1
         self.client.run(spec)
 
     def poll(self, timeout: float = 0.1) -> list[ScheduleResult]:
@@ -490,6 +492,7 @@ def run_stress(options: StressOptions) -> Report:
     sent: str | None = None
     calibration: ScheduleResult | None = None
     budget_spent = False
+    launched = 0
     try:
         with _interrupt_for(options) as interrupt:
             client = _start_server(options, interrupt)
@@ -512,6 +515,7 @@ def run_stress(options: StressOptions) -> Report:
                 interrupted, sent = interrupt.hit, interrupt.signal
                 server_error = runner.server_error
                 calibration = runner.calibration_abandoned
+                launched = runner.launched
             finally:
                 client.close()
     finally:
@@ -520,7 +524,7 @@ def run_stress(options: StressOptions) -> Report:
     return _build_report(
         "stress", options, results, base_seed, steps, started,
         interrupted=interrupted, sent=sent, server_error=server_error, planned=len(indices),
-        calibration=calibration, budget_spent=budget_spent,
+        calibration=calibration, budget_spent=budget_spent, launched=launched,
     )
 
 
@@ -615,6 +619,7 @@ def _build_report(
     replay: bool = False,
     calibration: ScheduleResult | None = None,
     budget_spent: bool = False,
+    launched: int | None = None,
 ) -> Report:
     target = options.target_argv()
     ordered = [results[i] for i in sorted(results)]
@@ -676,7 +681,9 @@ def _build_report(
         # marks them "interrupted").
         cut = sum(1 for r in ordered if r.outcome.get("kind") == "interrupted")
         detail = f"interrupted ({_interruption(sent)})"
-        if replay:
+        if launched == 0:  # still starting (the fork server imports torch): nothing of the target ran
+            detail = NOT_STARTED
+        elif replay:
             detail += (" while the schedule ran: its findings so far" if cut
                        else " after the schedule ran" if ordered else " before the schedule ran")
         else:
@@ -780,6 +787,7 @@ def run_replay(options: StressOptions) -> Report:
     sent: str | None = None
     server_error = None
     calibration: ScheduleResult | None = None
+    launched = 0
     with _interrupt_for(options) as interrupt:
         client = _start_server(options, interrupt)
         try:
@@ -799,12 +807,13 @@ def run_replay(options: StressOptions) -> Report:
             interrupted, sent = interrupt.hit, interrupt.signal
             server_error = runner.server_error
             calibration = runner.calibration_abandoned
+            launched = runner.launched
         finally:
             client.close()
     report = _build_report(
         "replay", options, results, seed, steps, started,
         interrupted=interrupted, sent=sent, server_error=server_error, planned=1, replay=True,
-        calibration=calibration,
+        calibration=calibration, launched=launched,
     )
     report.stats.pop("schedules", None)
     return report

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import prestart
+from ..report.document import NOT_STARTED
 from ..report.finding import Finding
 
 # Grace periods: after Ctrl-C the child gets this long to unwind before it is interrupted again,
@@ -53,6 +54,7 @@ class _Collector:
         self.by_fingerprint: dict[str, Finding] = {}
         self.exit_message: dict | None = None
         self.target_exception: str | None = None
+        self.target_started = False  # the child is about to run the target's first line
         self.on_finding = on_finding
         # The target's process and its Python children (raceguard.workers) report concurrently.
         self.lock = threading.Lock()
@@ -86,6 +88,8 @@ class _Collector:
             self.result.hook_errors.append(event)
         elif kind == "target-exception":
             self.target_exception = event.get("exception")
+        elif kind == "target-started":
+            self.target_started = True
 
     def read(self, fd: int) -> None:
         from .workers import for_each_json_line
@@ -171,6 +175,12 @@ def run_target(
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C or SIGTERM while the command line got ready (raceguard.prestart noted it).
+    early = prestart.early_signal()
+    if early == "SIGINT":
+        on_sigint(signal.SIGINT, None)
+    elif early == "SIGTERM":
+        on_sigterm(signal.SIGTERM, None)
     # Ending the tree with SIGTERM, then SIGKILL after KILL_GRACE: on --timeout or our own SIGTERM.
     timed_out = terminating = False
     forwarded = killed = False
@@ -239,7 +249,12 @@ def run_target(
         result.outcome = {"kind": "usage-error", "code": 2, "signal": None, "detail": result.usage_error}
         return result
     exit_message = collector.exit_message
-    if terminated["at"] is not None:
+    if (terminated["at"] is not None or interrupted["at"] is not None) and not collector.target_started:
+        # Still importing torch or waiting for its configuration: none of the target ran, so
+        # there is nothing to report as clean, and the child kept quiet (raceguard.process.child).
+        sent = "SIGTERM" if terminated["at"] is not None else None
+        result.outcome = {"kind": "interrupted", "code": None, "signal": sent, "detail": NOT_STARTED}
+    elif terminated["at"] is not None:
         result.target_exit_code = exit_message["code"] if exit_message else None
         result.outcome = {
             "kind": "interrupted",

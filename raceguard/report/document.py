@@ -40,6 +40,11 @@ EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_TARGET_FAILED = 3
 EXIT_INTERNAL_ERROR = 4
+# Ctrl-C (SIGTERM) before the target's first line ran: nothing was checked, and the shell's
+# convention for a command ended by that signal, 128 + its number, says so.
+EXIT_INTERRUPTED_BEFORE_START = {"SIGINT": 130, "SIGTERM": 143}
+# target_outcome.detail of such a run (its kind is "interrupted").
+NOT_STARTED = "interrupted before the target started"
 
 
 def incomplete_analysis(count: int, errors: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -107,10 +112,18 @@ class Report:
             return not (self.target_outcome.get("kind") == "exit" and self.target_outcome.get("code") == 0)
         return self.target_exit_code not in (None, 0)
 
+    def interrupted_before_start(self) -> bool:
+        """Ctrl-C or SIGTERM ended the run before the target's first line: nothing was checked."""
+        outcome = self.target_outcome or {}
+        return outcome.get("kind") == "interrupted" and str(outcome.get("detail") or "").startswith(NOT_STARTED)
+
     def exit_code(self, fail_on: str) -> int:
-        """The process exit code of the contract: 4 error, 1 findings, 3 target failed, else 0."""
+        """The process exit code of the contract: 4 error, 1 findings, 3 target failed, else 0;
+        130 (143 for SIGTERM) when interrupted before the target started."""
         if self.error:
             return EXIT_INTERNAL_ERROR
+        if self.interrupted_before_start() and not self.findings:
+            return EXIT_INTERRUPTED_BEFORE_START.get(str((self.target_outcome or {}).get("signal") or "SIGINT"), 130)
         if self.failing_findings(fail_on):
             return EXIT_FINDINGS
         if self.target_failed():

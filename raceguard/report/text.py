@@ -231,6 +231,10 @@ def summary_line(report: "Report", glyphs: Glyphs = UNICODE) -> str:
     """``raceguard: 2 findings (1 data-race, 1 lock-order-cycle) in 3 threads, 18234 ops, 2.1 s; 1 suppressed``."""
     findings = report.findings
     scope = _scope(report)
+    if report.interrupted_before_start() and not findings and not report.error:
+        # Nothing ran, so nothing is clean: no counts, no "no findings".
+        sent = (report.target_outcome or {}).get("signal")
+        return f"raceguard: {(report.target_outcome or {}).get('detail')}" + (f" ({sent})" if sent and sent != "SIGINT" else "")
     if report.error:
         first_line = report.error.strip().splitlines()[0] if report.error.strip() else "unknown error"
         text = f"raceguard: error: {first_line}"

@@ -11,16 +11,16 @@ import importlib.util
 import os
 import platform
 import sys
-from importlib import metadata
 
 import click
-
-from .distribution import clash_warning, describe_running
 
 
 @click.command()
 def doctor() -> None:
     """Show what raceguard would use here: install, Python, torch, capture backend, extras, config."""
+    # Imported here: importlib.metadata alone costs every other command ~50 ms.
+    from .distribution import clash_warning, describe_running
+
     click.echo(describe_running())
     warning = clash_warning()
     if warning:
@@ -34,6 +34,8 @@ def doctor() -> None:
 
 
 def version_of(distribution: str) -> str | None:
+    from importlib import metadata
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -95,6 +97,8 @@ def capture_line() -> str:
 
 
 def pytest_plugin_line() -> str:
+    from importlib import metadata
+
     try:
         entry_points = metadata.entry_points(group="pytest11")
     except Exception:

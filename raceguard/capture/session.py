@@ -143,6 +143,9 @@ class Session:
         # The controlled scheduler (raceguard stress / replay), None otherwise: then the hot path
         # pays exactly one attribute check for it (see on_op).
         self.sched: Any = None
+        # The native op recorder (capture/native) when it records this session's tensor ops
+        # instead of the dispatch mode; it drains its records whenever self.lock is taken.
+        self.native: Any = None
 
     # -- threads ---------------------------------------------------------------------------
     def current(self) -> ThreadState:
@@ -180,8 +183,9 @@ class Session:
         try:
             state = self.adopt_thread(thread, tid)
             state.start_origin = state.origin = getattr(thread, "_rg_origin", None)
-            state.mode = AccessMode(self.on_op, state)
-            state.mode.__enter__()
+            if self.native is None:  # else the native recorder sees this thread's ops
+                state.mode = AccessMode(self.on_op, state)
+                state.mode.__enter__()
         except Exception as exc:  # the thread runs unwatched, exactly as without raceguard
             self.hook_failed("starting to watch a thread", exc, ordering=True)
             if state is None:

@@ -215,6 +215,9 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
         main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
         max_reports=config.get("max_reports"),
     )
+    from ..capture import native
+
+    native.choose(session)  # the native op recorder when asked for and built, else the dispatch mode
     # Never deactivated: the program runs instrumented until the process ends (atexit included).
     main_state = activate(session, thread=threading.main_thread()).state
     session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)

@@ -16,9 +16,10 @@ when a buffer is half full, and the session's statistics (the heartbeat, the exi
 from __future__ import annotations
 
 import _thread
+import weakref
 from typing import Any
 
-from ...engine.hb import ShadowStorage
+from ...engine.hb import ShadowStorage, SyncVar
 from ..naming import OpInfo, StorageMeta, StorageRef
 from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
 
@@ -100,6 +101,7 @@ class NativeBackend:
         self.dead_accesses = 0  # accesses to storages freed before their record was drained
         self.unwatched_records = 0  # ops of Python threads raceguard does not watch
         self._lost_reported = 0
+        self._grad_vars: dict[int, tuple[Any, Any]] = {}
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -220,9 +222,7 @@ class NativeBackend:
         if s._dead:
             s._reap()
         if param is not None and hb.timelines > 1:
-            from ...hazards import grads
-
-            var = grads._grad_var(param)
+            var = self._grad_var(param)  # the engine's per-parameter accumulation mutex
             hb.acquire(tid, var)
         if metadata_only:
             accs = ()
@@ -270,6 +270,17 @@ class NativeBackend:
                 hb.release(tid, var)
         if races:
             s.report_races(races)
+
+    def _grad_var(self, param: Any) -> Any:
+        entry = self._grad_vars.get(id(param))
+        if entry is not None and entry[0]() is param:
+            return entry[1]
+        if len(self._grad_vars) > 4096:
+            for k in [k for k, (ref, _) in self._grad_vars.items() if ref() is None]:
+                del self._grad_vars[k]
+        var = SyncVar()
+        self._grad_vars[id(param)] = (weakref.ref(param), var)
+        return var
 
     def _fresh(self, s: Any, a: tuple, info: Any, tid: int, inputs: Any) -> None:
         """``Session._fresh`` for an output known from a record."""

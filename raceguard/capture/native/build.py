@@ -27,7 +27,7 @@ MODULE = "_raceguard_recorder"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorder.cpp")
 # A failed build is not retried for this long (every checked process would pay for it again).
 FAILURE_TTL_S = 24 * 3600
-BUILD_TIMEOUT_S = 600
+BUILD_TIMEOUT_S = 300
 
 
 def cache_root() -> str:
@@ -124,11 +124,13 @@ def _compile(target: str) -> str | None:
         "ce.load(name=sys.argv[1], sources=[sys.argv[2]], build_directory=sys.argv[3],\n"
         "        extra_cflags=['-O2', '-DNDEBUG', '-std=c++17'], verbose=False, is_python_module=False)\n"
     )
-    env = dict(os.environ)
+    # -I and no PYTHONPATH/RACEGUARD_*: the compiler's Python must not become a checked worker
+    # of the run that asked for the build (raceguard checks the target's Python children).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("RACEGUARD_")}
     env.setdefault("MAX_JOBS", "1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code, MODULE, SOURCE, target],
+            [sys.executable, "-I", "-c", code, MODULE, SOURCE, target],
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,

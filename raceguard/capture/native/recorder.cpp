@@ -678,6 +678,35 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return out;
 }
 
+// discard(): drop every published record without building Python objects (benchmarks measure
+// the recording alone with it).
+PyObject* py_discard(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> dg(g_drain_mu);
+  std::vector<ThreadBuf*> bufs;
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    bufs = g_bufs;
+  }
+  for (ThreadBuf* b : bufs) {
+    const uint64_t h = b->op_head.load(std::memory_order_acquire);
+    uint64_t t = b->op_tail.load(std::memory_order_relaxed);
+    if (h == t) continue;
+    uint64_t acc_end = 0, frame_end = 0;
+    for (; t < h; ++t) {
+      OpRec& r = b->ops[t % b->ops.size()];
+      for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
+      if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
+      r.param = nullptr;
+      acc_end = r.acc_begin + r.nacc + r.nout;
+      frame_end = r.frame_begin + r.nframes;
+    }
+    b->acc_tail.store(acc_end, std::memory_order_release);
+    b->frame_tail.store(frame_end, std::memory_order_release);
+    b->op_tail.store(h, std::memory_order_release);
+  }
+  Py_RETURN_NONE;
+}
+
 // plan(id) -> (name, metadata_only, fresh_input)
 PyObject* py_plan(PyObject*, PyObject* arg) {
   long long id = PyLong_AsLongLong(arg);
@@ -728,6 +757,7 @@ PyMethodDef g_methods[] = {
      "install(metadata_only, fresh_input, undeclared, cap_ops, cap_accesses, cap_frames): start recording"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
+    {"discard", py_discard, METH_NOARGS, "discard(): drop every published record"},
     {"plan", py_plan, METH_O, "plan(id) -> (name, metadata_only, fresh_input)"},
     {"wait", py_wait, METH_O, "wait(timeout) -> whether a producer asked for a drain"},
     {"wake", py_wake, METH_NOARGS, "wake(): end a wait()"},

@@ -1,0 +1,240 @@
+"""The native recorder: what it records, its bounded buffers, its build cache and its fallback.
+
+The recorder is built once per torch/CPython/source version into the cache (the first test to
+need it pays ~20-50 s); without a compiler or on another CPython these tests skip with the
+reason the backend gives.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from raceguard.capture import native, torch_ops
+from raceguard.capture.native import build
+from raceguard.capture.native.backend import NativeBackend
+from raceguard.capture.session import Session
+
+CAPACITY = (1 << 14, 1 << 15, 1 << 17)
+
+
+@pytest.fixture(scope="module")
+def rec():
+    result = build.ensure()
+    if result.module is None:
+        pytest.skip(f"native recorder unavailable: {result.reason}")
+    module = result.module
+    module.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT), dict(torch_ops.UNDECLARED_WRITES), *CAPACITY)
+    module.drain()
+    yield module
+    module.pause()
+    module.discard()
+
+
+def _ops(module):
+    out = []
+    for seq, key, pid, backward, site, accs, outs, param in module.drain():
+        name = module.plan(pid)[0]
+        out.append((name, key, backward, [(a[1], a[2] & 1, a[5] * a[6], a[7] * a[6]) for a in accs], outs, site))
+    return out
+
+
+def test_views_in_place_and_out_are_recorded_with_exact_ranges(rec):
+    x = torch.zeros(10, 10)
+    cd = x.untyped_storage()._cdata
+    rec.drain()
+    x[2:4].add_(1)
+    x[:, 1].mul_(2)
+    torch.add(x, 1, out=x)
+    ops = {name: accs for name, _, _, accs, _, _ in _ops(rec)}
+    assert ops["aten::slice.Tensor"] == []  # a view reads no data
+    assert (cd, 1, 80, 80) in ops["aten::add_.Tensor"]  # rows 2-3: offset 80 bytes, 80 bytes
+    mul = [a for a in ops["aten::mul_.Tensor"] if a[0] == cd]
+    assert mul == [(cd, 1, 4, 40)]  # a strided column: offset 4, 10 elements
+    out = [a for a in ops["aten::add.out"] if a[0] == cd]
+    assert (cd, 0, 0, 400) in out and (cd, 1, 0, 400) in out  # read as self, written as out=
+
+
+def test_backward_ops_are_recorded_inside_the_engines_ranges(rec):
+    lin = torch.nn.Linear(4, 3)
+    rec.drain()
+    lin(torch.randn(2, 4)).sum().backward()
+    names = [(name, backward) for name, _, backward, _, _, _ in _ops(rec)]
+    assert ("aten::mm", 1) in names  # the weight's gradient, computed by the engine
+    assert ("aten::addmm", 0) in names
+
+
+def test_composite_ops_are_seen_as_their_decomposition_like_the_dispatch_mode(rec):
+    lin = torch.nn.Linear(4, 3)
+    inp = torch.randn(2, 4)
+    rec.drain()
+    lin(inp)
+    names = [name for name, *_ in _ops(rec)]
+    assert "aten::linear" not in names and "aten::addmm" in names
+
+
+def test_sites_are_the_callers_frames(rec):
+    x = torch.zeros(3)
+    rec.drain()
+    x.add_(1)  # this line
+    (op,) = [o for o in _ops(rec) if o[0] == "aten::add_.Tensor"]
+    site = op[5]
+    assert site[0].co_name == "test_sites_are_the_callers_frames"
+
+
+def test_python_thread_and_native_thread_ops_carry_their_thread(rec):
+    x = torch.zeros(4)
+    rec.drain()
+    t = threading.Thread(target=lambda: x.add_(1))
+    t.start()
+    t.join()
+    keys = {key for name, key, *_ in _ops(rec) if name == "aten::add_.Tensor"}
+    assert keys == {t.ident}
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("hits", torch.zeros(1))
+
+        def forward(self, x):
+            self.hits.add_(1)
+            return x + 1
+
+    bench = torch.utils.ThroughputBenchmark(torch.jit.script(Counter()))
+    bench.add_input(torch.zeros(2))
+    rec.drain()
+    bench.benchmark(num_calling_threads=2, num_warmup_iters=1, num_iters=4)
+    keys = {key for name, key, *_ in _ops(rec) if name.startswith("aten::add_")}
+    assert keys and all(k < 0 for k in keys)  # C++ threads: native keys, no Python frames
+
+
+def test_a_tiny_buffer_loses_records_and_counts_them_without_crashing(rec):
+    rec.discard()
+    before = rec.stats()[0]
+    rec.install([], [], {}, 4, 16, 64)  # new capacities apply to threads started from now
+
+    def flood():
+        y = torch.zeros(2)
+        for _ in range(500):
+            y.add_(1)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    t.join()
+    assert rec.stats()[0] - before > 400
+    rec.discard()
+    rec.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT), dict(torch_ops.UNDECLARED_WRITES), *CAPACITY)
+
+
+def test_lost_records_make_the_session_say_its_analysis_is_incomplete(rec):
+    events = []
+    session = Session(events.append)
+    backend = NativeBackend(rec, (4, 16, 64))
+    backend.attach(session)
+    try:
+
+        def flood():
+            y = torch.zeros(2)
+            for _ in range(500):
+                y.add_(1)
+
+        t = threading.Thread(target=flood)
+        t.start()
+        t.join()
+        backend.drain()
+    finally:
+        backend.stop()
+        rec.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT), dict(torch_ops.UNDECLARED_WRITES), *CAPACITY)
+    errors = [e for e in events if e["type"] == "hook-error"]
+    assert any("buffer was full" in e["message"] for e in errors)
+    assert session.internal_errors >= 1
+
+
+def test_an_exception_while_draining_never_reaches_the_target(rec, monkeypatch):
+    events = []
+    session = Session(events.append)
+    backend = NativeBackend(rec, CAPACITY)
+    backend.attach(session)
+    session.adopt_thread(threading.current_thread(), None)
+
+    def broken(*args):
+        raise RuntimeError("injected drain failure")
+
+    monkeypatch.setattr(backend, "_apply", broken)
+    try:
+        x = torch.zeros(3)
+        x.add_(1)  # the target's op runs as usual
+        with session.lock:  # drains: the failure is raceguard's own
+            pass
+    finally:
+        backend.stop()
+    assert x.tolist() == [1.0, 1.0, 1.0]
+    assert session.internal_errors >= 1
+    assert any("injected drain failure" in e.get("message", "") for e in events if e["type"] == "hook-error")
+
+
+def test_drained_records_find_the_race_the_dispatch_mode_finds(rec):
+    events = []
+    session = Session(events.append)
+    backend = NativeBackend(rec, CAPACITY)
+    backend.attach(session)
+    main = session.adopt_thread(threading.current_thread(), None)
+    try:
+        counter = torch.zeros(4)
+        tid = session.fork()
+        other = {}
+
+        def worker():
+            other["state"] = session.adopt_thread(threading.current_thread(), tid)
+            counter.add_(1)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        counter.add_(1)  # unordered with the worker's: no join was recorded
+        backend.drain()
+    finally:
+        backend.stop()
+    races = [e["finding"] for e in events if e["type"] == "finding" and e["finding"]["kind"] == "data-race"]
+    assert races and races[0]["resource"].startswith("tensor float32[4] allocated at test_native_recorder.py:")
+    assert main.tid != other["state"].tid
+
+
+def test_cache_key_changes_with_the_torch_version():
+    assert build.build_dir("2.13.0+cpu") != build.build_dir("2.14.0+cpu")
+    assert build.build_dir() == build.build_dir(torch.__version__)
+
+
+def test_a_failed_build_falls_back_to_the_python_mode_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACEGUARD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RACEGUARD_BACKEND", "native")
+    monkeypatch.setattr(build, "_compile", lambda target: "the build failed: simulated")
+    session = Session(lambda e: None)
+    backend, reason = native.choose(session)
+    assert backend == "python" and reason == "the build failed: simulated"
+    assert "\n" not in reason and session.native is None
+    assert native.status() == ("python", reason)
+    # the failure is remembered: the next process does not pay for a build again
+    monkeypatch.setattr(build, "_compile", lambda target: pytest.fail("rebuilt after a failure"))
+    assert native.choose(Session(lambda e: None))[0] == "python"
+
+
+def test_the_python_mode_is_the_default_and_can_be_forced(monkeypatch):
+    monkeypatch.delenv("RACEGUARD_BACKEND", raising=False)
+    assert native.choose(Session(lambda e: None))[0] == native.DEFAULT
+    monkeypatch.setenv("RACEGUARD_BACKEND", "python")
+    assert native.choose(Session(lambda e: None)) == ("python", "RACEGUARD_BACKEND=python")
+    monkeypatch.setenv("RACEGUARD_BACKEND", "bogus")
+    backend, reason = native.choose(Session(lambda e: None))
+    assert backend == "python" and "bogus" in reason
+
+
+@pytest.mark.skipif(os.environ.get("CXX") == "/nonexistent", reason="compiler disabled")
+def test_no_compiler_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACEGUARD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    result = build.ensure()
+    assert result.module is None and result.reason.startswith("no C++ compiler")

@@ -234,3 +234,21 @@ def test_a_short_watch_block_shows_its_duration_not_zero() -> None:
     line = summary_line(report)
     assert not line.endswith(" 0.0 s"), line
     assert line.endswith((" ms", " s"))
+
+
+def test_doctor_names_an_installed_copy_that_a_source_tree_shadows(tmp_path: Path) -> None:
+    import shutil
+
+    from raceguard.cli.distribution import DISTRIBUTION, providers
+
+    installed = [p for p in providers() if p.name == DISTRIBUTION]
+    if not installed:
+        pytest.skip(f"{DISTRIBUTION} is not installed in this environment")
+    import raceguard as package
+
+    shutil.copytree(Path(package.__file__).parent, tmp_path / "raceguard", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    proc = raceguard("doctor", cwd=tmp_path, env=_env_with_path(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()[:2]
+    assert first.startswith("raceguard ") and str(tmp_path / "raceguard") in first
+    assert second.startswith(f"note: {DISTRIBUTION} ") and installed[0].location in second

@@ -105,6 +105,17 @@ def describe_running() -> str:
     return f"raceguard {__version__} from {package_dir()} (not an installed distribution: a source tree on sys.path)"
 
 
+def other_copies() -> list[str]:
+    """One line per installed copy of this project that is not the one running (a source tree
+    on sys.path shadows an install, or two environments' paths are mixed)."""
+    return [
+        f"note: {p.name} {p.version} is also installed ({'editable install of ' if p.editable else ''}{p.location}), "
+        "but is not the copy that runs"
+        for p in providers()
+        if not p.running and p.name.lower() != OTHER_PROJECT
+    ]
+
+
 def clash_warning() -> str | None:
     """One line when a distribution named ``raceguard`` (PyPI's other project) is installed."""
     other = [p for p in providers() if p.name.lower() == OTHER_PROJECT]

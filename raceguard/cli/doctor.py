@@ -19,9 +19,11 @@ import click
 def doctor() -> None:
     """Show what raceguard would use here: install, Python, torch, capture backend, extras, config."""
     # Imported here: importlib.metadata alone costs every other command ~50 ms.
-    from .distribution import clash_warning, describe_running
+    from .distribution import clash_warning, describe_running, other_copies
 
     click.echo(describe_running())
+    for line in other_copies():
+        click.echo(line)
     warning = clash_warning()
     if warning:
         click.echo(warning)

@@ -154,9 +154,9 @@ def _discard_unused() -> None:
     _discard(pre)
 
 
-# Ctrl-C or SIGTERM that reached raceguard while its command line got ready, with the child
-# already started: noted, not raised (a KeyboardInterrupt there is a traceback through click), so
-# that the supervisor, which takes the note over, ends the run with one line and its report.
+# Ctrl-C or SIGTERM that reached raceguard while its command line got ready: noted, not raised
+# (a KeyboardInterrupt there is a traceback, or click's "Aborted!"), so that the supervisor or
+# stress's Interrupt, which take the note over, end the run with one line and its report.
 _early_signals: list[str] = []
 
 
@@ -171,7 +171,9 @@ def early_signal() -> str | None:
 
 def start_for(args: list[str]) -> None:
     """Pre-start the target's process when the command line asks for ``check`` (the console
-    script calls this before it imports the CLI); on any failure the CLI starts it the usual way."""
+    script calls this before it imports the CLI); on any failure the CLI starts it the usual way.
+    For the commands that run a target, Ctrl-C and SIGTERM are noted from now on (see
+    :func:`early_signal`)."""
     global _pending
     if args[:1] == ["check"] and not os.environ.get("RACEGUARD_NO_PRESTART"):
         try:
@@ -179,6 +181,6 @@ def start_for(args: list[str]) -> None:
             atexit.register(_discard_unused)
         except Exception:
             _pending = None
-            return
+    if args[:1] in (["check"], ["stress"], ["replay"]):
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _note_signal)

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from . import prestart
 from ..report.document import NOT_STARTED, Report, incomplete_analysis
 from ..report.filters import Baseline, Suppressions, apply_filters
 from ..report.finding import Finding, Reproduce
@@ -336,6 +337,7 @@ class Interrupt:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handler)
+            self.signal = self.signal or prestart.early_signal()  # while the CLI got ready
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:

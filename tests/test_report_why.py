@@ -25,6 +25,11 @@ def raceguard(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def either_order(a: str, b: str, rest: str) -> set[str]:
+    """The why for the two accesses ``a`` and ``b`` whichever of them ran first (the threads race)."""
+    return {f"why: nothing orders {a} before {b}: {rest}", f"why: nothing orders {b} before {a}: {rest}"}
+
+
 def why_line(stderr: str, label: str = "why") -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip().startswith(f"{label}: ")]
     assert len(lines) == 1, stderr
@@ -42,12 +47,13 @@ def different_locks(tmp_path_factory: pytest.TempPathFactory) -> tuple[subproces
 def test_why_names_both_lines_and_the_two_locks_not_the_clocks(different_locks) -> None:
     proc, _ = different_locks
     assert proc.returncode == 1, proc.stderr
-    assert why_line(proc.stderr) == (
-        "why: nothing orders lock_not_shared.py:18 (write, thread 'scale') before lock_not_shared.py:25 "
-        "(write, thread 'shift'): they hold different locks (Lock (lock_not_shared.py:15) in 'scale', "
-        "lock (lock_not_shared.py:22) in 'shift'), and no join, queue, event, barrier or future passes from "
-        "one thread to the other between them"
-    )
+    scale, shift = "lock_not_shared.py:18 (write, thread 'scale')", "lock_not_shared.py:25 (write, thread 'shift')"
+    scale_lock, shift_lock = "Lock (lock_not_shared.py:15) in 'scale'", "lock (lock_not_shared.py:22) in 'shift'"
+    tail = "and no join, queue, event, barrier or future passes from one thread to the other between them"
+    assert why_line(proc.stderr) in {
+        f"why: nothing orders {scale} before {shift}: they hold different locks ({scale_lock}, {shift_lock}), {tail}",
+        f"why: nothing orders {shift} before {scale}: they hold different locks ({shift_lock}, {scale_lock}), {tail}",
+    }
     assert "epoch" not in proc.stderr
 
 
@@ -55,21 +61,22 @@ def test_verbose_keeps_the_clock_detail_and_json_keeps_it_as_the_why(different_l
     _, report = different_locks
     verbose = raceguard("check", "-v", "fixtures/races/lock_not_shared.py")
     assert verbose.returncode == 1, verbose.stderr
-    assert why_line(verbose.stderr).startswith("why: nothing orders lock_not_shared.py:18 (write, thread 'scale')")
+    assert why_line(verbose.stderr).startswith("why: nothing orders lock_not_shared.py:")
     clocks = why_line(verbose.stderr, "clocks")
     assert "only up to that thread's epoch" in clocks, verbose.stderr
     (race,) = report["findings"]
-    assert clocks == "clocks: " + race["details"]["why"]
+    # Another run: the same sentence, though the epoch numbers may differ with the timing.
+    assert "only up to that thread's epoch" in race["details"]["why"]
+    assert clocks.startswith("clocks: nothing orders these accesses: at its write, ")
 
 
 def test_a_race_without_locks_says_neither_holds_one() -> None:
     proc = raceguard("check", "fixtures/races/inplace_counter.py")
     assert proc.returncode == 1, proc.stderr
-    assert why_line(proc.stderr) == (
-        "why: nothing orders inplace_counter.py:17 (write, thread 'requests') before inplace_counter.py:23 "
-        "(write, thread 'retries'): neither holds a lock, and no join, queue, event, barrier or future "
-        "passes from one thread to the other between them"
-    )
+    assert why_line(proc.stderr) in either_order(
+        "inplace_counter.py:17 (write, thread 'requests')", "inplace_counter.py:23 (write, thread 'retries')",
+        "neither holds a lock, and no join, queue, event, barrier or future passes from one thread to the other "
+        "between them")
 
 
 def access(thread: str, mode: str, line: int, locks: list[str], timeline: str | None = None) -> Access:

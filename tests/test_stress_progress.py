@@ -158,3 +158,16 @@ def test_report_counts_timed_out_schedules_once() -> None:
     assert finding.reproduce.schedule_index == 2
     assert finding.details["timed_out_schedules"] == 3 and finding.details["timed_out_seeds"] == [102, 105, 107]
     assert finding.message.startswith("the target did not finish within 60 s in 3 schedules")
+
+
+def test_merged_shards_add_up_their_timeouts() -> None:
+    from raceguard.process.stress import merge_reports
+
+    shards = []
+    for shard, indices in ((1, (0, 2)), (2, (1,))):
+        options = StressOptions(script="train.py", schedules=3, strategy="random", shard=(shard, 2))
+        results = {i: _result(i, failures.timeout_failure(60.0, [("MainThread", _frame_here())])) for i in indices}
+        shards.append(_build_report("stress", options, results, 100, None, 0.0, planned=len(indices)))
+    (finding,) = merge_reports(shards).findings
+    assert finding.details["timed_out_schedules"] == 3 and finding.details["timed_out_seeds"] == [100, 101, 102]
+    assert finding.message == "the target did not finish within 60 s in 3 schedules (the stacks are those of the first, schedule #0)"

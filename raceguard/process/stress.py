@@ -763,17 +763,28 @@ def _count_timeouts(chosen: dict[str, Finding], timed_out: list[ScheduleResult])
     """Several schedules ran past --timeout: they share one finding (its fingerprint does not
     depend on where the threads were), kept from the first of them, which says how many."""
     finding = next((f for f in chosen.values() if failures.is_timeout(f)), None)
-    if finding is None:
-        return
-    count = len(timed_out)
+    if finding is not None:
+        _describe_timeouts(finding, len(timed_out), [r.seed for r in timed_out], timed_out[0].index)
+
+
+def _describe_timeouts(finding: Finding, count: int, seeds: list[int], first_index: int | None) -> None:
     seconds = finding.details.get("timeout_seconds")
     limit = f"within {seconds:g} s " if isinstance(seconds, (int, float)) and seconds else ""
-    finding.message = (
-        f"the target did not finish {limit}in {count} schedules "
-        f"(the stacks are those of the first, schedule #{timed_out[0].index})"
-    )
+    first = f", schedule #{first_index}" if first_index is not None else ""
+    finding.message = f"the target did not finish {limit}in {count} schedules (the stacks are those of the first{first})"
     finding.details["timed_out_schedules"] = count
-    finding.details["timed_out_seeds"] = [r.seed for r in timed_out[:TIMEOUT_SEEDS_LISTED]]
+    finding.details["timed_out_seeds"] = seeds[:TIMEOUT_SEEDS_LISTED]
+
+
+def _merge_timeouts(chosen: dict[str, Finding], timeouts: list[Finding]) -> None:
+    """Shards' timeout findings are one finding (one fingerprint): the counts add up."""
+    finding = next((f for f in chosen.values() if failures.is_timeout(f)), None)
+    if finding is None or len(timeouts) < 2:
+        return
+    count = sum(int(f.details.get("timed_out_schedules") or 1) for f in timeouts)
+    seeds = sorted(seed for f in timeouts for seed in (f.details.get("timed_out_seeds") or [f.reproduce.seed])
+                   if seed is not None)
+    _describe_timeouts(finding, count, seeds, finding.reproduce.schedule_index)
 
 
 def run_replay(options: StressOptions) -> Report:
@@ -843,6 +854,7 @@ def merge_reports(reports: Iterable[Report]) -> Report:
                 old = bucket.get(f.fingerprint)
                 if old is None or key(f) < key(old):
                     bucket[f.fingerprint] = f
+    _merge_timeouts(chosen, [f for r in reports for f in r.findings if failures.is_timeout(f)])
     findings = sorted(chosen.values(), key=key)
     for fp in list(suppressed):
         if fp in chosen:

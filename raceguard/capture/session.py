@@ -24,7 +24,7 @@ from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, Origin, compute_fingerprint
 from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, StorageRef, race_finding, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
-from .torch_ops import AccessMode, byte_ranges, output_tensors, plan_for, plans_by_id, tensor_args
+from .torch_ops import AccessMode, byte_ranges, numbers_as_tensors, output_tensors, plan_for, plans_by_id, run_op, tensor_args
 
 Sink = Callable[[dict], None]
 
@@ -133,6 +133,9 @@ class Session:
         # Events lost to raceguard's own failures (see hook_failed).
         self.internal_errors = 0
         self._hook_error_keys: set[tuple[str, str]] = set()
+        # Calls run with this thread's mode suspended because it cannot follow them faithfully
+        # (TorchScript, tracing, ThroughputBenchmark; see capture/torchscript.py), per kind.
+        self.uncaptured: dict[str, int] = {}
         self.ordering_lost = False  # a synchronisation event was lost (see hook_failed)
         # CUDA streams as timelines (raceguard.cuda.tracker.CudaTracker), set by cuda.install() once
         # the target initialises CUDA; None otherwise: a CPU-only run pays one attribute check.
@@ -468,8 +471,17 @@ class Session:
                             shared(self, t, st, sh, rec)
         except Exception as exc:  # with CUDA an op can be a synchronisation (.item(), copies)
             self.hook_failed("recording a tensor op", exc, self.cuda is not None)
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
+            return run_op(func, args, kwargs)
+        retry = None
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as exc:  # refused before it ran: a wrapped number torch gave us as a number?
+            retry = numbers_as_tensors(func, args, kwargs, exc)
+            if retry is None:
+                raise  # the op's own error, unchanged
+        if retry is not None:
+            args, kwargs = retry
+            out = func(*args, **kwargs)
         try:
             cuda = self.cuda  # again: this op may have initialised CUDA
             if type(out) is _Tensor and cuda is None:
@@ -734,6 +746,11 @@ class Session:
     # failures too: the finding is lost, not the run.
     _internal_error = hook_failed
 
+    def not_captured(self, kind: str) -> None:
+        """One call of ``kind`` runs without op capture (its ops are not seen)."""
+        with self.lock:
+            self.uncaptured[kind] = self.uncaptured.get(kind, 0) + 1
+
     def stats(self) -> dict:
         stats = {
             "threads": sum(1 for s in self.timelines if s is not None),
@@ -742,6 +759,8 @@ class Session:
         }
         if self.internal_errors:
             stats["internal_errors"] = self.internal_errors
+        if self.uncaptured:
+            stats["not_captured"] = dict(self.uncaptured)
         if self.cuda is not None:
             stats.update(self.cuda.stats())
         return stats

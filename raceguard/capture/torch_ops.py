@@ -233,6 +233,58 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+# A wrapped number (the tensor torch makes of the ``1`` in ``x + 1``) reaches a Python dispatch
+# mode as a Python number: torch turns it back into one when it hands the mode its arguments.
+# Most ops accept that number again (add, mul, ...), but ops that take no numbers refuse it
+# before they run, e.g. ``aten::view`` of a traced graph's constant: ``Expected a value of type
+# 'Tensor' for argument 'self' but instead found type 'int'``. The dtype each had:
+_WRAPPED_NUMBER_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64, complex: torch.complex128}
+_REFUSED_NUMBER = "Expected a value of type 'Tensor' for argument '"
+
+
+def numbers_as_tensors(func: Any, args: tuple, kwargs: dict, error: BaseException) -> tuple[tuple, dict] | None:
+    """When ``func`` refused a Python number in a ``Tensor`` argument (``error``, raised before the
+    op ran), the arguments with each such number as a 0-dim tensor of the wrapped number's dtype;
+    None otherwise (``error`` is the op's own). Never raises.
+
+    Not bit-for-bit a wrapped number (no Python API makes one): type promotion against other
+    0-dim tensors can differ, e.g. 0-dim int32 + it gives int64 where torch gave int32."""
+    try:
+        if _REFUSED_NUMBER not in str(error):
+            return None
+        new_args = list(args)
+        new_kwargs = dict(kwargs)
+        changed = False
+        for i, a in enumerate(func._schema.arguments):
+            if _tensor_kind(str(a.type)) != _TENSOR:
+                continue
+            in_args = i < len(args) and not a.kwarg_only
+            value = new_args[i] if in_args else new_kwargs.get(a.name)
+            dtype = _WRAPPED_NUMBER_DTYPES.get(type(value))
+            if dtype is None:
+                continue
+            tensor = torch.tensor(value, dtype=dtype)
+            if in_args:
+                new_args[i] = tensor
+            else:
+                new_kwargs[a.name] = tensor
+            changed = True
+        return (tuple(new_args), new_kwargs) if changed else None
+    except Exception:
+        return None
+
+
+def run_op(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run ``func`` once with the target's arguments (see :func:`numbers_as_tensors`)."""
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as exc:
+        retry = numbers_as_tensors(func, args, kwargs, exc)
+        if retry is None:
+            raise
+    return func(*retry[0], **retry[1])
+
+
 class AccessMode(TorchDispatchMode):
     """Records every op of the thread that entered it. One instance per thread (see the sketch)."""
 

@@ -41,6 +41,7 @@ from typing import Any, Callable
 from ..engine.hb import HappensBefore
 from ..capture import backward
 from ..capture import compiled
+from ..capture import torchscript
 from .. import cuda as cuda_pkg
 from ..cuda import tracker as cuda
 from ..distributed import tracker as distributed
@@ -219,6 +220,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             session_mod.ACTIVE = session
             hazards.install(session)
             compiled.install()  # torch.compile: Dynamo never traces raceguard; graphs recorded
+            torchscript.install()  # scripted code, tracing, ThroughputBenchmark: the mode steps aside
             backward.install(session.hook_failed)  # which threads are inside backward: when .grad is safe to read
             distributed.install(session)  # async collectives as timelines of their process group
             state = session.enter_thread(thread, None)
@@ -228,6 +230,7 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
         except BaseException:
             distributed.uninstall(session)
             backward.uninstall()
+            torchscript.uninstall()
             compiled.uninstall()
             hazards.uninstall()
             session_mod.ACTIVE = None
@@ -262,6 +265,7 @@ def deactivate(handle: Handle) -> None:
             cuda.uninstall(session)
             distributed.uninstall(session)
             backward.uninstall()
+            torchscript.uninstall()
             compiled.uninstall()
             if session_mod.ACTIVE is session:
                 session_mod.ACTIVE = None

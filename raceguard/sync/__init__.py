@@ -10,7 +10,9 @@ primitive                  edge
 Thread                     ``start()`` → first line of the thread; thread end → ``join()``
 Lock / RLock               ``release()`` → the next successful ``acquire()`` (also ``with``,
                            non-blocking and timed acquires that succeed)
-Condition                  through its lock (``wait()`` releases and re-acquires it)
+Condition                  through its lock (``wait()`` releases and re-acquires it); one
+                           library code creates: each release or ``notify()`` → every later
+                           acquisition (``with``, ``acquire()``, ``wait()`` returning)
 Semaphore                  ``release()`` → a successful ``acquire()``
 Event                      ``set()`` → ``wait()`` / ``is_set()`` that return True
 Barrier                    every arrival of a generation → every departure of it
@@ -20,10 +22,12 @@ futures                    ``submit()`` → task start; task end → ``result()`
                            ``wait()``, ``as_completed()``, ``map()``, ``shutdown(wait=True)``
 =========================  ====================================================================
 
-Only synchronisation the target itself creates counts: ``threading.Lock()`` / ``RLock()`` called
+Locks count only when the target itself creates them: ``threading.Lock()`` / ``RLock()`` called
 from library code (the standard library, torch, site-packages) return the original, untracked
-primitive, so a logging handler's lock or torch's internal locks never hide a race. The higher
-level primitives above are modelled by their semantics, not by their internal locks.
+primitive, and a library's Semaphore creates no edge, so a logging handler's lock or torch's
+internal locks never hide a race. The hand-off primitives order whoever creates them; the higher
+level ones are modelled by their semantics, not by their internal locks (see ``conditions`` for a
+library's Condition).
 
 This package installs and uninstalls them; each family lives in its own module: ``locks``,
 ``conditions`` (Condition, semaphores, Event, Barrier), ``queues``, ``threads``, ``futures``,

@@ -2,17 +2,26 @@
 modelled by its semantics (a Condition through its lock, release → acquire for semaphores,
 set() → a wait() that returns True, every arrival of a barrier generation → every departure of
 it), with logical waits under the controlled scheduler.
+
+A Condition that library code creates is a hand-off all the same: it exists to pass state between
+threads, and that state is written and read under its lock, whether the receiver waits or finds
+its predicate already true. So each release of it (``with`` exit, ``release()``, the release
+inside ``wait()``) and each ``notify()`` orders everything the thread did before with every later
+acquisition of it (``with``, ``acquire()``, ``wait()`` returning). Its lock stays an untracked
+one: no lock-order graph, no scheduling points, as for a library's Lock or RLock, which order
+nothing.
 """
 
 from __future__ import annotations
 
 import _thread
 import collections
+import sys
 import threading
 from typing import Any
 
 from ..engine.hb import SyncVar
-from ..capture.stacks import current_site
+from ..capture.stacks import LIBRARY, classify_code, current_site
 from ._common import _active, _blocking, _caller_is_user, _deadline, _logical_wait, _orig, _sync_point, _untracked, _var
 from .locks import TrackedRLock
 
@@ -27,13 +36,32 @@ class _CondWaiter:
         self.notified = False
 
 
+# Modules whose Conditions are the insides of primitives raceguard models by their semantics
+# (Event, Semaphore, Barrier; queue.Queue; a Future): a hand-off through the inner Condition would
+# be coarser than the model (a wait for one item would be ordered after every earlier put).
+_MODELLED_INSIDES = frozenset({"threading", "queue", "concurrent.futures._base"})
+
+
+def _created_by_library(depth: int) -> bool:
+    """Whether the frame ``depth`` levels up (the Condition's creator) is a library's, outside
+    the modelled primitives."""
+    try:
+        frame = sys._getframe(depth)
+    except ValueError:
+        return False
+    return classify_code(frame.f_code) == LIBRARY and frame.f_globals.get("__name__") not in _MODELLED_INSIDES
+
+
 class Condition(threading.Condition):
     def __init__(self, lock: Any = None) -> None:
+        handoff = None
         try:
             self._rg_user = _caller_is_user()
             if lock is None and self._rg_user:
                 lock = TrackedRLock(current_site(1))
                 lock._rg_kind = "Condition"
+            elif not self._rg_user and _created_by_library(2):
+                handoff = SyncVar()
         except Exception as exc:  # raceguard's own failure: an untracked Condition, as library code gets
             self._rg_user = False
             _untracked("creating a tracked Condition", exc)
@@ -41,10 +69,60 @@ class Condition(threading.Condition):
             lock = _orig["RLock"]()
         super().__init__(lock)
         self._rg_waiters: collections.deque = collections.deque()
+        # A library's Condition: its releases and notify() publish into this, its acquisitions
+        # receive from it.
+        self._rg_handoff = handoff
+        if handoff is not None:
+            self.acquire = self._rg_handoff_acquire
+            self.release = self._rg_handoff_release
+            self._rg_inner_release_save = self._release_save
+            self._release_save = self._rg_handoff_release_save
+
+    def __enter__(self) -> bool:
+        entered = self._lock.__enter__()
+        if self._rg_handoff is not None:
+            self._rg_received()
+        return entered
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._rg_handoff is not None:
+            self._rg_published()
+        return self._lock.__exit__(*exc)
+
+    def _rg_handoff_acquire(self, *args: Any, **kwargs: Any) -> bool:
+        ok = self._lock.acquire(*args, **kwargs)
+        if ok:
+            self._rg_received()
+        return ok
+
+    def _rg_handoff_release(self) -> None:
+        if self._is_owned():
+            self._rg_published()
+        self._lock.release()  # raises like the original when not held
+
+    def _rg_handoff_release_save(self) -> Any:
+        if self._is_owned():
+            self._rg_published()
+        return self._rg_inner_release_save()
+
+    def _rg_published(self) -> None:
+        s = _active()
+        if s is not None:
+            s.release(self._rg_handoff)
+
+    def _rg_received(self) -> None:
+        var = self._rg_handoff
+        if var.clock is not None:
+            s = _active()
+            if s is not None:
+                s.acquire(var)
 
     def wait(self, timeout: float | None = None) -> bool:
         if not self._rg_user:  # Event, Queue, Semaphore, Barrier announce their own waits
-            return super().wait(timeout)
+            notified = super().wait(timeout)
+            if self._rg_handoff is not None:
+                self._rg_received()  # wait() returns holding the Condition again
+            return notified
         s = _active()
         if s is not None and s.sched is not None:
             t = s.sched.current()
@@ -121,7 +199,9 @@ class Condition(threading.Condition):
                     if woken < n and self._waiters:  # threads waiting natively (unmanaged)
                         super().notify(n - woken)
                     return
-        super().notify(n)
+        super().notify(n)  # raises, as the original does, unless the caller holds the Condition
+        if self._rg_handoff is not None:
+            self._rg_published()  # also when notified under a lock the library took directly
 
     def notify_all(self) -> None:
         if self._rg_user:

@@ -40,7 +40,7 @@ def test_progress_lines_without_a_terminal_count_schedules_and_findings() -> Non
     lines = progress_lines(proc.stderr)
     # A line every tenth of the run (or every 30 s while schedules are slow), not one per schedule.
     assert lines and lines[-1][:2] == (20, 20), proc.stderr
-    assert len(lines) <= 10, proc.stderr
+    assert len(lines) <= 15, proc.stderr  # 10, and one more per 30 s without a tenth done (a loaded machine)
     assert all(total == 20 for _, total, _ in lines)
     assert [done for done, _, _ in lines] == sorted({done for done, _, _ in lines})
     assert lines[-1][2] >= 1  # the race on the counter was found along the way

@@ -350,8 +350,9 @@ class _PlainProgress:
         if not self.enabled:
             return
         now = time.monotonic()
-        due = p.done - self.printed_done >= self.step or now - self.printed_at >= PLAIN_INTERVAL
-        if due and (p.done < p.total or self.printed_done < p.total):
+        finished = p.done >= p.total
+        due = p.done - self.printed_done >= self.step or now - self.printed_at >= PLAIN_INTERVAL or finished
+        if due and (not finished or self.printed_done < p.total):  # the last line says all are done
             self.printed_done, self.printed_at = p.done, now
             click.echo(f"raceguard: stress: {_progress_text(p)}", err=True)
 

@@ -179,12 +179,12 @@ def test_from_dict_rejects_other_versions() -> None:
 
 def test_tool_version_comes_from_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     import raceguard
+    import raceguard.version
 
-    monkeypatch.setattr(raceguard, "__version__", "9.8.7", raising=False)
+    assert tool_version() == raceguard.__version__ == raceguard.version.__version__
+    monkeypatch.setattr(raceguard.version, "__version__", "9.8.7")
     assert tool_version() == "9.8.7"
     assert Report("check", [], []).to_dict()["tool"] == {"name": "raceguard", "version": "9.8.7"}
-    monkeypatch.delattr(raceguard, "__version__", raising=False)
-    assert tool_version() == "0.1.0"
 
 
 # --- status and exit codes -------------------------------------------------------------------

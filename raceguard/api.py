@@ -193,8 +193,8 @@ class WatchSession:
             hook_errors = list(self._hook_errors)
         stats = self._stats()
         outcome = self._outcome
-        incomplete = incomplete_analysis(int(stats.get("internal_errors", 0)), hook_errors)
-        if incomplete:
+        incomplete = incomplete_analysis(int(stats.get("internal_errors", 0)), hook_errors, stats.pop("not_captured", None))
+        if incomplete and incomplete["internal_errors"]:
             stats["internal_errors"] = incomplete["internal_errors"]
         return Report(
             command="check",
@@ -301,6 +301,8 @@ class WatchSession:
             stats["dropped_reports"] = raw["dropped_reports"]
         if raw.get("internal_errors"):
             stats["internal_errors"] = raw["internal_errors"]
+        if raw.get("not_captured"):  # moved to the report's incomplete
+            stats["not_captured"] = dict(raw["not_captured"])
         return stats
 
     def _sink(self, event: dict) -> None:

@@ -91,18 +91,17 @@ def stepping_aside(original: Callable, kind: str) -> Callable:
     raceguard's own bookkeeping never raises into the call; ``original`` runs exactly once."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        session = None
         try:
             session = _suspension()
-            if session is not None:
-                session.not_captured(kind)
-        except Exception as exc:  # raceguard's own failure: the call runs with the mode as before
-            failed = session_mod.ACTIVE
-            if failed is not None:
-                failed.hook_failed(f"stepping aside for {kind}", exc)
+        except Exception as exc:  # raceguard's own failure: the call runs as it would have before
+            _failed(f"deciding whether to step aside for {kind}", exc)
             session = None
         if session is None:
             return original(*args, **kwargs)
+        try:
+            session.not_captured(kind)
+        except Exception as exc:  # the count is lost, the call still steps aside
+            _failed(f"counting a {kind} call run without op capture", exc)
         with _DisableTorchDispatch():
             return original(*args, **kwargs)
 
@@ -110,6 +109,12 @@ def stepping_aside(original: Callable, kind: str) -> Callable:
     call.__wrapped__ = original  # type: ignore[attr-defined]
     shield(call.__code__)
     return call
+
+
+def _failed(what: str, exc: Exception) -> None:
+    session = session_mod.ACTIVE
+    if session is not None:
+        session.hook_failed(what, exc)
 
 
 def install() -> None:

@@ -85,8 +85,10 @@ def build_report(
     for key in ("cuda_streams", "cuda_launches"):  # present once the target initialised CUDA
         if key in result.stats:
             stats[key] = int(result.stats[key])
-    incomplete = incomplete_analysis(int(result.stats.get("internal_errors", 0)), result.hook_errors)
-    if incomplete:
+    incomplete = incomplete_analysis(
+        int(result.stats.get("internal_errors", 0)), result.hook_errors, result.stats.get("not_captured")
+    )
+    if incomplete and incomplete["internal_errors"]:
         stats["internal_errors"] = incomplete["internal_errors"]
     error = None
     if result.internal_errors:

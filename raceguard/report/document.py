@@ -47,16 +47,33 @@ EXIT_INTERRUPTED_BEFORE_START = {"SIGINT": 130, "SIGTERM": 143}
 NOT_STARTED = "interrupted before the target started"
 
 
-def incomplete_analysis(count: int, errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+def incomplete_analysis(
+    count: int, errors: list[dict[str, Any]], not_captured: dict[str, int] | None = None
+) -> dict[str, Any] | None:
     """The report's ``incomplete`` entry for ``count`` events lost to raceguard's own failures,
-    with the first traceback of each distinct failure; None when nothing was lost."""
-    if count <= 0 and not errors:
+    with the first traceback of each distinct failure, and for the calls that ran without op
+    capture (``not_captured``: calls per kind, e.g. TorchScript under the Python dispatch mode);
+    None when nothing was lost."""
+    if count <= 0 and not errors and not not_captured:
         return None
     unique: dict[str, dict[str, Any]] = {}
     for e in errors:
         message = str(e.get("message", "unknown error"))
         unique.setdefault(message, {"message": message, "traceback": str(e.get("traceback", ""))})
-    return {"internal_errors": max(count, len(unique)), "errors": list(unique.values())}
+    incomplete: dict[str, Any] = {"internal_errors": max(count, len(unique)), "errors": list(unique.values())}
+    if not_captured:
+        incomplete["not_captured"] = [
+            {"kind": kind, "calls": int(calls), "message": not_captured_message(kind, int(calls))}
+            for kind, calls in sorted(not_captured.items())
+        ]
+    return incomplete
+
+
+def not_captured_message(kind: str, calls: int) -> str:
+    return (
+        f"{kind}: {calls} call{'' if calls == 1 else 's'} ran without op capture under the Python "
+        "dispatch mode; the native backend sees them"
+    )
 
 
 def default_stats() -> dict[str, Any]:

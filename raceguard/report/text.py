@@ -256,7 +256,11 @@ def summary_line(report: "Report", glyphs: Glyphs = UNICODE) -> str:
         text += f"; {budget}"
     if report.incomplete:
         lost = int(report.incomplete.get("internal_errors", 0))
-        text += f"; analysis incomplete: {lost} {_plural(lost, 'event')} lost to raceguard's own errors"
+        uncaptured = sum(int(e.get("calls", 0)) for e in report.incomplete.get("not_captured") or [])
+        parts = [f"{lost} {_plural(lost, 'event')} lost to raceguard's own errors"] if lost or not uncaptured else []
+        if uncaptured:
+            parts.append(f"{uncaptured} {_plural(uncaptured, 'call')} ran without op capture")
+        text += f"; analysis incomplete: {', '.join(parts)}"
     return text
 
 
@@ -279,6 +283,11 @@ def incomplete_line(report: "Report") -> str | None:
     if not report.incomplete:
         return None
     errors = report.incomplete.get("errors") or []
+    uncaptured = report.incomplete.get("not_captured") or []
+    if uncaptured and not errors and not report.incomplete.get("internal_errors"):
+        # Not a failure: raceguard stepped aside where its dispatch mode cannot run faithfully.
+        calls = ", ".join(f"{e.get('kind')} ({e.get('calls')} {_plural(int(e.get('calls') or 0), 'call')})" for e in uncaptured)
+        return f"raceguard: not checked under the Python dispatch mode (the native backend sees them): {calls}"
     first = str(errors[0].get("message", "")) if errors else "unknown error"
     # A scheduler failure in a hand-over between threads (Scheduler._abandon) ends its schedule:
     # the target did not run on, but its code never saw the failure.

@@ -32,6 +32,7 @@ RESOURCE_KIND = {
     "autocast_thread": "module-attribute",
     "lazy_linear_two_threads": "parameter",
     "optimizer_first_step": "optimizer-state",
+    "functional_call_shared_module": "module-attribute",
 }
 SEVERITY = {"data-race": "error", "shared-rng": "warning", "thread-local-mode": "warning"}
 # Fixtures whose bug inherently shows up as more than one finding (all of the expected kind).
@@ -65,7 +66,7 @@ def _lines_match(finding: dict, path: Path, markers: dict[str, int], site: int |
 
 
 def test_every_race_fixture_has_a_clean_counterpart() -> None:
-    assert len(RACES) == len(RESOURCE_KIND) == 11
+    assert len(RACES) == len(RESOURCE_KIND) == 12
     assert {p.stem for p in RACES} == set(RESOURCE_KIND)
     countered: set[str] = set()
     for path in CLEAN:

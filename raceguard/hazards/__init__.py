@@ -12,7 +12,8 @@ hazard                     accesses recorded                                    
 =========================  =====================================================  ==============
 module flags/attributes    write: ``Module.__setattr__``/``__delattr__`` (so      ``data-race``,
                            ``train()``/``eval()``, ``self.x = ...`` in forward,   module-attribute
-                           ``m.forward = f``), hook registration and removal;
+                           ``m.forward = f``), hook registration and removal,
+                           ``functional_call``'s parameter and buffer swaps;
                            read: every module call reads ``training``,
                            ``forward`` and the forward/backward hook dicts
 serialization              read of every tensor pickled (``torch.save``,          ``data-race`` on
@@ -67,7 +68,8 @@ from ..capture.identity import present_as
 from ..capture.rng_ops import RNG_ALWAYS_DEFAULT, RNG_OPS, is_rng_op, rng_generator
 from . import _state, calls, lazy
 from ._state import _groups, _orig, _reported
-from .attributes import _HOOK_METHODS, _handle_remove, _hook_registrar, _module_delattr, _module_setattr
+from .attributes import SWAP_FUNCTIONS, _HOOK_METHODS, _handle_remove, _hook_registrar, _member_store
+from .attributes import _module_delattr, _module_setattr
 from .attributes import _unchanged  # noqa: F401 - re-exported (tests)
 from .calls import _module_call
 from .calls import watch_module_calls  # noqa: F401 - re-exported (tests)
@@ -120,6 +122,7 @@ def install(session: Any) -> None:
     session.hazard_grad_accumulated = grad_accumulated
     if _state._installed:
         return
+    import torch.nn.utils._named_member_accessor as accessor_mod
     import torch.optim.optimizer as optimizer_mod
     import torch.serialization
     import torch.utils.hooks as hooks_mod
@@ -138,6 +141,8 @@ def install(session: Any) -> None:
     _orig["inference_mode.__enter__"] = torch.autograd.grad_mode.inference_mode.__dict__["__enter__"]
     for method, _ in _HOOK_METHODS:
         _orig[f"Module.{method}"] = nn.Module.__dict__[method]
+    for function in SWAP_FUNCTIONS:
+        _orig[f"_named_member_accessor.{function}"] = getattr(accessor_mod, function)
     for name, _ in _RNG_FUNCTIONS:
         _orig[name] = getattr(torch, name.split(".", 1)[1])
         _orig["torch.random." + name.split(".", 1)[1]] = getattr(torch.random, name.split(".", 1)[1])
@@ -160,6 +165,8 @@ def install(session: Any) -> None:
     for method, slot_name in _HOOK_METHODS:
         setattr(nn.Module, method, _hook_registrar(method, slot_name))
     hooks_mod.RemovableHandle.remove = _handle_remove  # type: ignore[method-assign]
+    for function in SWAP_FUNCTIONS:  # NamedMemberAccessor looks them up as module globals
+        setattr(accessor_mod, function, _member_store(function))
     LazyModuleMixin._infer_parameters = _infer_parameters  # type: ignore[method-assign]
     torch.Tensor.__reduce_ex__ = _tensor_reduce_ex  # type: ignore[method-assign]
     _torch_save.__wrapped__ = _orig["torch.save"]  # type: ignore[attr-defined]
@@ -189,6 +196,7 @@ def uninstall() -> None:
     if not _state._installed:
         _state._session = None
         return
+    import torch.nn.utils._named_member_accessor as accessor_mod
     import torch.serialization
     import torch.utils.hooks as hooks_mod
     from torch.nn.modules.lazy import LazyModuleMixin
@@ -202,6 +210,8 @@ def uninstall() -> None:
     for method, _ in _HOOK_METHODS:
         setattr(nn.Module, method, _orig[f"Module.{method}"])
     hooks_mod.RemovableHandle.remove = _orig["RemovableHandle.remove"]  # type: ignore[method-assign]
+    for function in SWAP_FUNCTIONS:
+        setattr(accessor_mod, function, _orig[f"_named_member_accessor.{function}"])
     LazyModuleMixin._infer_parameters = _orig["LazyModuleMixin._infer_parameters"]  # type: ignore[method-assign]
     torch.Tensor.__reduce_ex__ = _orig["Tensor.__reduce_ex__"]  # type: ignore[method-assign]
     torch.save = _orig["torch.save"]

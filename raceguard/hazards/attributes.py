@@ -1,7 +1,10 @@
 """Module flags, attributes and hooks: ``Module.__setattr__`` / ``__delattr__`` (so
 ``train()`` / ``eval()``, ``self.x = ...`` in forward, ``m.forward = f``) and hook registration
 and removal are writes of the module's location, one slot per attribute name; storing the value
-already there is a read.
+already there is a read. So are the stores torch makes straight into a module's ``_parameters``,
+``_buffers`` and ``_modules`` dicts, bypassing ``__setattr__``: ``torch.func.functional_call``
+swapping the given tensors in and the originals back (``swap_tensor`` / ``set_tensor`` /
+``swap_submodule`` of ``torch.nn.utils._named_member_accessor``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 from ..capture.identity import present_as
 from . import _state, lazy
 from ._state import _orig, _tls
-from .locations import _module_loc, _record, _slot
+from .locations import SWAP_FUNCTIONS, _module_loc, _record, _slot
 from .reporting import _internal_error, _report_races
 
 
@@ -122,6 +125,39 @@ def _attr_access(s: Any, module: Any, name: str, op: str, is_write: bool) -> Non
         return
     if races:
         _report_races(s, races)
+
+
+# -- direct stores into a module's member dicts (functional_call's swaps) -----------------------
+_SWAP_STORES = {
+    "swap_tensor": ("_parameters", "_buffers"),
+    "set_tensor": ("_parameters", "_buffers"),
+    "swap_submodule": ("_modules",),
+}
+
+
+def _member_store(function: str) -> Callable:
+    """A replacement for ``_named_member_accessor.<function>(module, name, value, ...)`` that
+    records the store as the module attribute's, as ``__setattr__`` would. Stores that go
+    through ``setattr`` (a name in none of the member dicts) are recorded there instead."""
+    original = _orig[f"_named_member_accessor.{function}"]
+    stores = _SWAP_STORES[function]
+
+    def store(module: Any, name: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        s = _state._session
+        if s is not None and s.hb.timelines > 1 and not getattr(_tls, "quiet", 0):
+            try:
+                members = module.__dict__ if isinstance(module, nn.Module) else {}
+                for store_name in stores:
+                    held = members.get(store_name)
+                    if held is not None and isinstance(name, str) and name in held:
+                        same = _unchanged(held[name], value)
+                        _attr_access(s, module, name, f"{function} {name}" + (" (same value)" if same else ""), not same)
+                        break
+            except Exception as exc:
+                _internal_error(s, "recording a parameter swap", exc)
+        return original(module, name, value, *args, **kwargs)
+
+    return present_as(store, original)
 
 
 def _hook_registrar(method: str, slot_name: str) -> Callable:

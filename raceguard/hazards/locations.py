@@ -30,6 +30,10 @@ _slot_by_name["_forward_hooks_always_called"] = _slot_by_name["_forward_hooks"]
 _slot_by_name["_forward_pre_hooks_with_kwargs"] = _slot_by_name["_forward_pre_hooks"]
 _slot_by_name["_is_full_backward_hook"] = _slot_by_name["_backward_hooks"]
 
+# torch.nn.utils._named_member_accessor's functions that store into a module's _parameters,
+# _buffers or _modules directly (functional_call's swaps): their accesses are named after them.
+SWAP_FUNCTIONS = ("swap_tensor", "set_tensor", "swap_submodule")
+
 
 def _slot(name: str) -> int:
     slot = _slot_by_name.get(name)

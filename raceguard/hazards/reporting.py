@@ -13,7 +13,7 @@ from ..report.finding import Access, Finding, compute_fingerprint
 from ..capture.naming import Resource, race_finding
 from ..capture.stacks import user_key
 from ._state import _groups, _report_lock, _reported
-from .locations import _slot_names
+from .locations import SWAP_FUNCTIONS, _slot_names
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -219,7 +219,13 @@ def _hazard_name(named: _Named, race: Race) -> str:
         return "training flag"
     if named.attr.startswith("_") and named.attr.endswith("hooks"):
         return "hook registration"
+    if any(_is_swap(record.info) for record in (race.earlier, race.later)):
+        return "parameter swap"
     return "module attribute"
+
+
+def _is_swap(info: Any) -> bool:
+    return getattr(info, "op", "").split(" ", 1)[0] in SWAP_FUNCTIONS
 
 
 def _hint(named: _Named, race: Race) -> str:
@@ -240,6 +246,11 @@ def _hint(named: _Named, race: Race) -> str:
         return (
             "run the first optimizer.step() (which creates the state) before starting threads, "
             "or guard every step with one lock"
+        )
+    if hazard == "parameter swap":
+        return (
+            "torch.func.functional_call swaps the given tensors into the module itself: give each "
+            "thread its own copy of the module (copy.deepcopy), or hold one lock around every call"
         )
     if named.attr == "forward":
         return (

@@ -119,8 +119,10 @@ class WatchSession:
         main_globals: Callable[[], dict | None] = lambda: None,
         owner: str = "raceguard.watch()",
         on_finding: Callable[[Finding], None] | None = None,
+        simulate_cuda: bool = False,
     ) -> None:
         self.fail_on = fail_on
+        self.simulate_cuda = simulate_cuda  # CUDA on a simulated device in CPU memory
         self.suppressions = suppressions
         self.max_reports = max_reports
         # What the report names as its target: "file.py:12" for a with block, the test id under pytest.
@@ -251,7 +253,7 @@ class WatchSession:
         capture.owner = self
         self._thread_name = threading.current_thread().name
         try:
-            handle = install.activate(capture)
+            handle = install.activate(capture, simulate_cuda=self.simulate_cuda)
         except install.AlreadyActiveError as exc:
             raise RuntimeError(_already_active_message(exc.active, self)) from None
         self._capture = capture
@@ -303,6 +305,10 @@ class WatchSession:
             stats["internal_errors"] = raw["internal_errors"]
         if raw.get("not_captured"):  # moved to the report's incomplete
             stats["not_captured"] = dict(raw["not_captured"])
+        if raw.get("simulated_cuda"):
+            stats["simulated_cuda"] = True
+            if raw.get("simulation_notes"):
+                stats["simulation_notes"] = list(raw["simulation_notes"])
         return stats
 
     def _sink(self, event: dict) -> None:
@@ -394,6 +400,9 @@ class watch:  # noqa: N801 - used like a function: raceguard.watch()
     ``max_reports``
         Report at most this many findings (default: no limit); the rest are only counted
         (``report().stats["dropped_reports"]``).
+    ``simulate_cuda``
+        Run the block's CUDA code on a simulated device in CPU memory, as ``raceguard check
+        --simulate-cuda`` does (for a CPU-only torch; see ``docs/cuda.md``).
 
     As a context manager, ``with watch() as session`` gives a new :class:`WatchSession` each
     time and never raises because of findings: call ``session.assert_clean()`` (or inspect
@@ -414,6 +423,7 @@ class watch:  # noqa: N801 - used like a function: raceguard.watch()
         fail_on: str = "error",
         suppressions: Suppressions | str | os.PathLike[str] | Iterable[str] | None = None,
         max_reports: int | None = None,
+        simulate_cuda: bool = False,
     ) -> None:
         if fail_on not in SEVERITIES:
             raise ValueError(f"raceguard.watch(): fail_on must be one of {', '.join(SEVERITIES)}, not {fail_on!r}")
@@ -422,6 +432,7 @@ class watch:  # noqa: N801 - used like a function: raceguard.watch()
         self.fail_on = fail_on
         self.suppressions = load_suppressions(suppressions)
         self.max_reports = max_reports
+        self.simulate_cuda = bool(simulate_cuda)
         self._sessions: list[WatchSession] = []
 
     def _new_session(self, label: str, main_globals: dict | None) -> WatchSession:
@@ -431,6 +442,7 @@ class watch:  # noqa: N801 - used like a function: raceguard.watch()
             max_reports=self.max_reports,
             label=label,
             main_globals=lambda: main_globals,
+            simulate_cuda=self.simulate_cuda,
         )
 
     def __enter__(self) -> WatchSession:

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "baseline": None,
     "timeout": None,  # seconds; None: no limit
     "max-reports": 100,  # findings reported per run; the rest are counted, not printed
+    "simulate-cuda": False,  # run CUDA programs on a simulated device in CPU memory
     # [tool.raceguard.stress]
     "schedules": 100,
     "seed": None,  # None: pick a random seed and print it
@@ -72,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     # fit easily, and a CI job ends in time when each schedule takes many seconds.
     "max-time": 600.0,
 }
-TOP_LEVEL_KEYS = ("fail-on", "format", "output", "suppressions", "baseline", "timeout", "max-reports")
+TOP_LEVEL_KEYS = ("fail-on", "format", "output", "suppressions", "baseline", "timeout", "max-reports", "simulate-cuda")
 STRESS_KEYS = ("schedules", "seed", "strategy", "depth", "jobs", "max-time")
 
 
@@ -243,6 +244,12 @@ def _seconds_or_zero(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _boolean(key: str, value: Any, where: str) -> Any:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false (got {value!r})")
+    return value
+
+
 def _path(key: str, value: Any, where: str) -> Any:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -265,6 +272,7 @@ _VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "depth": _positive_int,
     "jobs": _positive_int,
     "max-time": _seconds_or_zero,
+    "simulate-cuda": _boolean,
 }
 
 

@@ -117,6 +117,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "FILE with the worker id before the extension, e.g. report.gw0.json)",
     )
     group.addoption(
+        "--raceguard-simulate-cuda",
+        action="store_true",
+        default=None,
+        help="run the tests' CUDA code on a simulated device in CPU memory (a CPU-only torch; "
+        "default: simulate-cuda from [tool.raceguard])",
+    )
+    group.addoption(
         "--raceguard-suppressions",
         metavar="FILE",
         default=None,
@@ -133,6 +140,7 @@ class Settings:
     schedules: int = 100
     strategy: str = "pct"
     depth: int = 3
+    simulate_cuda: bool = False  # --raceguard-simulate-cuda
 
 
 @dataclass
@@ -212,6 +220,7 @@ def _load_settings(config: pytest.Config) -> Settings:
         schedules=file_config["schedules"],
         strategy=file_config["strategy"],
         depth=file_config["depth"],
+        simulate_cuda=bool(config.getoption("raceguard_simulate_cuda") or file_config["simulate-cuda"]),
     )
 
 
@@ -387,6 +396,7 @@ def _start(item: pytest.Item) -> None:
         main_globals=lambda: namespace,
         owner=f"the pytest plugin (test {item.nodeid})",
         on_finding=tag,
+        simulate_cuda=settings.simulate_cuda,
     )
     watch.session = session
     item.stash[TEST_KEY] = watch

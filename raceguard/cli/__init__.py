@@ -20,6 +20,8 @@ from .common import (
     internal_error,
     module_option,
     report_options,
+    request_simulated_cuda,
+    simulate_cuda_option,
     split_target,
     suppressions_from,
 )
@@ -54,6 +56,7 @@ def main() -> None:
 @main.command(cls=TargetCommand, context_settings=TARGET_CONTEXT)
 @module_option
 @report_options
+@simulate_cuda_option
 @click.option(
     "--no-children",
     is_flag=True,
@@ -79,6 +82,7 @@ def check(module: str | None, target: tuple[str, ...], no_children: bool, **opts
         suppressions=suppressions_from(config["suppressions"]),
         baseline=baseline_from(config["baseline"]),
         children=not no_children,
+        simulate_cuda=request_simulated_cuda(config),
     )
     try:
         report = run_check(check_options)

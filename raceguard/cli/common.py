@@ -150,6 +150,27 @@ def report_options(f: Any) -> Any:
     return f
 
 
+def simulate_cuda_option(f: Any) -> Any:
+    return click.option(
+        "--simulate-cuda", "simulate_cuda", is_flag=True, default=None,
+        help="Run a CUDA program unchanged on a CPU-only torch: its CUDA tensors, streams and events "
+        "live on a simulated device in CPU memory, checked as on a GPU.",
+    )(f)
+
+
+def request_simulated_cuda(config: Any) -> bool:
+    """Whether the run simulates CUDA; if so, the processes started from now on inherit it
+    (stress's fork server and schedules, check's target when not pre-started)."""
+    if not config["simulate-cuda"]:
+        return False
+    import os
+
+    from ..cuda import SIMULATE_ENV, SIMULATE_PROGRAM  # no torch: the package root imports none
+
+    os.environ[SIMULATE_ENV] = SIMULATE_PROGRAM
+    return True
+
+
 # Configuration key -> the click parameter that sets it on the command line.
 REPORT_OPTIONS = {
     "format": "fmt",
@@ -159,6 +180,7 @@ REPORT_OPTIONS = {
     "timeout": "timeout",
     "suppressions": "suppressions",
     "baseline": "baseline",
+    "simulate-cuda": "simulate_cuda",
 }
 
 
@@ -208,6 +230,8 @@ def finish(report: Report, config: Any, opts: dict) -> NoReturn:
     from ..report.filters import write_baseline
     from ..report.text import print_report
 
+    if config["simulate-cuda"]:
+        report.stats.setdefault("simulated_cuda", True)  # also when the target never imported torch
     fmt = config["format"]
     output = config["output"]
     quiet, verbose = opts.get("quiet"), opts.get("verbose")

@@ -26,6 +26,8 @@ from .common import (
     internal_error,
     module_option,
     report_options,
+    request_simulated_cuda,
+    simulate_cuda_option,
     split_target,
     suppressions_from,
 )
@@ -99,6 +101,7 @@ def _schedule_options(f: Any) -> Any:
               "spent, no new schedule starts and the report says how many ran; 0 means no budget [default: 10m].")
 @click.option("--shard", metavar="I/N", help="Run only schedules i with i % N == I-1 (split one run across CI jobs).")
 @report_options
+@simulate_cuda_option
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
 def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """Run SCRIPT [ARGS]... under many controlled thread schedules and report what fails.
@@ -113,6 +116,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
 
     script, args = split_target(module, target)
     config = _stress_config(opts)
+    request_simulated_cuda(config)  # inherited by the fork server and its schedules
     shard = _parse_shard(opts.get("shard"))
     jobs = config["jobs"] or os.cpu_count() or 1
     quiet, verbose = bool(opts.get("quiet")), bool(opts.get("verbose"))
@@ -187,6 +191,7 @@ def stress(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="The schedule's seed (from the stress report).")
 @_schedule_options
 @report_options
+@simulate_cuda_option
 @click.argument("target", nargs=-1, type=click.UNPROCESSED)
 def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
     """Replay one schedule of SCRIPT [ARGS]... exactly and report it like `check`.
@@ -200,6 +205,7 @@ def replay(module: str | None, target: tuple[str, ...], **opts: Any) -> None:
 
     script, args = split_target(module, target)
     config = _stress_config(opts)
+    request_simulated_cuda(config)
     options = stress_mod.StressOptions(
         script=script,
         module=module,

@@ -144,6 +144,10 @@ class CudaTracker:
         self._device_of = getattr(backend, "device_of", None) or get_device
         self._is_device_storage = getattr(backend, "is_device_storage", None) or storage_is_cuda
         self._track_lifetime = getattr(backend, "track_lifetime", None)
+        # Device addresses: the storage's own pointer on a GPU; the simulation's allocator model.
+        self._address = getattr(backend, "storage_address", None) or _data_ptr
+        # The simulation decides which new storages are device memory (None on a GPU).
+        self._claim_outputs = getattr(backend, "claim_outputs", None)
 
     # -- activation ----------------------------------------------------------------------------
     def activate(self) -> None:
@@ -226,7 +230,7 @@ class CudaTracker:
         if kind == _COPY or kind == _TOCOPY:
             non_blocking = _non_blocking(kind, args, kwargs)
             if kind == _TOCOPY and device is None:
-                device = target_device(self.backend, kwargs.get("device"))  # host -> device
+                device = self._target_device(kwargs.get("device"))  # host -> device
             if device is not None and non_blocking:
                 async_host = self._async_host_tensor(kind, plan, args)
         if device is None:
@@ -273,6 +277,8 @@ class CudaTracker:
         stream = bases = None
         if ctx is not None and ctx[0] is info:
             _, stream, bases = ctx
+        if self._claim_outputs is not None:
+            self._claim_outputs(outs, stream is not None)
         is_device = self._is_device
         cuda_outs = [o for o in outs if is_device(o)]
         if stream is None and not cuda_outs:
@@ -375,7 +381,7 @@ class CudaTracker:
     def _allocate(self, t: Any, stream: StreamTimeline, host: int, info: Any, races: list) -> DeviceBlock | None:
         """A fresh CUDA tensor: its allocation is a write of the whole block on ``stream``."""
         st = t.untyped_storage()
-        base = st.data_ptr()
+        base = self._address(st)
         nbytes = st.nbytes()
         if not base or nbytes <= 0:
             return None
@@ -407,7 +413,7 @@ class CudaTracker:
             st = t.untyped_storage()
         except Exception:  # sparse, nested: no plain storage to track
             return None
-        base = st.data_ptr()
+        base = self._address(st)
         nbytes = st.nbytes()
         if not base or nbytes <= 0:
             return base
@@ -434,12 +440,12 @@ class CudaTracker:
                 st = o.untyped_storage()
             except Exception:
                 continue
-            base = st.data_ptr()
+            base = self._address(st)
             block = blocks.get(base)
             if block is not None and block.meta.ref() is st:
                 continue
             if inputs is None:
-                inputs = _arg_bases(args, kwargs, self._is_device)
+                inputs = _arg_bases(args, kwargs, self._is_device, self._address)
             if base not in inputs:
                 fresh.append(o)
         return fresh
@@ -636,7 +642,7 @@ class CudaTracker:
         with self.session.lock:
             s = self._stream_of(stream)
             st = tensor.untyped_storage()
-            base, nbytes = st.data_ptr(), st.nbytes()
+            base, nbytes = self._address(st), st.nbytes()
             if not base or nbytes <= 0:
                 return
             block = self._block(st, base, nbytes, tensor, current_site(3), host, None)
@@ -687,12 +693,22 @@ class CudaTracker:
                 if internal is not None:
                     internal("naming a CUDA data race", exc)
 
+    def _target_device(self, device: Any) -> int | None:
+        choose = getattr(self.backend, "target_device", None)
+        if choose is not None:
+            return choose(device)
+        return target_device(self.backend, device)
+
     def stats(self) -> dict:
-        return {
+        stats = {
             "cuda_streams": len(self.model.streams),
             "cuda_launches": self.model.launches,
             "cuda_freed_blocks": self.memory.freed_blocks,
         }
+        backend_stats = getattr(self.backend, "stats", None)
+        if backend_stats is not None:
+            stats.update(backend_stats())
+        return stats
 
 
 def _cell_has_live(cell: Any) -> bool:
@@ -717,14 +733,18 @@ def _non_blocking(kind: int, args: tuple, kwargs: dict) -> bool:
     return bool(kwargs.get("non_blocking", False))
 
 
-def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool]) -> set:
+def _data_ptr(st: Any) -> int:
+    return st.data_ptr()
+
+
+def _arg_bases(args: tuple, kwargs: dict, is_device: Callable[[Any], bool], address: Callable[[Any], int]) -> set:
     """Base addresses of the CUDA storages of an op's tensor arguments (views included)."""
     out = set()
 
     def add(v: Any) -> None:
         if tensorlike(v) and is_device(v):
             try:
-                out.add(v.untyped_storage().data_ptr())
+                out.add(address(v.untyped_storage()))
             except Exception:
                 pass
 

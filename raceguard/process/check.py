@@ -27,6 +27,7 @@ class CheckOptions:
     suppressions: Suppressions | None = None
     baseline: Baseline | None = None
     children: bool = True  # check the Python processes the target starts (raceguard.workers)
+    simulate_cuda: bool = False  # --simulate-cuda: CUDA on a simulated device in CPU memory
     on_finding: Callable[[Finding], None] | None = field(default=None, repr=False)
 
     def target_argv(self) -> list[str]:
@@ -48,6 +49,7 @@ def run_check(options: CheckOptions) -> Report:
         on_finding=options.on_finding,
         on_started=import_report_layer,
         children=options.children,
+        simulate_cuda=options.simulate_cuda,
     )
     if result.usage_error is not None:
         raise TargetUsageError(result.usage_error)
@@ -85,6 +87,10 @@ def build_report(
     for key in ("cuda_streams", "cuda_launches"):  # present once the target initialised CUDA
         if key in result.stats:
             stats[key] = int(result.stats[key])
+    if result.stats.get("simulated_cuda"):  # --simulate-cuda: and where the simulation's fidelity ended
+        stats["simulated_cuda"] = True
+        if result.stats.get("simulation_notes"):
+            stats["simulation_notes"] = [str(n) for n in result.stats["simulation_notes"]]
     incomplete = incomplete_analysis(
         int(result.stats.get("internal_errors", 0)), result.hook_errors, result.stats.get("not_captured")
     )

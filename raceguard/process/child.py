@@ -309,6 +309,10 @@ def _prepare(config: dict, own_modules: set) -> tuple[PipeSink, Any, Any, Any]:
     from . import runner
 
     config.update(_read_config(config.pop("config_fd")))
+    if config.get("simulate_cuda"):  # sent, since a pre-started process has the old environment
+        from ..cuda import SIMULATE_ENV, SIMULATE_PROGRAM
+
+        os.environ[SIMULATE_ENV] = SIMULATE_PROGRAM  # this session, and the target's children
     from .workers import forget_bootstrap  # the target's Python children (--no-children: not)
 
     forget_bootstrap(config.get("children", True))

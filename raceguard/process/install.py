@@ -43,7 +43,6 @@ from ..capture import backward
 from ..capture import compiled
 from ..capture import torchscript
 from .. import cuda as cuda_pkg
-from ..cuda import tracker as cuda
 from ..distributed import tracker as distributed
 from .. import hazards
 from ..capture import session as session_mod
@@ -201,12 +200,14 @@ def release_primitives() -> None:
         _unuse_primitives()
 
 
-def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
+def activate(session: Any, thread: threading.Thread | None = None, simulate_cuda: bool = False) -> Handle:
     """Make ``session`` the process's active session, instrumenting the calling thread.
 
     ``thread`` names the calling thread's timeline (default: ``threading.current_thread()``);
-    the dispatch mode is always entered in the calling OS thread. Raises
-    :class:`AlreadyActiveError` if another session is active.
+    the dispatch mode is always entered in the calling OS thread. ``simulate_cuda``: the
+    program's CUDA calls run on the simulated device (``--simulate-cuda``, also asked for by
+    ``RACEGUARD_SIMULATE_CUDA=program``). Raises :class:`AlreadyActiveError` if another session
+    is active.
     """
     with _guard:
         active = session_mod.ACTIVE
@@ -225,8 +226,8 @@ def activate(session: Any, thread: threading.Thread | None = None) -> Handle:
             distributed.install(session)  # async collectives as timelines of their process group
             state = session.enter_thread(thread, None)
             # CUDA streams as timelines; a no-op (one note in cuda.LAST_NOTE) without CUDA.
-            # RACEGUARD_SIMULATE_CUDA: CPU tensors as device memory (raceguard's own GPU tests).
-            cuda_pkg.install_tracking(session)
+            # Simulated on the CPU under --simulate-cuda (or RACEGUARD_SIMULATE_CUDA).
+            cuda_pkg.install_tracking(session, cuda_pkg.SIMULATE_PROGRAM if simulate_cuda else None)
         except BaseException:
             distributed.uninstall(session)
             backward.uninstall()
@@ -262,7 +263,7 @@ def deactivate(handle: Handle) -> None:
             if same_thread:
                 session.leave_thread(handle.state, None)
         finally:
-            cuda.uninstall(session)
+            cuda_pkg.uninstall_tracking(session)
             distributed.uninstall(session)
             backward.uninstall()
             torchscript.uninstall()

@@ -116,12 +116,14 @@ def run_target(
     python: str | None = None,
     on_started: Callable[[], None] | None = None,
     children: bool = True,
+    simulate_cuda: bool = False,
 ) -> RunResult:
     """Run ``python SCRIPT ARGS`` (or ``-m MODULE``) under instrumentation and collect findings.
 
     ``on_started`` runs once the child is started, while it imports torch: the place for work
     this process needs only afterwards (importing the report layer), off the critical path.
     ``children``: check the Python processes the target starts too (:mod:`raceguard.workers`).
+    ``simulate_cuda``: the target's CUDA runs on a simulated device in CPU memory.
     """
     crash = tempfile.NamedTemporaryFile(prefix="raceguard-crash-", suffix=".log", delete=False)
     crash.close()
@@ -132,6 +134,7 @@ def run_target(
         "max_reports": max_reports,
         "crash_log": crash.name,
         "children": children,
+        "simulate_cuda": simulate_cuda,
     }
     collector = _Collector(on_finding)
     started = time.monotonic()

@@ -123,6 +123,10 @@ class Report:
             raise ValueError(f"fail_on must be one of {', '.join(SEVERITIES)}, not {fail_on!r}")
         return [f for f in self.findings if not f.suppressed and f.at_least(fail_on)]
 
+    def simulated_cuda(self) -> bool:
+        """Whether the target's CUDA ran on raceguard's simulated device (``--simulate-cuda``)."""
+        return bool(self.stats.get("simulated_cuda"))
+
     def target_failed(self) -> bool:
         """Whether the target ended other than by exiting 0 (no information counts as success)."""
         if self.target_outcome is not None:

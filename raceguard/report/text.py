@@ -261,6 +261,8 @@ def summary_line(report: "Report", glyphs: Glyphs = UNICODE) -> str:
         if uncaptured:
             parts.append(f"{uncaptured} {_plural(uncaptured, 'call')} ran without op capture")
         text += f"; analysis incomplete: {', '.join(parts)}"
+    if report.simulated_cuda():
+        text += "; CUDA simulated on the CPU (--simulate-cuda)"
     return text
 
 
@@ -392,6 +394,8 @@ def report_lines(report: "Report", *, verbose: bool = False, quiet: bool = False
         if verbose:
             for e in report.incomplete.get("errors") or []:  # type: ignore[union-attr]
                 lines.extend(Text(f"  {line}", style=STYLE_MUTED) for line in str(e.get("traceback", "")).splitlines())
+    # Where --simulate-cuda could not report what a GPU would (e.g. x.device reads cpu).
+    lines.extend(Text(str(note), style=STYLE_WARNING) for note in report.stats.get("simulation_notes") or [])
     lines.append(summary)
     return lines
 

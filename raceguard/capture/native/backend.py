@@ -20,7 +20,9 @@ import weakref
 from typing import Any
 
 from ...engine.hb import ShadowStorage, SyncVar
+from ..identity import present_as
 from ..naming import OpInfo, StorageMeta, StorageRef
+from ..stacks import first_user_location
 from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
 
 # Per-thread capacities: records, tensor accesses (inputs and outputs), frames.
@@ -102,6 +104,9 @@ class NativeBackend:
         self.unwatched_records = 0  # ops of Python threads raceguard does not watch
         self._lost_reported = 0
         self._grad_vars: dict[int, tuple[Any, Any]] = {}
+        self._script_frames: dict[int, ScriptFrame] = {}
+        self._open_calls: list[_NativeCall] = []
+        self._undo: list = []
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -121,10 +126,59 @@ class NativeBackend:
             return out
 
         session.stats = stats_after_drain
+        self._wrap_native_starters()
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
         _thread.start_new_thread(self._drain_loop, ())
 
+    def _wrap_native_starters(self) -> None:
+        """Calls that start C++ threads, wrapped so that those threads' timelines start from
+        the calling thread's and end joined into it, and are named after the call."""
+        import torch.utils.throughput_benchmark as tb
+
+        original = tb.ThroughputBenchmark.benchmark
+        backend = self
+
+        def benchmark(self: Any, *args: Any, **kwargs: Any) -> Any:
+            call = backend._native_call_begin("ThroughputBenchmark.benchmark")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                backend._native_call_end(call)
+
+        tb.ThroughputBenchmark.benchmark = present_as(benchmark, original)
+        self._undo.append(lambda: setattr(tb.ThroughputBenchmark, "benchmark", original))
+
+    def _native_call_begin(self, what: str) -> Any:
+        try:
+            s = self.session
+            origin = s.capture_origin("thread-start")
+            state = s.current()
+            with s.lock:  # drains: the caller's accesses so far come before the call's threads
+                call = _NativeCall(what, origin, state.tid, self.module.tick())
+                self._open_calls.append(call)
+            return call
+        except Exception as exc:
+            self.session.hook_failed("starting a native call's threads", exc, ordering=True)
+            return None
+
+    def _native_call_end(self, call: Any) -> None:
+        if call is None:
+            return
+        try:
+            s = self.session
+            with s.lock:  # drains: the call's threads were joined before it returned
+                self._open_calls.remove(call)
+                for state in call.threads:
+                    var = SyncVar()
+                    s.hb.release(state.tid, var)
+                    s.hb.acquire(call.tid, var)
+        except Exception as exc:
+            self.session.hook_failed("joining a native call's threads", exc, ordering=True)
+
     def stop(self) -> None:
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
         self._stopped = True
         self.module.pause()
         self.module.wake()
@@ -175,7 +229,7 @@ class NativeBackend:
             except Exception as exc:
                 s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
 
-    def _state(self, key: int) -> Any:
+    def _state(self, key: int, seq: int) -> Any:
         s = self.session
         if key > 0:
             return s.states.get(key)
@@ -183,9 +237,17 @@ class NativeBackend:
         if state is None:
             from ..session import ThreadState
 
-            tid = s.hb.new_timeline(None)
+            # A C++ thread started by a call raceguard wraps (the latest one open before this
+            # record) is ordered after that call's caller, else after nothing.
+            call = next((c for c in reversed(self._open_calls) if c.start < seq), None)
+            tid = s.hb.new_timeline(call.tid if call is not None else None)
             state = ThreadState(tid, None)
             state.last_name = f"native thread {-key}"
+            if call is not None:
+                call.threads.append(state)
+                state.start_origin = state.origin = call.origin
+                where = first_user_location(call.origin.site) if call.origin is not None else None
+                state.last_name += f" started by {call.what}" + (f" at {where}" if where else "")
             while len(s.timelines) <= tid:
                 s.timelines.append(None)
             s.timelines[tid] = state
@@ -198,15 +260,29 @@ class NativeBackend:
             plan = self._plans[pid] = self.module.plan(pid)
         return plan
 
+    def _script_site(self, site: tuple) -> tuple:
+        """A site with TorchScript frames (None, id) made of :class:`ScriptFrame` stand-ins."""
+        out = list(site)
+        for i in range(0, len(out), 2):
+            if out[i] is None:
+                frame = self._script_frames.get(out[i + 1])
+                if frame is None:
+                    frame = self._script_frames[out[i + 1]] = ScriptFrame(*self.module.script_frame(out[i + 1]))
+                out[i] = frame
+                out[i + 1] = 0
+        return tuple(out)
+
     def _apply(self, s: Any, rec: tuple) -> None:
         seq, key, pid, backward, site, accs, outs, param = rec
+        if site and site[0] is None:
+            site = self._script_site(site)
         name, metadata_only, fresh_input = self._plan(pid)
         prev = self._prev.get(key)
         first_cd = accs[0][1] if accs else (outs[0][1] if outs else 0)
         self._prev[key] = (name, first_cd)
         if name == "aten::detach_" and prev is not None and prev[0] in _LIFT_OPS and prev[1] == first_cd:
             return  # torch.tensor()'s own detach_ of the tensor it just made: no mode sees it
-        state = self._state(key)
+        state = self._state(key, seq)
         if state is None:
             self.unwatched_records += 1
             return
@@ -298,6 +374,34 @@ class NativeBackend:
         shadows[cd] = _shadow(meta, s.hb.record_creation(tid, info), st.nbytes())
         if len(shadows) > s._next_sweep:
             s._sweep()
+
+
+class _NativeCall:
+    """A call into C++ that starts threads (ThroughputBenchmark.benchmark), while it runs."""
+
+    __slots__ = ("what", "origin", "tid", "start", "threads")
+
+    def __init__(self, what: str, origin: Any, tid: int, start: int) -> None:
+        self.what = what
+        self.origin = origin
+        self.tid = tid
+        self.start = start  # the sequence number taken when it began
+        self.threads: list = []
+
+
+class ScriptFrame:
+    """A TorchScript frame where a site holds a code object: what stacks.render_site reads of
+    one (file, function, and the line of instruction offset 0)."""
+
+    __slots__ = ("co_filename", "co_firstlineno", "co_name", "__weakref__")
+
+    def __init__(self, filename: str, line: int, name: str) -> None:
+        self.co_filename = filename
+        self.co_firstlineno = line
+        self.co_name = name
+
+    def co_lines(self) -> list:
+        return [(0, 2, self.co_firstlineno)]
 
 
 _LIFT_OPS = frozenset({"aten::lift_fresh", "aten::lift"})

@@ -1,6 +1,7 @@
 """Build (once per torch, CPython and source version) and load the native recorder.
 
-The extension is compiled by ``torch.utils.cpp_extension`` in a separate process, the first
+The extension is compiled with torch's include paths (``torch.utils.cpp_extension``) by one
+``c++`` call in a separate, isolated Python process, the first
 time a checked process asks for it, into a cache directory whose name carries everything the
 binary depends on: torch's version and install, CPython's version and ABI flags, the platform,
 and a hash of the source. An upgraded torch therefore never loads a stale binary. Concurrent
@@ -113,24 +114,42 @@ def _load_library(path: str) -> Any:
     return module
 
 
+def _suffix() -> str:
+    return importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+# Run by a separate, isolated Python: torch's own include and library directories, the
+# interpreter's headers, and one g++ call (no ninja, no <torch/extension.h>).
+_COMPILE_SCRIPT = """
+import os, subprocess, sys, sysconfig
+import torch
+from torch.utils import cpp_extension as ce
+source, output = sys.argv[1], sys.argv[2]
+lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+cxx = os.environ.get("CXX") or "c++"
+abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+cmd = [cxx, "-O2", "-DNDEBUG", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+       "-w", *[f"-isystem{p}" for p in ce.include_paths()], f"-isystem{sysconfig.get_paths()['include']}",
+       source, "-o", output + ".part", f"-L{lib}", f"-Wl,-rpath,{lib}",
+       "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+subprocess.run(cmd, check=True)
+os.rename(output + ".part", output)
+"""
+
+
 def _compile(target: str) -> str | None:
     """Compile into ``target`` (a fresh directory) in a separate process; the failure, or None."""
     import subprocess
 
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         return "no C++ compiler found (install g++ to enable it)"
-    code = (
-        "import sys, torch.utils.cpp_extension as ce\n"
-        "ce.load(name=sys.argv[1], sources=[sys.argv[2]], build_directory=sys.argv[3],\n"
-        "        extra_cflags=['-O2', '-DNDEBUG', '-std=c++17'], verbose=False, is_python_module=False)\n"
-    )
+    code = _COMPILE_SCRIPT
     # -I and no PYTHONPATH/RACEGUARD_*: the compiler's Python must not become a checked worker
     # of the run that asked for the build (raceguard checks the target's Python children).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("RACEGUARD_")}
-    env.setdefault("MAX_JOBS", "1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-c", code, MODULE, SOURCE, target],
+            [sys.executable, "-I", "-c", code, SOURCE, os.path.join(target, MODULE + _suffix())],
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,

@@ -23,6 +23,7 @@
 #include <torch/csrc/Storage.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/runtime/interpreter.h>
 
 #include <Python.h>
 #define Py_BUILD_CORE 1
@@ -170,9 +171,16 @@ struct AccRec {
   int64_t strides[kMaxDims];
 };
 struct FrameRec {
-  PyCodeObject* code;  // pinned: one reference held for the life of the process
+  PyCodeObject* code;  // pinned: one reference held for the life of the process; null for a
+                       // TorchScript frame, whose (file, line, function) is script_frames[lasti]
   int32_t lasti;       // bytes, as frame.f_lasti
 };
+
+// TorchScript frames (ops on threads with no Python frames: ThroughputBenchmark's callers, the
+// inter-op pool of torch.jit.fork), interned as (file, line, function).
+std::mutex g_script_mu;
+std::unordered_map<std::string, int32_t> g_script_ids;                       // under g_script_mu
+std::vector<std::tuple<std::string, int64_t, std::string>> g_script_frames;  // under g_script_mu
 struct OpRec {
   uint64_t seq;
   Plan* plan;
@@ -302,6 +310,39 @@ inline uint32_t read_frames(ThreadBuf* b, bool may_take_gil) {
       ++n;
     }
     f = f->previous;
+  }
+  return n;
+}
+
+constexpr int kMaxScriptFrames = 16;
+
+inline uint32_t read_script_frames(ThreadBuf* b) {
+  std::vector<torch::jit::StackEntry> stack = torch::jit::currentCallstack();
+  uint32_t n = 0;
+  const uint64_t cap = b->frames.size();
+  for (auto it = stack.rbegin(); it != stack.rend() && n < kMaxScriptFrames; ++it) {
+    auto where = it->range.file_line_col();
+    if (!where) continue;
+    const std::string& file = std::get<0>(*where);
+    const int64_t line = static_cast<int64_t>(std::get<1>(*where));
+    std::string key = file + '\0' + std::to_string(line) + '\0' + it->filename;
+    int32_t id;
+    {
+      std::lock_guard<std::mutex> g(g_script_mu);
+      auto found = g_script_ids.find(key);
+      if (found == g_script_ids.end()) {
+        id = static_cast<int32_t>(g_script_frames.size());
+        g_script_frames.emplace_back(file, line, it->filename);
+        g_script_ids.emplace(std::move(key), id);
+      } else {
+        id = found->second;
+      }
+    }
+    if (b->frame_head + 1 - b->frame_tail.load(std::memory_order_acquire) > cap) break;
+    FrameRec& r = b->frames[b->frame_head++ % cap];
+    r.code = nullptr;
+    r.lasti = id;
+    ++n;
   }
   return n;
 }
@@ -464,6 +505,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     r.nacc = n;
   }
   r.nframes = read_frames(b, r.param == nullptr);
+  if (r.nframes == 0) r.nframes = read_script_frames(b);
   return nullptr;
 }
 
@@ -617,8 +659,9 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyObject* site = PyTuple_New(2 * r.nframes);
     for (uint32_t j = 0; j < r.nframes; ++j) {
       const FrameRec& f = b->frames[(r.frame_begin + j) % b->frames.size()];
-      Py_INCREF(reinterpret_cast<PyObject*>(f.code));
-      PyTuple_SET_ITEM(site, 2 * j, reinterpret_cast<PyObject*>(f.code));
+      PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;  // None: a script frame
+      Py_INCREF(code);
+      PyTuple_SET_ITEM(site, 2 * j, code);
       PyTuple_SET_ITEM(site, 2 * j + 1, PyLong_FromLong(f.lasti));
     }
     PyObject* accs = PyTuple_New(r.nacc);
@@ -707,6 +750,19 @@ PyObject* py_discard(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// script_frame(id) -> (file, line, function) of an interned TorchScript frame
+PyObject* py_script_frame(PyObject*, PyObject* arg) {
+  long id = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  std::lock_guard<std::mutex> g(g_script_mu);
+  if (id < 0 || id >= static_cast<long>(g_script_frames.size())) {
+    PyErr_SetString(PyExc_IndexError, "no such script frame");
+    return nullptr;
+  }
+  const auto& f = g_script_frames[id];
+  return Py_BuildValue("(sLs)", std::get<0>(f).c_str(), (long long)std::get<1>(f), std::get<2>(f).c_str());
+}
+
 // plan(id) -> (name, metadata_only, fresh_input)
 PyObject* py_plan(PyObject*, PyObject* arg) {
   long long id = PyLong_AsLongLong(arg);
@@ -757,6 +813,7 @@ PyMethodDef g_methods[] = {
      "install(metadata_only, fresh_input, undeclared, cap_ops, cap_accesses, cap_frames): start recording"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
+    {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},
     {"discard", py_discard, METH_NOARGS, "discard(): drop every published record"},
     {"plan", py_plan, METH_O, "plan(id) -> (name, metadata_only, fresh_input)"},
     {"wait", py_wait, METH_O, "wait(timeout) -> whether a producer asked for a drain"},

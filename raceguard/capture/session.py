@@ -22,6 +22,9 @@ from ..engine.hb import HappensBefore, Race, ShadowStorage, SyncVar
 from ..engine.lockgraph import HeldLock, LockGraph
 from ..engine.waitfor import Deadlock, ThreadJoin, WaitForGraph
 from ..report.finding import Access, Finding, Origin, compute_fingerprint
+# Imported now, not when first needed: the SIGTERM handler reports lock cycles, and an import
+# the signal interrupts (or one running in another thread) leaves the module half-initialised.
+from .lockreport import cycle_finding, deadlock_finding
 from .naming import Namer, OpInfo, OriginSite, Resource, StorageMeta, StorageRef, race_finding, shape_of
 from .stacks import current_site, op_site_function, render_site, site_of_traceback, user_key
 from .torch_ops import AccessMode, byte_ranges, numbers_as_tensors, output_tensors, plan_for, plans_by_id, run_op, tensor_args
@@ -350,8 +353,6 @@ class Session:
             return self.waitfor.all_blocked(live)
 
     def report_deadlock(self, deadlock: Deadlock) -> None:
-        from .lockreport import deadlock_finding
-
         with self.lock:
             if self._deadlock_reported:
                 return
@@ -367,8 +368,6 @@ class Session:
 
     def report_lock_cycles(self) -> None:
         """Emit every feasible lock-order cycle seen so far (once each)."""
-        from .lockreport import cycle_finding
-
         try:
             for cycle in self.lockgraph.cycles():
                 finding = cycle_finding(self, cycle)

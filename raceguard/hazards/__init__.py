@@ -19,7 +19,8 @@ module flags/attributes    write: ``Module.__setattr__``/``__delattr__`` (so    
 serialization              read of every tensor pickled (``torch.save``,          ``data-race`` on
                            ``pickle``: ``Tensor.__reduce_ex__``)                  the tensor
 shared global RNG          write: every aten op drawing from the default          ``shared-rng``
-                           generator, ``torch.manual_seed``/``seed``/             (warning)
+                           generator (not on the meta device, which draws        (warning)
+                           nothing), ``torch.manual_seed``/``seed``/
                            ``set_rng_state``; read: ``get_rng_state``
 thread-local modes         the submitter's grad/inference/autocast modes at       ``thread-local-
                            ``Thread.start()`` / ``executor.submit()`` against     mode`` (warning)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..capture.identity import present_as
-from ..capture.rng_ops import default_generator_name, rng_generator
+from ..capture.rng_ops import default_generator_name, device_of, rng_generator
 from . import _state
 from ._state import _orig
 from .locations import _loc, _record
@@ -19,6 +19,11 @@ from .reporting import _internal_error, _report_races
 _default_generator_name = default_generator_name
 
 
+# Devices whose kernels compute shapes only: an RNG op there draws from no generator (meta
+# tensors, e.g. a model planned under ``torch.device("meta")`` before it is materialised).
+_NON_DRAWING_DEVICES = frozenset({"meta"})
+
+
 # -- the global RNG ------------------------------------------------------------------------------
 def on_rng_op(s: Any, state: Any, func: Any, args: tuple, kwargs: dict) -> None:
     """An RNG op is about to run in the thread of ``state`` (call only when ``is_rng_op(func)``)."""
@@ -27,6 +32,9 @@ def on_rng_op(s: Any, state: Any, func: Any, args: tuple, kwargs: dict) -> None:
     try:
         which = rng_generator(func, args, kwargs)
         if which is None:
+            return
+        device = which[0][1] if which[1] is None else device_of(args, kwargs)
+        if device.partition(":")[0] in _NON_DRAWING_DEVICES:
             return
         key, gen = which
         label = _default_generator_name(key[1]) if gen is None else None

@@ -19,9 +19,34 @@ DEFAULT = "python"
 _status: tuple[str, str] = ("python", "no session chose a backend yet")
 
 
+_chosen = False
+
+
 def status() -> tuple[str, str]:
-    """(backend, reason) of this process's last choice: ("native" | "python", one line)."""
-    return _status
+    """(backend, reason): this process's choice once a session made one, else what a checked
+    run would get here (without building anything)."""
+    if _chosen:
+        return _status
+    if requested() == "python":
+        return ("python", _python_reason())
+    from .build import cached_library, supported
+
+    why = supported()
+    if why is not None:
+        return ("python", why)
+    path = cached_library()
+    if path is None:
+        return ("native", "not built yet: the first checked run builds it (about 20 s of CPU, once)")
+    return ("native", f"cached build {path}")
+
+
+def _python_reason() -> str:
+    raw = os.environ.get(ENV_VAR, "").strip().lower()
+    if raw == "python":
+        return f"{ENV_VAR}=python"
+    if raw and raw != "native":
+        return f"{ENV_VAR}={raw!r} is not 'python' or 'native'"
+    return f"the default (set {ENV_VAR}=native to use the native recorder)"
 
 
 def requested() -> str:
@@ -32,21 +57,32 @@ def requested() -> str:
 def choose(session: Any) -> tuple[str, str]:
     """Attach the native recorder to ``session`` (not yet activated) when it is requested and
     loads; otherwise leave the Python dispatch mode. Never raises."""
-    global _status
+    global _status, _chosen
     try:
         _status = _choose(session)
     except Exception as exc:  # the check goes on with the Python mode
         _status = ("python", f"the native recorder failed to start: {exc!r}")
+    _chosen = True
+    if requested() == "native":  # asked for: the report says which backend ran, and why
+        _announce(session, _status)
     return _status
 
 
+def _announce(session: Any, status: tuple[str, str]) -> None:
+    stats = session.stats
+    text = "native" if status[0] == "native" else f"python (native recorder unavailable: {status[1]})"
+
+    def stats_with_backend() -> dict:
+        out = stats()
+        out["capture_backend"] = text
+        return out
+
+    session.stats = stats_with_backend
+
+
 def _choose(session: Any) -> tuple[str, str]:
-    raw = os.environ.get(ENV_VAR, "").strip().lower()
-    if raw and raw not in ("python", "native"):
-        return ("python", f"{ENV_VAR}={raw!r} is not 'python' or 'native'")
     if requested() == "python":
-        why = f"{ENV_VAR}=python" if raw == "python" else f"the default (set {ENV_VAR}=native to use the native recorder)"
-        return ("python", why)
+        return ("python", _python_reason())
     if getattr(session, "sched", None) is not None:
         return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not")
     from .build import ensure

@@ -103,6 +103,14 @@ def _library(directory: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
+def cached_library() -> str | None:
+    """The built extension for this torch/CPython/source, if the cache has it (no build)."""
+    try:
+        return _library(build_dir())
+    except Exception:
+        return None
+
+
 def _load_library(path: str) -> Any:
     """Load the extension from ``path`` without registering it in ``sys.modules``."""
     import torch  # noqa: F401  (its shared libraries must be loaded first)

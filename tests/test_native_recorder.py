@@ -238,3 +238,50 @@ def test_no_compiler_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     result = build.ensure()
     assert result.module is None and result.reason.startswith("no C++ compiler")
+
+
+FAULTY_TARGET = '''
+import sys, threading
+import torch
+from raceguard.capture.native import backend
+
+def boom(*args, **kwargs):
+    raise RuntimeError("injected into the native drain")
+
+if len(sys.argv) > 1:  # under plain python nothing calls it
+    backend.NativeBackend._apply = boom
+x = torch.zeros(4)
+lock = threading.Lock()
+def work():
+    for _ in range(50):
+        with lock:
+            x.add_(1)
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("total", x.sum().item())
+raise SystemExit(3)
+'''
+
+
+def test_a_failing_drain_in_a_checked_program_changes_nothing_the_program_does(rec, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    target = tmp_path / "target.py"
+    target.write_text(FAULTY_TARGET)
+    plain = subprocess.run([sys.executable, str(target), "inject"], capture_output=True, text=True, timeout=120)
+    out = tmp_path / "report.json"
+    env = {**os.environ, "RACEGUARD_BACKEND": "native"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), str(target), "inject"],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    report = json.loads(out.read_text())
+    assert (plain.returncode, plain.stdout) == (3, "total 400.0\n")
+    assert proc.stdout == plain.stdout
+    assert report["target_exit_code"] == 3
+    assert report["stats"]["capture_backend"] == "native"
+    assert report["incomplete"]["internal_errors"] >= 1
+    assert not [f for f in report["findings"] if f["kind"] == "data-race" and not f.get("suppressed")]

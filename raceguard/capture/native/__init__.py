@@ -68,6 +68,16 @@ def choose(session: Any) -> tuple[str, str]:
     return _status
 
 
+def _cuda_available() -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_available())
+    except Exception:
+        return False
+
+
 def _announce(session: Any, status: tuple[str, str]) -> None:
     stats = session.stats
     text = "native" if status[0] == "native" else f"python (native recorder unavailable: {status[1]})"
@@ -85,6 +95,10 @@ def _choose(session: Any) -> tuple[str, str]:
         return ("python", _python_reason())
     if getattr(session, "sched", None) is not None:
         return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not")
+    if os.environ.get("RACEGUARD_SIMULATE_CUDA"):
+        return ("python", "--simulate-cuda rewrites devices in the Python mode's op hook")
+    if _cuda_available():
+        return ("python", "the CUDA stream tracker takes its ops from the Python mode")
     from .build import ensure
 
     result = ensure()

@@ -15,11 +15,12 @@ lock every step sends one per step.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Any, Callable
 
-# Pairs of accesses compared per storage before giving up on that storage (a report names the
-# races found until then, and says the check was cut short).
-MAX_PAIRS_PER_STORAGE = 2_000_000
+# Records of one racing range looked at for each access (see CrossProcessCheck.races): a pair
+# of lines that races only beyond it, with the same access, is not reported.
+SCAN_PER_RANGE = 256
 
 
 class _Record:
@@ -37,10 +38,6 @@ class _Record:
         self.resource = resource
 
 
-def _before(a: _Record, b: _Record) -> bool:
-    return b.clock.get(a.timeline, 0) >= a.epoch
-
-
 class CrossProcessCheck:
     """Collects what the processes stream (under the hub's lock) and finds the races between them."""
 
@@ -50,13 +47,16 @@ class CrossProcessCheck:
         self.resources: dict[tuple, dict] = {}
         self.by_storage: dict[str, list[_Record]] = {}
         self.pids: dict[int, int | None] = {}
-        self.truncated = False
+        # Connections whose process lost a synchronisation event to raceguard's own failure.
+        self.ordering_lost: set[int] = set()
 
     def add(self, conn: int, pid: int | None, event: dict) -> None:
         kind = event["type"]
         self.pids[conn] = pid
         if kind == "mp-clock":
             self.clocks[(conn, event["id"])] = event["clock"]
+            if event.get("lost"):
+                self.ordering_lost.add(conn)
         elif kind == "mp-site":
             self.sites[(conn, event["id"])] = event["access"]
         elif kind == "mp-resource":
@@ -72,30 +72,45 @@ class CrossProcessCheck:
             self.by_storage.setdefault(event["k"], []).append(record)
 
     def races(self) -> list[tuple[_Record, _Record]]:
-        """One (earlier-arrived, later-arrived) pair per pair of lines that race."""
+        """One pair of records per pair of lines that race.
+
+        Per storage, the records of each timeline arrive in program order, so their epochs and
+        their clocks never decrease. For a record ``b`` and another process's timeline ``T``, the
+        records of ``T`` that ``b`` has not seen (epoch above ``b``'s clock of ``T``) are a
+        suffix, and those that have not seen ``b`` (their clock of ``b``'s timeline below ``b``'s
+        epoch) a prefix: the racing ones are the range between, found by bisection. Within it,
+        at most :data:`SCAN_PER_RANGE` records are looked at for overlapping bytes and a write."""
         found: dict[tuple, tuple[_Record, _Record]] = {}
         for records in self.by_storage.values():
-            budget = MAX_PAIRS_PER_STORAGE
-            for j, b in enumerate(records):
-                for a in records[:j]:
-                    budget -= 1
-                    if budget < 0:
-                        self.truncated = True
-                        break
-                    if a.conn == b.conn or not (a.write or b.write) or a.hi <= b.lo or b.hi <= a.lo:
-                        continue
-                    if self.pids.get(a.conn) == self.pids.get(b.conn):
-                        continue  # one process (a fork's records before it reconnected): its own engine's
-                    key = tuple(sorted((_line_key(a), _line_key(b))))
-                    if key in found or _before(a, b) or _before(b, a):
-                        continue
-                    found[key] = (a, b)
-                if budget < 0:
-                    break
+            by_timeline: dict[str, list[_Record]] = {}
+            for r in records:
+                by_timeline.setdefault(r.timeline, []).append(r)
+            epochs = {t: [r.epoch for r in rs] for t, rs in by_timeline.items()}
+            seen_of: dict[tuple[str, str], list[int]] = {}  # (T, t): clock of t in T's records
+            pid_of = {t: self.pids.get(rs[0].conn) for t, rs in by_timeline.items()}
+            for t_b, rs_b in by_timeline.items():
+                for b in rs_b:
+                    for t_a, rs_a in by_timeline.items():
+                        if t_a == t_b or pid_of[t_a] == pid_of[t_b]:
+                            continue  # one process: its own engine checked it
+                        lo = bisect_right(epochs[t_a], b.clock.get(t_a, 0))
+                        seen = seen_of.get((t_a, t_b))
+                        if seen is None:
+                            seen = seen_of[(t_a, t_b)] = [r.clock.get(t_b, 0) for r in rs_a]
+                        hi = bisect_left(seen, b.epoch, lo)
+                        for a in rs_a[lo : min(hi, lo + SCAN_PER_RANGE)]:
+                            if not (a.write or b.write) or a.hi <= b.lo or b.hi <= a.lo:
+                                continue
+                            key = tuple(sorted((_line_key(a), _line_key(b))))
+                            if key not in found:
+                                found[key] = (a, b)
         return list(found.values())
 
-    def findings(self, build: Callable[[_Record, _Record], Any]) -> list:
-        return [build(a, b) for a, b in self.races()]
+    def findings(self, build: Callable[[_Record, _Record, bool], Any]) -> list:
+        """``build(a, b, unreliable)`` for each race; ``unreliable``: one of the two processes
+        lost a synchronisation event, so the order seen may be incomplete."""
+        lost = self.ordering_lost
+        return [build(a, b, a.conn in lost or b.conn in lost) for a, b in self.races()]
 
 
 def _line_key(r: _Record) -> tuple:

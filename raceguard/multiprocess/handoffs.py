@@ -33,7 +33,7 @@ import sys
 from typing import Any
 
 from ..capture import session as session_mod
-from ..capture.stacks import current_site, first_user_location
+from ..capture.stacks import current_site, first_user_location, own_frames_removed
 
 _orig: dict[str, Any] = {}
 
@@ -91,28 +91,55 @@ def _stamp(obj: Any, what: str) -> Any:
         return obj
 
 
+# Every wrapper that calls the original takes its own frame out of an exception's traceback
+# (own_frames_removed, then a bare raise, which adds no frame): what the target prints is what
+# it prints without raceguard.
 def _queue_put(self: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
-    return _orig["Queue.put"](self, _stamp(obj, "sending a clock through a queue"), *args, **kwargs)
+    obj = _stamp(obj, "sending a clock through a queue")
+    try:
+        return _orig["Queue.put"](self, obj, *args, **kwargs)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _simple_queue_put(self: Any, obj: Any) -> Any:
-    return _orig["SimpleQueue.put"](self, _stamp(obj, "sending a clock through a queue"))
+    obj = _stamp(obj, "sending a clock through a queue")
+    try:
+        return _orig["SimpleQueue.put"](self, obj)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _connection_send(self: Any, obj: Any) -> Any:
-    return _orig["Connection.send"](self, _stamp(obj, "sending a clock through a pipe"))
+    obj = _stamp(obj, "sending a clock through a pipe")
+    try:
+        return _orig["Connection.send"](self, obj)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _executor_submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-    return _orig["ProcessPoolExecutor.submit"](self, _stamp(fn, "sending a clock with a pool task"), *args, **kwargs)
+    fn = _stamp(fn, "sending a clock with a pool task")
+    try:
+        return _orig["ProcessPoolExecutor.submit"](self, fn, *args, **kwargs)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _feed(*args: Any, **kwargs: Any) -> Any:
     """A queue's feeder thread: it pickles what ``put`` handed over, on the sender's behalf."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with _disable_current_modes():
-        return _orig["Queue._feed"](*args, **kwargs)
+    try:
+        with _disable_current_modes():
+            return _orig["Queue._feed"](*args, **kwargs)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -126,6 +153,9 @@ def _process_start(self: Any) -> Any:
             s.hook_failed("sending a clock to a new process", exc, ordering=True)
     try:
         return _orig["BaseProcess.start"](self)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
     finally:
         self.__dict__.pop("_rg_start", None)
 
@@ -148,7 +178,11 @@ def _process_bootstrap(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _process_join(self: Any, timeout: Any = None) -> Any:
-    out = _orig["BaseProcess.join"](self, timeout)
+    try:
+        out = _orig["BaseProcess.join"](self, timeout)
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
     s, mp = _state()
     if mp is not None and self.exitcode is not None and mp.dir:
         try:
@@ -217,25 +251,41 @@ def _semlock_make_methods(self: Any) -> None:
     acquire, release = self._semlock.acquire, self._semlock.release
 
     def tracked_acquire(*args: Any, **kwargs: Any) -> Any:
-        got = acquire(*args, **kwargs)
+        try:
+            got = acquire(*args, **kwargs)
+        except BaseException as exc:
+            own_frames_removed(exc)
+            raise
         if got:
             _sem_acquired(path)
         return got
 
     def tracked_release() -> Any:
         _sem_releasing(path)
-        return release()
+        try:
+            return release()
+        except BaseException as exc:  # ValueError: released too many times, as the original
+            own_frames_removed(exc)
+            raise
 
     self.acquire = tracked_acquire
     self.release = tracked_release
 
 
 def _semlock_enter(self: Any) -> Any:
-    return self.acquire()
+    try:
+        return self.acquire()
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _semlock_exit(self: Any, *args: Any) -> Any:
-    return self.release()
+    try:
+        return self.release()
+    except BaseException as exc:
+        own_frames_removed(exc)
+        raise
 
 
 def _sem_releasing(path: str) -> None:

@@ -17,12 +17,31 @@ number), with the report's view of the access and the resource's name sent once 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 from ..capture.naming import Resource
 from ..capture.stacks import user_key
 from ..capture.torch_ops import byte_ranges
 from .clocks import ProcessClocks
+
+
+# Python frames above the op that tell its line apart, cheaply (the site's user frames need
+# symbolising, ten times the cost): frames of the dispatch itself are skipped.
+_STACK_KEY_DEPTH = 8
+_getframe = sys._getframe
+
+
+def _python_stack_key() -> tuple:
+    try:
+        f = _getframe(3)  # above this observer, on_op and the dispatch mode
+    except ValueError:
+        return ()
+    out = []
+    while f is not None and len(out) < _STACK_KEY_DEPTH:
+        out.append((f.f_code, f.f_lineno))
+        f = f.f_back
+    return tuple(out)
 
 
 def shared_identity(storage: Any) -> str | None:
@@ -70,7 +89,7 @@ class SharedAccesses:
         self.sent: set = set()
         self.sites: dict[tuple, int] = {}
         self.resources: dict[tuple, int] = {}
-        self.clock_ids: dict[int, tuple[list, int]] = {}  # tid -> (clock sent, its id)
+        self.clock_ids: dict[int, tuple[list, int, bool]] = {}  # tid -> (clock sent, its id, lost)
         self.next_id = 0
 
     def _id(self) -> int:
@@ -93,12 +112,15 @@ class SharedAccesses:
         else:
             ranges = byte_ranges(t)
         tid = rec.timeline
-        site = user_key(rec.info.site)
+        where = _python_stack_key()
+        site = None
         for lo, hi in ranges:
-            dedup = (key, lo, hi, rec.is_write, tid, rec.epoch, site)
+            dedup = (key, lo, hi, rec.is_write, tid, rec.epoch, where)
             if dedup in self.sent:
                 continue
             self.sent.add(dedup)
+            if site is None:
+                site = user_key(rec.info.site)  # symbolises the site: only for what is sent
             self.send(
                 {
                     "type": "mp-access",
@@ -117,11 +139,13 @@ class SharedAccesses:
     def _clock_id(self, tid: int) -> int:
         clock = self.session.hb.clock(tid)
         known = self.clock_ids.get(tid)
-        if known is not None and known[0] == clock:
+        if known is not None and known[0] == clock and not (self.session.ordering_lost and known[2] is False):
             return known[1]
         cid = self._id()
-        self.clock_ids[tid] = (list(clock), cid)
-        self.send({"type": "mp-clock", "id": cid, "clock": self.clocks.export(tid)})
+        self.clock_ids[tid] = (list(clock), cid, self.session.ordering_lost)
+        # "lost": a synchronisation event of this process was lost to raceguard's own failure,
+        # so races the supervisor finds with it are reported suppressed.
+        self.send({"type": "mp-clock", "id": cid, "clock": self.clocks.export(tid), "lost": self.session.ordering_lost})
         return cid
 
     def _site_id(self, rec: Any, site: tuple) -> int:
@@ -145,5 +169,10 @@ class SharedAccesses:
                 resource = self.session.namer.name_storage(st, lo, hi, sh.meta)
             except Exception:
                 resource = Resource(f"shared tensor {key}", "tensor", key)
-            self.send({"type": "mp-resource", "id": rid, "name": resource.name, "kind": resource.kind, "root": resource.root})
+            session = self.session
+            # raceguard.benign() in this process (before its first access to the storage).
+            benign = session._benign_reason(st) if session.benign_marks else None
+            self.send(
+                {"type": "mp-resource", "id": rid, "name": resource.name, "kind": resource.kind, "root": resource.root, "benign": benign}
+            )
         return rid

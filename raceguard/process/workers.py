@@ -280,6 +280,11 @@ class WorkerHub:
         return worker
 
 
+ORDERING_LOST_REASON = (
+    "unreliable: one of these processes lost a synchronisation event to raceguard's own internal "
+    "error, so the order seen across processes may be incomplete (see the report's 'incomplete')"
+)
+
 CROSS_PROCESS_HINT = (
     "these processes share the storage (shared memory) and nothing orders the two accesses: take one "
     "multiprocessing Lock (mp.Lock, created before the processes start) around every update and "
@@ -289,7 +294,7 @@ CROSS_PROCESS_HINT = (
 )
 
 
-def cross_process_finding(a: Any, b: Any) -> dict:
+def cross_process_finding(a: Any, b: Any, unreliable: bool = False) -> dict:
     """A ``data-race`` finding (as the event a process would stream) for two records of
     :class:`~raceguard.multiprocess.crosscheck.CrossProcessCheck`."""
     from ..report.finding import Access, compute_fingerprint
@@ -322,8 +327,16 @@ def cross_process_finding(a: Any, b: Any) -> dict:
             "fingerprint": fingerprint,
             "hint": CROSS_PROCESS_HINT,
             "details": {"why": why, "bytes": [max(a.lo, b.lo), min(a.hi, b.hi)], "across_processes": True},
+            **_suppressed(first, second, unreliable),
         },
     }
+
+
+def _suppressed(a: Any, b: Any, unreliable: bool) -> dict:
+    if unreliable:
+        return {"suppressed": ORDERING_LOST_REASON}
+    benign = a.resource.get("benign") or b.resource.get("benign")
+    return {"suppressed": f"raceguard.benign: {benign}"} if benign else {}
 
 
 def _processes_of(finding: Any) -> list[str]:

@@ -190,6 +190,10 @@ def test_the_program_sees_one_cuda_device_and_its_memory(tmp_path: Path) -> None
         "d = h.to('cuda', non_blocking=True)\n"
         "s = torch.cuda.default_stream()\n"
         "assert torch.cuda.current_stream() == s\n"
+        "before = torch.cuda.memory_allocated()\n"
+        "with torch.device('cuda'):\n"
+        "    w = torch.zeros(1024)\n"
+        "assert torch.cuda.memory_allocated() == before + 4096\n"
         "with torch.autocast('cuda'):\n"
         "    assert (d[None] @ d[:, None]).dtype == torch.float16\n"
         "print('ok', float(d.sum()))\n",

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils import _device as _default_device
 
 from . import sim
 from . import tracker as cuda_tracker
@@ -133,6 +134,12 @@ class CudaOnCpuMode(TorchFunctionMode):
                 self.simulation.note_fidelity(getter, sys._getframe(2))
             return None, kwargs
         target = None
+        default = _default_device.CURRENT_DEVICE
+        if default is not None and kwargs.get("device") is None and func in _CONSTRUCTORS and cuda_index(default) is not None:
+            # torch.set_default_device("cuda") / `with torch.device("cuda")`: torch's own mode,
+            # below this one, would add the device after this mode saw the call
+            kwargs = {**kwargs, "device": _CPU}
+            target = sim.CUDA
         if kwargs:
             device = kwargs.get("device")
             if device is not None and cuda_index(device) is not None:
@@ -149,6 +156,7 @@ class CudaOnCpuMode(TorchFunctionMode):
 
 
 _METHOD_WRAPPER = type(torch.Tensor.device.__get__)
+_CONSTRUCTORS = _default_device._device_constructors()
 _GETTERS = {
     _Tensor.device: "x.device reports cpu for simulated CUDA tensors",
     _Tensor.is_cuda: "x.is_cuda is False for simulated CUDA tensors",

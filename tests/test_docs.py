@@ -106,7 +106,7 @@ def test_the_link_check_catches_a_missing_file_and_a_missing_heading(tmp_path: P
 
 def test_docs_folder_has_the_reference_pages() -> None:
     names = {p.name for p in DOCS}
-    for name in ("user-guide.md", "cli.md", "report-format.md", "architecture.md", "performance.md", "cuda.md", "distributed.md"):
+    for name in ("user-guide.md", "cli.md", "report-format.md", "architecture.md", "performance.md", "cuda.md", "distributed.md", "native.md"):
         assert name in names
         assert f"docs/{name}" in README.read_text(encoding="utf-8"), f"README does not link docs/{name}"
 

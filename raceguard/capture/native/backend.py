@@ -16,6 +16,7 @@ when a buffer is half full, and the session's statistics (the heartbeat, the exi
 from __future__ import annotations
 
 import _thread
+import os
 import weakref
 from typing import Any
 
@@ -88,6 +89,9 @@ class DrainingLock:
     def _is_owned(self) -> bool:
         return self._lock._is_owned()
 
+    def _at_fork_reinit(self) -> None:
+        self._lock._at_fork_reinit()
+
 
 class NativeBackend:
     """Records ops in C++ for ``session`` and applies them to it."""
@@ -129,6 +133,16 @@ class NativeBackend:
         self._wrap_native_starters()
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
         _thread.start_new_thread(self._drain_loop, ())
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child keeps the session: it needs its own background drainer."""
+        if not self._stopped:
+            self._draining.clear()
+            try:
+                _thread.start_new_thread(self._drain_loop, ())
+            except Exception:
+                pass
 
     def _wrap_native_starters(self) -> None:
         """Calls that start C++ threads, wrapped so that those threads' timelines start from

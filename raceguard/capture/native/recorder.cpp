@@ -30,6 +30,8 @@
 #include <internal/pycore_frame.h>
 #undef Py_BUILD_CORE
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -530,6 +532,27 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   publish(b);
 }
 
+// ---- fork: a child must not inherit a mutex some other (vanished) thread held -------------
+std::mutex g_drain_mu;
+
+void before_fork() {
+  g_plan_mu.lock();
+  g_mu.lock();
+  g_script_mu.lock();
+}
+void after_fork_in_parent() {
+  g_script_mu.unlock();
+  g_mu.unlock();
+  g_plan_mu.unlock();
+}
+void after_fork_in_child() {
+  after_fork_in_parent();
+  // Held only with the GIL, which the forking thread has: no other thread was draining.
+  new (&g_drain_mu) std::mutex();
+  new (&g_wake_mu) std::mutex();
+  new (&g_wake) std::condition_variable();
+}
+
 // ---- Python interface ---------------------------------------------------------------------
 PyObject* py_tick(PyObject*, PyObject* const*, Py_ssize_t) {
   return PyLong_FromUnsignedLongLong(g_seq.fetch_add(1, std::memory_order_relaxed));
@@ -571,6 +594,7 @@ PyObject* py_install(PyObject*, PyObject* args) {
       cb.needsOutputs(true);
       g_handle = at::addGlobalCallback(cb);
       g_installed = true;
+      pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
     }
     g_enabled.store(true);
   } catch (const std::exception& e) {
@@ -616,8 +640,6 @@ PyObject* access_tuple(const AccRec& a) {
                        (int)a.flags, dtype, new_tuple_of(a.sizes, a.ndim), (long long)a.offset, (int)a.itemsize,
                        (long long)a.numel, new_tuple_of(a.strides, a.ndim), tensor);
 }
-
-std::mutex g_drain_mu;
 
 // drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param)]
 // for every published record with seq < limit_seq (all when 0), sorted by seq. Needs the GIL.

@@ -196,6 +196,10 @@ def test_the_program_sees_one_cuda_device_and_its_memory(tmp_path: Path) -> None
         "assert torch.cuda.memory_allocated() == before + 4096\n"
         "with torch.autocast('cuda'):\n"
         "    assert (d[None] @ d[:, None]).dtype == torch.float16\n"
+        "from torch.utils.data import DataLoader\n"
+        "assert torch.accelerator.current_accelerator().type == 'cuda'\n"
+        "for batch in DataLoader(torch.ones(4, 2), batch_size=2, pin_memory=True):\n"
+        "    assert batch.is_pinned()\n"
         "print('ok', float(d.sum()))\n",
     )
     proc, report = simulate(path, tmp_path)

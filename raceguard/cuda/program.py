@@ -374,6 +374,30 @@ _CUDA_FUNCTIONS: dict[str, Any] = {
 _NCCL = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter")
 
 
+def _current_accelerator(check_available: bool = False) -> torch.device:
+    return torch.device("cuda")
+
+
+# torch.accelerator, the device-generic API (DataLoader's pin_memory asks it): the same answers.
+_ACCELERATOR_FUNCTIONS: dict[str, Any] = {
+    "is_available": _is_available,
+    "current_accelerator": _current_accelerator,
+    "device_count": _device_count,
+    "current_device_index": _current_device,
+    "current_device_idx": _current_device,
+    "set_device_index": _set_device,
+    "set_device_idx": _set_device,
+    "synchronize": _synchronize,
+    "current_stream": sim.current_stream,
+    "empty_cache": _empty_cache,
+    "memory_allocated": _memory_allocated,
+    "max_memory_allocated": _max_memory_allocated,
+    "memory_reserved": _memory_reserved,
+    "max_memory_reserved": _memory_reserved,
+    "reset_peak_memory_stats": _reset_peak_memory_stats,
+}
+
+
 class _Replaced:
     """Module and class attributes replaced by the simulation, put back exactly (an attribute
     someone replaced again since is left alone)."""
@@ -410,6 +434,11 @@ def _patch_torch_cuda(replaced: _Replaced) -> None:
             replaced.replace(module, "_lazy_init", _lazy_init)
     for name in _NCCL:
         replaced.replace(nccl, name, _not_simulated(f"torch.cuda.nccl.{name}"))
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        for name, value in _ACCELERATOR_FUNCTIONS.items():
+            if hasattr(accelerator, name):
+                replaced.replace(accelerator, name, value)
     original_init = autocast_mode.autocast.__init__
 
     def autocast_init(self: Any, device_type: str, dtype: Any = None, *args: Any, **kwargs: Any) -> None:

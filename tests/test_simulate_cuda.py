@@ -361,3 +361,12 @@ def test_a_failure_of_the_simulation_is_contained_and_reported() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=PLAIN_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "6.0\nraceguard failed while simulating a CUDA call: RuntimeError('injected')\n"
+
+
+def test_a_merged_report_says_a_shard_was_simulated() -> None:
+    from raceguard.process.stress import merge_reports
+    from raceguard.report.document import Report
+
+    shards = [Report("stress", ["t.py"], [], 0, stats={"simulated_cuda": True}), Report("stress", ["t.py"], [], 0)]
+    assert merge_reports(shards).simulated_cuda()
+    assert not merge_reports(shards[1:]).simulated_cuda()

@@ -879,6 +879,8 @@ def merge_reports(reports: Iterable[Report]) -> Report:
             stats[extra] = sum(int(r.stats.get(extra) or 0) for r in reports)
     if any("time_budget_spent" in r.stats for r in reports):
         stats["time_budget_spent"] = any(bool(r.stats.get("time_budget_spent")) for r in reports)
+    if any(r.simulated_cuda() for r in reports):  # a shard ran under --simulate-cuda
+        stats["simulated_cuda"] = True
     for same in ("seed", "strategy", "depth", "pct_steps", "max_time_seconds"):
         values = {repr(r.stats.get(same)) for r in reports}
         if len(values) == 1 and reports[0].stats.get(same) is not None:

@@ -53,7 +53,12 @@ def test_race_across_processes_names_both_lines_and_both_processes(tmp_path, nam
     resource = _expected(fixture).removeprefix("data-race ").strip()
     proc, report = _check(tmp_path, fixture)
     assert proc.returncode == 1, proc.stderr
-    races = [f for f in report["findings"] if f["kind"] == "data-race" and f["resource"] == resource]
+    # Named after the first resource the two lines race on, the others listed in also_on.
+    races = [
+        f
+        for f in report["findings"]
+        if f["kind"] == "data-race" and resource in [f["resource"], *f["details"].get("also_on", [])]
+    ]
     assert races, [f["resource"] for f in report["findings"]]
     wanted = _markers(fixture)
 
@@ -106,8 +111,15 @@ def test_failing_cross_process_hooks_leave_the_target_unchanged(tmp_path):
 def _record(conn, timeline, epoch, clock, write, line, lo=0, hi=16):
     from raceguard.multiprocess.crosscheck import _Record
 
-    site = {"thread": "MainThread", "mode": "write" if write else "read", "stack": [{"file": "t.py", "line": line, "function": "f"}]}
-    event = {"lo": lo, "hi": hi, "w": write, "t": timeline, "e": epoch}
+    site = {
+        "thread": "MainThread",
+        "timeline": "thread:MainThread",
+        "mode": "write" if write else "read",
+        "op": "aten::add_",
+        "locks_held": [],
+        "stack": [{"file": "t.py", "line": line, "function": "f"}],
+    }
+    event = {"lo": lo, "hi": hi, "w": write, "t": timeline, "e": epoch, "c": epoch}
     return _Record(conn, event, clock, site, {"name": "w", "kind": "tensor", "root": "w"})
 
 
@@ -143,4 +155,4 @@ def test_cross_check_finds_the_racing_range_among_ordered_records():
     writes = [_record(1, "101:0", e, {"101:0": e, "102:0": 7 if e >= 5 else 0}, True, 10 + e) for e in range(1, 6)]
     read = _record(2, "102:0", 7, {"101:0": 3, "102:0": 7}, False, 30)
     races = _races(*writes, read)
-    assert [(a.epoch, b.epoch) for a, b in races] in ([(7, 4)], [(4, 7)]), [(a.epoch, b.epoch) for a, b in races]
+    assert [(a.epoch, b.epoch) for a, b, _ in races] in ([(7, 4)], [(4, 7)]), [(a.epoch, b.epoch) for a, b, _ in races]

@@ -8,9 +8,11 @@ overlapping bytes, one a write, race unless one happens before the other: ``a`` 
 nothing about the order in the program (each process streams on its own connection), so both
 directions are checked, and the check runs once every process has finished streaming.
 
-Accesses of one timeline in one epoch to the same bytes from the same line are sent once, so a
-Hogwild loop without synchronisation sends a handful of records per line, and a loop that takes a
-lock every step sends one per step.
+A process sends, per timeline, bytes, mode and Python stack, one access for each state of what
+the timeline knows of other processes, with the latest epoch it was made in (a later epoch is
+seen by fewer processes, so it races whenever an earlier one does): a Hogwild loop without
+synchronisation sends a handful of records per line, and a loop that takes an ``mp.Lock`` every
+step one per step.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import Any, Callable
 
+from ..report.finding import Access
+
 # Records of one racing range looked at for each access (see CrossProcessCheck.races): a pair
 # of lines that races only beyond it, with the same access, is not reported.
 SCAN_PER_RANGE = 256
 
 
 class _Record:
-    __slots__ = ("conn", "lo", "hi", "write", "timeline", "epoch", "clock", "site", "resource")
+    __slots__ = ("conn", "lo", "hi", "write", "timeline", "epoch", "order", "clock", "site", "resource")
 
     def __init__(self, conn: int, event: dict, clock: dict, site: dict, resource: dict) -> None:
         self.conn = conn
@@ -33,6 +37,7 @@ class _Record:
         self.write = bool(event["w"])
         self.timeline = event["t"]
         self.epoch = int(event["e"])
+        self.order = int(event.get("c", 0))  # the clock's number: grows with what it knows
         self.clock = clock
         self.site = site
         self.resource = resource
@@ -71,20 +76,25 @@ class CrossProcessCheck:
             )
             self.by_storage.setdefault(event["k"], []).append(record)
 
-    def races(self) -> list[tuple[_Record, _Record]]:
-        """One pair of records per pair of lines that race.
+    def races(self) -> list[tuple[_Record, _Record, list[str]]]:
+        """One pair of records per pair of lines that race on one owner (a model, an optimizer,
+        an allocation site), on the resource whose accesses arrived first, with the other
+        resources the same lines race on (the fingerprint is the owner's, not the resource's).
 
-        Per storage, the records of each timeline arrive in program order, so their epochs and
-        their clocks never decrease. For a record ``b`` and another process's timeline ``T``, the
+        Per storage, the records of each timeline sorted by epoch (then by their clock's number,
+        which grows with what the timeline knows) are in program order: their epochs and their
+        clocks never decrease. For a record ``b`` and another process's timeline ``T``, the
         records of ``T`` that ``b`` has not seen (epoch above ``b``'s clock of ``T``) are a
         suffix, and those that have not seen ``b`` (their clock of ``b``'s timeline below ``b``'s
         epoch) a prefix: the racing ones are the range between, found by bisection. Within it,
         at most :data:`SCAN_PER_RANGE` records are looked at for overlapping bytes and a write."""
-        found: dict[tuple, tuple[_Record, _Record]] = {}
+        found: dict[tuple, dict[str, tuple[_Record, _Record]]] = {}
         for records in self.by_storage.values():
             by_timeline: dict[str, list[_Record]] = {}
             for r in records:
                 by_timeline.setdefault(r.timeline, []).append(r)
+            for rs in by_timeline.values():
+                rs.sort(key=_program_order)
             epochs = {t: [r.epoch for r in rs] for t, rs in by_timeline.items()}
             seen_of: dict[tuple[str, str], list[int]] = {}  # (T, t): clock of t in T's records
             pid_of = {t: self.pids.get(rs[0].conn) for t, rs in by_timeline.items()}
@@ -101,18 +111,33 @@ class CrossProcessCheck:
                         for a in rs_a[lo : min(hi, lo + SCAN_PER_RANGE)]:
                             if not (a.write or b.write) or a.hi <= b.lo or b.hi <= a.lo:
                                 continue
-                            key = tuple(sorted((_line_key(a), _line_key(b))))
-                            if key not in found:
-                                found[key] = (a, b)
-        return list(found.values())
+                            key = (b.resource["root"], tuple(sorted((_line_key(a), _line_key(b)))))
+                            on = found.setdefault(key, {})
+                            if b.resource["name"] not in on:
+                                on[b.resource["name"]] = (a, b)
+        out = []
+        for on in found.values():
+            names = list(on)  # the storage whose accesses reached the supervisor first
+            a, b = on[names[0]]
+            out.append((a, b, names[1:]))
+        return out
 
-    def findings(self, build: Callable[[_Record, _Record, bool], Any]) -> list:
-        """``build(a, b, unreliable)`` for each race; ``unreliable``: one of the two processes
-        lost a synchronisation event, so the order seen may be incomplete."""
+    def findings(self, build: Callable[[_Record, _Record, bool, list[str]], Any]) -> list:
+        """``build(a, b, unreliable, also_on)`` for each race; ``unreliable``: one of the two
+        processes lost a synchronisation event, so the order seen may be incomplete."""
         lost = self.ordering_lost
-        return [build(a, b, a.conn in lost or b.conn in lost) for a, b in self.races()]
+        return [build(a, b, a.conn in lost or b.conn in lost, also) for a, b, also in self.races()]
+
+
+def _program_order(r: _Record) -> tuple:
+    return (r.epoch, r.order)
 
 
 def _line_key(r: _Record) -> tuple:
-    frames = [f for f in r.site.get("stack", []) if f.get("user", True)] or r.site.get("stack", [])[:1]
-    return (r.write, tuple((f["file"], f["line"]) for f in frames))
+    """The access's mode and user frames: what its fingerprint is made of."""
+    key = r.site.get("_line_key")
+    if key is None:
+        stack = Access.from_dict(r.site).stack
+        frames = [f for f in stack if f.user] or stack[:1]
+        key = r.site["_line_key"] = (r.write, tuple((f.file, f.function, f.line) for f in frames))
+    return key

@@ -32,6 +32,10 @@ _STACK_KEY_DEPTH = 8
 _getframe = sys._getframe
 
 
+# Accesses held back before they are sent (see SharedAccesses.__call__).
+PENDING_LIMIT = 512
+
+
 def _python_stack_key() -> tuple:
     try:
         f = _getframe(3)  # above this observer, on_op and the dispatch mode
@@ -86,11 +90,17 @@ class SharedAccesses:
     def reset(self) -> None:
         """A new process (a fork): nothing sent yet on its connection."""
         self.keys: dict[int, str | None] = {}  # storage _cdata -> identity (None: not modelled)
-        self.sent: set = set()
+        self.pending: dict[tuple, dict] = {}  # accesses held back, see __call__
         self.sites: dict[tuple, int] = {}
         self.resources: dict[tuple, int] = {}
-        self.clock_ids: dict[int, tuple[list, int, bool]] = {}  # tid -> (clock sent, its id, lost)
+        # tid -> (its clock, what it knows of other processes, that knowledge's id, ordering lost)
+        self.clock_ids: dict[int, tuple[list, dict, int, bool]] = {}
         self.next_id = 0
+
+    def _send(self, event: dict) -> None:
+        # A worker's records share its connection with its findings: one line at a time.
+        with self.session._emit_lock:
+            self.send(event)
 
     def _id(self) -> int:
         self.next_id += 1
@@ -112,40 +122,59 @@ class SharedAccesses:
         else:
             ranges = byte_ranges(t)
         tid = rec.timeline
+        cid = self._clock_id(tid)
         where = _python_stack_key()
-        site = None
+        pending = self.pending
         for lo, hi in ranges:
-            dedup = (key, lo, hi, rec.is_write, tid, rec.epoch, where)
-            if dedup in self.sent:
+            # Accesses of one timeline that differ only in their epoch, while what the timeline
+            # knows of other processes stays the same (``cid``), race with the same accesses of
+            # other processes, except that a later epoch is seen by fewer of them: keeping the
+            # latest epoch keeps every race (see crosscheck).
+            dedup = (key, lo, hi, rec.is_write, tid, where, cid)
+            event = pending.get(dedup)
+            if event is not None:
+                event["e"] = rec.epoch
                 continue
-            self.sent.add(dedup)
-            if site is None:
-                site = user_key(rec.info.site)  # symbolises the site: only for what is sent
-            self.send(
-                {
-                    "type": "mp-access",
-                    "k": key,
-                    "lo": lo,
-                    "hi": hi,
-                    "w": rec.is_write,
-                    "t": self.clocks.global_name(tid),
-                    "e": rec.epoch,
-                    "c": self._clock_id(tid),
-                    "s": self._site_id(rec, site),
-                    "r": self._resource_id(st, key, lo, hi, sh),
-                }
-            )
+            pending[dedup] = {
+                "type": "mp-access",
+                "k": key,
+                "lo": lo,
+                "hi": hi,
+                "w": rec.is_write,
+                "t": self.clocks.global_name(tid),
+                "e": rec.epoch,
+                "c": cid,
+                "s": self._site_id(rec, user_key(rec.info.site)),
+                "r": self._resource_id(st, key, lo, hi, sh),
+            }
+            if len(pending) >= PENDING_LIMIT:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send the accesses held back (under the session lock): at process end, from a fork's
+        heartbeat, and whenever :data:`PENDING_LIMIT` of them are waiting."""
+        pending, self.pending = self.pending, {}
+        for event in pending.values():
+            self._send(event)
 
     def _clock_id(self, tid: int) -> int:
+        """The number of what timeline ``tid`` knows of other processes; a new number (and an
+        ``mp-clock`` message) only when that changes, not at each local epoch."""
         clock = self.session.hb.clock(tid)
         known = self.clock_ids.get(tid)
-        if known is not None and known[0] == clock and not (self.session.ordering_lost and known[2] is False):
-            return known[1]
-        cid = self._id()
-        self.clock_ids[tid] = (list(clock), cid, self.session.ordering_lost)
-        # "lost": a synchronisation event of this process was lost to raceguard's own failure,
-        # so races the supervisor finds with it are reported suppressed.
-        self.send({"type": "mp-clock", "id": cid, "clock": self.clocks.export(tid), "lost": self.session.ordering_lost})
+        lost = self.session.ordering_lost
+        if known is not None and known[0] == clock and known[3] == lost:
+            return known[2]
+        name_of = self.clocks.name_of
+        foreign = {name: clock[i] for i, name in name_of.items() if i < len(clock) and clock[i]}
+        if known is not None and known[1] == foreign and known[3] == lost:
+            cid = known[2]
+        else:
+            cid = self._id()
+            # "lost": a synchronisation event of this process was lost to raceguard's own failure,
+            # so races the supervisor finds with it are reported suppressed.
+            self._send({"type": "mp-clock", "id": cid, "clock": foreign, "lost": lost})
+        self.clock_ids[tid] = (list(clock), foreign, cid, lost)
         return cid
 
     def _site_id(self, rec: Any, site: tuple) -> int:
@@ -158,7 +187,7 @@ class SharedAccesses:
             access.process = self.label()
             if self.started_at:
                 access.details["process_started_at"] = self.started_at
-            self.send({"type": "mp-site", "id": sid, "access": access.to_dict()})
+            self._send({"type": "mp-site", "id": sid, "access": access.to_dict()})
         return sid
 
     def _resource_id(self, st: Any, key: str, lo: int, hi: int, sh: Any) -> int:
@@ -172,7 +201,7 @@ class SharedAccesses:
             session = self.session
             # raceguard.benign() in this process (before its first access to the storage).
             benign = session._benign_reason(st) if session.benign_marks else None
-            self.send(
+            self._send(
                 {"type": "mp-resource", "id": rid, "name": resource.name, "kind": resource.kind, "root": resource.root, "benign": benign}
             )
         return rid

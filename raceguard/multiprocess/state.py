@@ -23,15 +23,25 @@ class Multiprocess:
         clock for ``join()``, and the statistics for the report."""
         try:
             with session.lock:
+                self.shared.flush()
                 clock = self.clocks.export(session.current().tid)
             if self.dir:
                 path = os.path.join(self.dir, f"exit-{os.getpid()}.json")
                 with open(path + ".tmp", "w") as f:
                     json.dump(clock, f)
                 os.replace(path + ".tmp", path)
-            self.shared.send({"type": "stats", "stats": session.stats()})
+            self.shared._send({"type": "stats", "stats": session.stats()})
         except Exception as exc:
             session.hook_failed("ending a multiprocessing child", exc)
+
+    def flush(self) -> None:
+        """Send the shared-storage accesses held back (the process ends, or a heartbeat)."""
+        session = self.session
+        try:
+            with session.lock:
+                self.shared.flush()
+        except Exception as exc:
+            session.hook_failed("sending accesses to shared storages", exc)
 
     def after_fork_in_parent(self) -> None:
         """What the forking thread does next is not what the child inherited."""

@@ -14,6 +14,7 @@ Without the supervisor's socket (``--no-children``) forks stop reporting, as bef
 from __future__ import annotations
 
 import _thread
+import atexit
 import json
 import os
 import socket
@@ -55,6 +56,7 @@ def _stats_heartbeat(session: Any, sink: Any) -> None:
     while not sink.broken:
         time.sleep(0.5)
         try:
+            session.multiprocess.flush()  # a fork may end with os._exit at any time
             sink({"type": "stats", "stats": session.stats()})
         except Exception as exc:
             session.hook_failed("the heartbeat of a forked process", exc)
@@ -90,6 +92,8 @@ def follow(session: Any, sink: Any, path: str | None, *, own_process: bool, labe
         session.shared_access = None
         return
     session.detach_on_fork = False
+    # Registered after the worker's own end-of-session handler, so it runs before it.
+    atexit.register(mp.flush)
 
     def in_parent() -> None:
         try:

@@ -294,13 +294,13 @@ CROSS_PROCESS_HINT = (
 )
 
 
-def cross_process_finding(a: Any, b: Any, unreliable: bool = False) -> dict:
+def cross_process_finding(a: Any, b: Any, unreliable: bool = False, also_on: list | None = None) -> dict:
     """A ``data-race`` finding (as the event a process would stream) for two records of
     :class:`~raceguard.multiprocess.crosscheck.CrossProcessCheck`."""
     from ..report.finding import Access, compute_fingerprint
 
     first, second = (a, b) if a.write else (b, a)
-    accesses = [dict(first.site), dict(second.site)]
+    accesses = [{k: v for k, v in x.site.items() if k != "_line_key"} for x in (first, second)]
     resource = first.resource
 
     def who(access: dict) -> str:
@@ -326,7 +326,12 @@ def cross_process_finding(a: Any, b: Any, unreliable: bool = False) -> dict:
             "accesses": accesses,
             "fingerprint": fingerprint,
             "hint": CROSS_PROCESS_HINT,
-            "details": {"why": why, "bytes": [max(a.lo, b.lo), min(a.hi, b.hi)], "across_processes": True},
+            "details": {
+                "why": why,
+                "bytes": [max(a.lo, b.lo), min(a.hi, b.hi)],
+                "across_processes": True,
+                **({"also_on": also_on} if also_on else {}),
+            },
             **_suppressed(first, second, unreliable),
         },
     }

@@ -200,6 +200,10 @@ def test_the_program_sees_one_cuda_device_and_its_memory(tmp_path: Path) -> None
         "assert torch.accelerator.current_accelerator().type == 'cuda'\n"
         "for batch in DataLoader(torch.ones(4, 2), batch_size=2, pin_memory=True):\n"
         "    assert batch.is_pinned()\n"
+        "layer = torch.nn.Linear(2, 2).cuda()\n"
+        "opt = torch.optim.AdamW(layer.parameters())\n"
+        "layer(d[:2][None]).sum().backward()\n"
+        "opt.step()  # asks torch.accelerator's current stream whether it is capturing a graph\n"
         "print('ok', float(d.sum()))\n",
     )
     proc, report = simulate(path, tmp_path)

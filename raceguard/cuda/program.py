@@ -320,6 +320,10 @@ def _is_bf16_supported(including_emulation: bool = True) -> bool:
     return True
 
 
+def _is_current_stream_capturing() -> bool:
+    return False  # CUDA graphs are refused (SimulationLimit): nothing is ever captured
+
+
 def _sleep(cycles: int) -> None:
     """A busy kernel on a GPU: on the simulated device, whose kernels run at their launch, nothing."""
 
@@ -365,6 +369,7 @@ _CUDA_FUNCTIONS: dict[str, Any] = {
     "reset_peak_memory_stats": _reset_peak_memory_stats,
     "get_device_name": _get_device_name,
     "is_bf16_supported": _is_bf16_supported,
+    "is_current_stream_capturing": _is_current_stream_capturing,
     "_sleep": _sleep,
     "_lazy_init": _lazy_init,
     "CUDAGraph": _not_simulated("torch.cuda.CUDAGraph"),

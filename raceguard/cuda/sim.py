@@ -78,6 +78,9 @@ class Stream:
     def query(self) -> bool:
         return True  # the CPU ran every "kernel" at its launch
 
+    def is_capturing(self) -> bool:
+        return False  # no CUDA graphs on the simulated device
+
     def __enter__(self) -> "Stream":
         # ``with torch.cuda.Stream():`` is ``with torch.cuda.stream(s):`` in torch
         entered = stream(self)

@@ -233,7 +233,7 @@ def test_a_device_read_is_noted_once_with_its_line(tmp_path: Path) -> None:
     [
         ("torch.ones(2, device='cuda:1')", "raceguard --simulate-cuda: cuda:1 is not simulated (there is one device, cuda:0)"),
         ("torch.cuda.get_device_properties(0)", "raceguard --simulate-cuda: torch.cuda.get_device_properties() needs a real GPU and is not simulated"),
-        ("torch.cuda.CUDAGraph()", "raceguard --simulate-cuda: torch.cuda.CUDAGraph needs a real GPU and is not simulated"),
+        ("graph: torch.cuda.CUDAGraph | None = None  # libraries annotate with it\ntorch.cuda.CUDAGraph()", "raceguard --simulate-cuda: torch.cuda.CUDAGraph needs a real GPU and is not simulated"),
     ],
 )
 def test_a_call_the_simulation_cannot_answer_ends_the_target_with_one_line(code: str, message: str, tmp_path: Path) -> None:

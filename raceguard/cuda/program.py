@@ -349,6 +349,15 @@ def _not_simulated(name: str) -> Callable[..., Any]:
     return refuse
 
 
+def _not_simulated_class(name: str) -> type:
+    """A class that cannot be made: libraries name these in annotations (``CUDAGraph | None``)."""
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise _limit(f"{name} needs a real GPU and is not simulated")
+
+    return type(name.rsplit(".", 1)[-1], (), {"__init__": refuse, "__module__": "torch.cuda"})
+
+
 _CUDA_FUNCTIONS: dict[str, Any] = {
     "is_available": _is_available,
     "device_count": _device_count,
@@ -372,8 +381,8 @@ _CUDA_FUNCTIONS: dict[str, Any] = {
     "is_current_stream_capturing": _is_current_stream_capturing,
     "_sleep": _sleep,
     "_lazy_init": _lazy_init,
-    "CUDAGraph": _not_simulated("torch.cuda.CUDAGraph"),
-    "graph": _not_simulated("torch.cuda.graph"),
+    "CUDAGraph": _not_simulated_class("torch.cuda.CUDAGraph"),
+    "graph": _not_simulated_class("torch.cuda.graph"),
     "make_graphed_callables": _not_simulated("torch.cuda.make_graphed_callables"),
 }
 _NCCL = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter")

@@ -27,6 +27,35 @@ _patched: list[tuple[Any, Callable]] = []  # (module, original) for each patched
 _broken = False  # the bookkeeping failed once: gradients are never read again (conservative)
 # Where the bookkeeping's own failures are counted (the session's hook_failed), set by install().
 _report_failure: Callable[[str, BaseException], None] | None = None
+# Called when a backward pass is about to start or has just ended with no thread inside the
+# engine: the moments naming may read every ``.grad`` and note it (see set_safe_point), so that
+# a gradient raced on later, while some thread is inside, has the name it would have had anyway.
+_safe_point: Callable[[], Any] | None = None
+
+
+def set_safe_point(observer: Callable[[], Any] | None) -> None:
+    """``observer()`` runs on the thread entering or leaving backward, with no thread inside
+    the engine; it stops early once :func:`others_inside` says a backward started meanwhile."""
+    global _safe_point
+    _safe_point = observer
+
+
+def others_inside() -> bool:
+    """Whether a thread other than the caller is inside the engine (reading .grad is unsafe)."""
+    me = _thread.get_ident()
+    return any(ident != me for ident in list(_inside))
+
+
+def _at_safe_point() -> None:
+    observer = _safe_point
+    if observer is None or _inside or _broken:
+        return
+    try:
+        observer()
+    except Exception as exc:  # naming only: gradients are still read when safe
+        report = _report_failure
+        if report is not None:
+            report("noting gradients between backward passes", exc)
 
 
 def _failed(what: str, exc: BaseException) -> None:
@@ -40,6 +69,7 @@ def _failed(what: str, exc: BaseException) -> None:
 def _bracket(original: Callable) -> Callable:
     def _engine_run_backward(*args: Any, **kwargs: Any) -> Any:
         me = _thread.get_ident()
+        _at_safe_point()
         try:
             _inside[me] = _inside.get(me, 0) + 1  # only this thread writes its own key
         except Exception as exc:  # raceguard's own failure: never raised into the target
@@ -55,6 +85,7 @@ def _bracket(original: Callable) -> Callable:
                     _inside.pop(me, None)
             except Exception as exc:
                 _failed("noting the end of a backward pass", exc)
+            _at_safe_point()
 
     _engine_run_backward.__wrapped__ = original  # type: ignore[attr-defined]
     return present_as(_engine_run_backward, original)
@@ -86,8 +117,9 @@ def install(report_failure: Callable[[str, BaseException], None] | None = None) 
 
 
 def uninstall() -> None:
-    global _broken, _report_failure
+    global _broken, _report_failure, _safe_point
     _report_failure = None
+    _safe_point = None
     while _patched:
         module, original = _patched.pop()
         module._engine_run_backward = original

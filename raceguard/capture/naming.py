@@ -9,6 +9,7 @@ class). Grads and optimizer state come and go, so nothing is cached between repo
 from __future__ import annotations
 
 import sys
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ _NOTED_GRAD = "grad (noted)"
 # argument (accumulated in place).
 _GRAD_RESULT_OPS = frozenset({"aten::detach", "aten::clone", "aten::add", "aten::_to_copy"})
 _GRAD_INPLACE_OPS = frozenset({"aten::add_"})
+
+_PLAIN_PARAMETERS = (torch.nn.Parameter, torch.Tensor)
 
 KIND_RANK = {"parameter": 0, "buffer": 1, "grad": 2, "optimizer-state": 3, _NOTED_GRAD: 3.5, "tensor": 4}
 
@@ -146,8 +149,12 @@ class Namer:
         # .grad. Several, as one storage can hold the gradients of several parameters (views).
         self._grads: dict[int, tuple[Any, dict[int, tuple[Any, int, int]]]] = {}
         self._next_grad_sweep = 1024
+        # id(param) -> weakref to the .grad last noted for it between backward passes.
+        self._seen_grads: dict[int, Any] = {}
         self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.optimizers: list[weakref.ref] = []  # creation order matters for labels
+        observer = weakref.WeakMethod(self.note_installed_grads)
+        backward.set_safe_point(lambda: (observer() or _nothing)())
 
     # -- gradients as the engine writes them ----------------------------------------------
     def note_grad(self, param: Any, op: str, accessed: list, out: Any) -> None:
@@ -161,17 +168,51 @@ class Namer:
         else:
             return
         for t in tensors:
-            try:
-                st = t.untyped_storage()
-                es = t.element_size()
-                lo = t.storage_offset() * es
-                span = (weakref.ref(param), lo, lo + max(t.numel(), 1) * es)
-            except Exception:  # sparse, nested, or a parameter without weakref support
-                continue
-            entry = self._grads.get(st._cdata)
-            if entry is None or entry[0]() is not st:
-                entry = self._grads[st._cdata] = (weakref.ref(st), {})
-            entry[1][id(param)] = span
+            self._note_span(param, t)
+
+    def note_installed_grads(self) -> None:
+        """Between backward passes (no thread inside the engine, see backward.set_safe_point):
+        note each parameter's current ``.grad``, also one the program installed itself
+        (``p.grad = torch.zeros(...)``), so that its name never depends on whether a race on it
+        is reported while another thread is inside backward. Only while several threads run."""
+        if threading.active_count() < 2:
+            return
+        seen = self._seen_grads
+        for module in list(self.modules):
+            for param in list(module._parameters.values()):
+                # A plain leaf only: .grad of a non-leaf warns, a subclass's may run its code.
+                if type(param) not in _PLAIN_PARAMETERS or not param.is_leaf:
+                    continue
+                if backward.others_inside():
+                    return  # a backward started meanwhile: .grad is no longer safe to read
+                grad = param.grad
+                if grad is None:
+                    continue
+                ref = seen.get(id(param))
+                if ref is not None and ref() is grad:
+                    continue
+                self._note_span(param, grad)
+                try:
+                    seen[id(param)] = weakref.ref(grad)
+                except TypeError:
+                    pass
+        if len(seen) > 2 * self._next_grad_sweep:
+            for key in [k for k, ref in list(seen.items()) if ref() is None]:
+                seen.pop(key, None)
+
+    def _note_span(self, param: Any, t: Any) -> None:
+        """Remember that ``t``'s bytes are ``param``'s gradient."""
+        try:
+            st = t.untyped_storage()
+            es = t.element_size()
+            lo = t.storage_offset() * es
+            span = (weakref.ref(param), lo, lo + max(t.numel(), 1) * es)
+        except Exception:  # sparse, nested, or a parameter without weakref support
+            return
+        entry = self._grads.get(st._cdata)
+        if entry is None or entry[0]() is not st:
+            entry = self._grads[st._cdata] = (weakref.ref(st), {})
+        entry[1][id(param)] = span
         if len(self._grads) > self._next_grad_sweep:
             for cd in [cd for cd, (st, _) in list(self._grads.items()) if st() is None]:
                 self._grads.pop(cd, None)
@@ -262,7 +303,7 @@ class Namer:
                 g = p.grad if grads else None
                 if g is not None:
                     yield pname + ".grad", "grad", root, g
-                elif id(p) in noted:
+                if id(p) in noted:  # also when readable: the name must not depend on that
                     yield pname + ".grad", _NOTED_GRAD, root, (storage, *noted[id(p)][1:])
         for _, opt in optimizers:
             label = self.optimizer_label(opt)
@@ -276,7 +317,7 @@ class Namer:
                         g = p.grad if grads else None
                         if g is not None:
                             yield f"{label}.{pname}.grad", "grad", label, g
-                        elif id(p) in noted:
+                        if id(p) in noted:
                             yield f"{label}.{pname}.grad", _NOTED_GRAD, label, (storage, *noted[id(p)][1:])
                     state = opt.state.get(p)
                     if not state:
@@ -306,6 +347,10 @@ class Namer:
             if candidate is obj:
                 return name
         return None
+
+
+def _nothing() -> None:
+    pass
 
 
 def _best_match(candidates: Iterable[tuple[str, str, str, Any]], cdata: int, lo: int, hi: int) -> tuple | None:

@@ -595,6 +595,8 @@ PyObject* py_install(PyObject*, PyObject* args) {
       g_handle = at::addGlobalCallback(cb);
       g_installed = true;
       pthread_atfork(&before_fork, &after_fork_in_parent, &after_fork_in_child);
+    } else {
+      at::reenableCallback(g_handle);
     }
     g_enabled.store(true);
   } catch (const std::exception& e) {
@@ -606,6 +608,9 @@ PyObject* py_install(PyObject*, PyObject* args) {
 
 PyObject* py_pause(PyObject*, PyObject*) {
   g_enabled.store(false);
+  // Disabled, the dispatcher is back on its fast path (no inputs boxed for us). Ranges already
+  // open keep the callbacks they started with, so every recorded op still ends.
+  if (g_installed) at::disableCallback(g_handle);
   Py_RETURN_NONE;
 }
 

@@ -42,6 +42,8 @@ def set_safe_point(observer: Callable[[], Any] | None) -> None:
 
 def others_inside() -> bool:
     """Whether a thread other than the caller is inside the engine (reading .grad is unsafe)."""
+    if not _inside:
+        return False
     me = _thread.get_ident()
     return any(ident != me for ident in list(_inside))
 

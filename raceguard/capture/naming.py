@@ -178,13 +178,14 @@ class Namer:
         if threading.active_count() < 2:
             return
         seen = self._seen_grads
+        others_inside = backward.others_inside
         for module in list(self.modules):
-            for param in list(module._parameters.values()):
+            if others_inside():
+                return  # a backward started meanwhile: .grad is no longer safe to read
+            for param in list(module._parameters.values()):  # a copy: another thread may register one
                 # A plain leaf only: .grad of a non-leaf warns, a subclass's may run its code.
                 if type(param) not in _PLAIN_PARAMETERS or not param.is_leaf:
                     continue
-                if backward.others_inside():
-                    return  # a backward started meanwhile: .grad is no longer safe to read
                 grad = param.grad
                 if grad is None:
                     continue

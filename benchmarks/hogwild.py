@@ -15,10 +15,12 @@ other work shares the machine. Numbers are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.abspath(__file__)
@@ -55,14 +57,21 @@ def workload(steps: int, use_lock: bool) -> None:
         p.join()
 
 
-def _run(cmd: list[str]) -> tuple[float, float]:
+def _run(cmd: list[str], report: str | None = None) -> tuple[float, float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) not in (0, 1):  # 1: raceguard found Hogwild's races
-        raise SystemExit(f"run failed ({status}): {' '.join(cmd)}")
+    code = os.waitstatus_to_exitcode(status)
+    if report is None:
+        ok = code == 0
+    else:  # 1: raceguard found Hogwild's races; the target itself must have exited 0
+        with open(report) as f:
+            ok = code in (0, 1) and json.load(f)["target_outcome"]["code"] == 0
+    if not ok:
+        raise SystemExit(f"run failed ({code}): {' '.join(cmd)}\n{stderr.decode(errors='replace')[-2000:]}")
     return wall, usage.ru_utime + usage.ru_stime
 
 
@@ -77,13 +86,15 @@ def main() -> None:
         workload(args.steps, args.lock)
         return
     target = [HERE, "--workload", "--steps", str(args.steps)] + (["--lock"] if args.lock else [])
+    report = os.path.join(tempfile.mkdtemp(prefix="raceguard-hogwild-"), "report.json")
     plain = [sys.executable, *target]
-    checked = [sys.executable, "-m", "raceguard", "check", "-q", *target]
-    _run(plain), _run(checked)  # warm-up: page cache, torch's lazy imports
+    checked = [sys.executable, "-m", "raceguard", "check", "-q", "--format", "json", "-o", report, *target]
+    reports = {id(plain): None, id(checked): report}
+    _run(plain), _run(checked, report)  # warm-up: page cache, torch's lazy imports
     walls, cpus = [], []
     for i in range(args.pairs):
         order = (plain, checked) if i % 2 == 0 else (checked, plain)
-        results = {id(cmd): _run(cmd) for cmd in order}
+        results = {id(cmd): _run(cmd, reports[id(cmd)]) for cmd in order}
         (pw, pc), (cw, cc) = results[id(plain)], results[id(checked)]
         walls.append((pw, cw))
         cpus.append((pc, cc))

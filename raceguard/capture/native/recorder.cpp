@@ -80,6 +80,9 @@ struct Plan {
   bool transparent = false;  // decomposes above the Python key: the mode never sees it
   bool metadata_only = false;
   bool fresh_input = false;
+  // Every return is a written argument (add_, mul_.out): its storage is among the accesses,
+  // so it can never be a fresh allocation and its outputs need no record.
+  bool returns_written_args = false;
   std::vector<uint32_t> undeclared;  // written when the bool argument undeclared_cond is true
   int64_t undeclared_cond = -1;
 };
@@ -116,6 +119,11 @@ Plan* build_plan(const c10::FunctionSchema& schema) {
     p->args.push_back({static_cast<uint32_t>(i), is_list, ai != nullptr});
   }
   p->metadata_only = g_metadata_only.count(base) > 0;
+  p->returns_written_args = !schema.returns().empty();
+  for (const auto& r : schema.returns()) {
+    const c10::AliasInfo* ai = r.alias_info();
+    if (ai == nullptr || !ai->isWrite()) p->returns_written_args = false;
+  }
   p->fresh_input = g_fresh_input.count(base) > 0;
   auto u = g_undeclared.find(base);
   if (u != g_undeclared.end()) {
@@ -351,7 +359,8 @@ inline uint32_t read_script_frames(ThreadBuf* b) {
 
 // Appends one access; false when the buffer is full.
 inline bool add_tensor(ThreadBuf* b, const at::Tensor& t, uint8_t flags, bool keep_tensor) {
-  if (!t.defined() || !t.has_storage()) return true;
+  // A Python number torch wrapped for the op (x.add_(1)): the dispatch mode sees the number.
+  if (!t.defined() || !t.has_storage() || t.unsafeGetTensorImpl()->is_wrapped_number()) return true;
   const uint64_t cap = b->accs.size();
   if (b->acc_head + 1 - b->acc_tail.load(std::memory_order_acquire) > cap) return false;
   AccRec& a = b->accs[b->acc_head++ % cap];
@@ -526,6 +535,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   if (kind != 1 || !b->open) return;
   OpRec& r = b->ops[b->op_head.load(std::memory_order_relaxed) % b->ops.size()];
   uint32_t n = 0;
+  if (r.plan->returns_written_args && !r.plan->metadata_only && r.param == nullptr) return publish(b);
   for (const c10::IValue& v : fn.outputs())
     if (!add_ivalue(b, v, F_OUTPUT, r.param != nullptr, n)) return abandon(b, r);
   r.nout = n;

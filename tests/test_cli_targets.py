@@ -241,9 +241,14 @@ def test_ctrl_c_writes_the_report_so_far(tmp_path: Path) -> None:
     assert raceguard_frames(stderr.splitlines()) == []
 
 
-def test_a_forked_worker_process_runs_normally_and_stays_out_of_the_report(tmp_path: Path) -> None:
+def test_a_forked_worker_process_runs_normally_and_is_checked_as_a_process_of_its_own(tmp_path: Path) -> None:
     proc, report = run_check(TARGETS / "forks_a_worker.py", tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "child says 6.0" in proc.stdout and "exit 0" in proc.stdout
-    assert len(report["findings"]) == 1  # the parent's race only
-    assert report["stats"]["threads"] == 2
+    # The parent's race, and the worker's own race between its two threads (its copy of the
+    # tensor: not shared memory, so nothing across the two processes).
+    by_process = sorted(tuple(f["details"].get("processes", ["target"])) for f in report["findings"])
+    assert len(by_process) == 2 and by_process[1] == ("target",), report["findings"]
+    assert by_process[0][0].startswith("process "), by_process
+    assert report["stats"]["processes"] == 2
+    assert report["stats"]["threads"] == 2 + 3  # parent: main, bump; worker: main, its thread, the queue's feeder

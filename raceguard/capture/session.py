@@ -466,7 +466,7 @@ class Session:
                             hb.access_range(sh, lo, lo + t.numel() * es, rec, races)
                         else:
                             hb.access(sh, byte_ranges(t), rec, races)
-                        if shared is not None and st.is_shared():
+                        if shared is not None and (st.is_shared() or shared.awaiting):
                             shared(self, t, st, sh, rec)
         except Exception as exc:  # with CUDA an op can be a synchronisation (.item(), copies)
             self.hook_failed("recording a tensor op", exc, self.cuda is not None)

@@ -52,6 +52,8 @@ class CrossProcessCheck:
         self.resources: dict[tuple, dict] = {}
         self.by_storage: dict[str, list[_Record]] = {}
         self.pids: dict[int, int | None] = {}
+        # Provisional identities of storages sent before they moved into shared memory.
+        self.aliases: dict[str, str] = {}
         # Connections whose process lost a synchronisation event to raceguard's own failure.
         self.ordering_lost: set[int] = set()
 
@@ -66,6 +68,8 @@ class CrossProcessCheck:
             self.sites[(conn, event["id"])] = event["access"]
         elif kind == "mp-resource":
             self.resources[(conn, event["id"])] = event
+        elif kind == "mp-alias":
+            self.aliases[event["from"]] = event["to"]
         elif kind == "mp-access":
             record = _Record(
                 conn,
@@ -89,7 +93,10 @@ class CrossProcessCheck:
         epoch) a prefix: the racing ones are the range between, found by bisection. Within it,
         at most :data:`SCAN_PER_RANGE` records are looked at for overlapping bytes and a write."""
         found: dict[tuple, dict[str, tuple[_Record, _Record]]] = {}
-        for records in self.by_storage.values():
+        storages: dict[str, list[_Record]] = {}
+        for key, records in self.by_storage.items():
+            storages.setdefault(self.aliases.get(key, key), []).extend(records)
+        for records in storages.values():
             by_timeline: dict[str, list[_Record]] = {}
             for r in records:
                 by_timeline.setdefault(r.timeline, []).append(r)

@@ -85,6 +85,8 @@ def _stamp(obj: Any, what: str) -> Any:
     if mp is None:
         return obj
     try:
+        with s.lock:
+            mp.shared.will_be_shared(obj)
         return Stamped(obj, _release_here(s, mp))
     except Exception as exc:
         s.hook_failed(what, exc, ordering=True)

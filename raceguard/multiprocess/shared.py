@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from typing import Any, Callable
 
 from ..capture.naming import Resource
@@ -46,6 +47,24 @@ def _python_stack_key() -> tuple:
         out.append((f.f_code, f.f_lineno))
         f = f.f_back
     return tuple(out)
+
+
+def _tensors_in(obj: Any, depth: int = 3, limit: int = 64) -> list:
+    """Tensors in ``obj`` itself or in its lists, tuples and dicts, ``depth`` levels down, at most
+    ``limit`` of them (the payloads of queues are small structures)."""
+    import torch
+
+    found: list = []
+    todo = [(obj, 0)]
+    while todo and len(found) < limit:
+        item, level = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif level < depth and isinstance(item, (list, tuple)):
+            todo.extend((x, level + 1) for x in item[:limit])
+        elif level < depth and isinstance(item, dict):
+            todo.extend((x, level + 1) for x in list(item.values())[:limit])
+    return found
 
 
 def shared_identity(storage: Any) -> str | None:
@@ -91,6 +110,9 @@ class SharedAccesses:
         """A new process (a fork): nothing sent yet on its connection."""
         self.keys: dict[int, str | None] = {}  # storage _cdata -> identity (None: not modelled)
         self.pending: dict[tuple, dict] = {}  # accesses held back, see __call__
+        # Storages sent through a queue or pipe that its feeder has not moved into shared memory
+        # yet: _cdata -> (weak reference, provisional identity), see will_be_shared.
+        self.awaiting: dict[int, tuple[Any, str]] = {}
         self.sites: dict[tuple, int] = {}
         self.resources: dict[tuple, int] = {}
         # tid -> (its clock, what it knows of other processes, that knowledge's id, ordering lost)
@@ -112,7 +134,16 @@ class SharedAccesses:
         cd = st._cdata
         key = self.keys.get(cd, False)
         if key is False:
-            key = self.keys[cd] = shared_identity(st)
+            if not st.is_shared():  # only here while tensors sent to a queue await their move
+                waiting = self.awaiting.get(cd)
+                if waiting is None or waiting[0]() is not st:
+                    return
+                key = waiting[1]
+            else:
+                key = self.keys[cd] = shared_identity(st)
+                waiting = self.awaiting.pop(cd, None)
+                if waiting is not None and key is not None:
+                    self._send({"type": "mp-alias", "from": waiting[1], "to": key})
         if key is None:
             return
         if t.is_contiguous():
@@ -150,12 +181,46 @@ class SharedAccesses:
             if len(pending) >= PENDING_LIMIT:
                 self.flush()
 
+    def will_be_shared(self, obj: Any) -> None:
+        """``obj`` is on its way to another process (a queue's ``put``, a pipe's ``send``): the
+        storages of the tensors in it move into shared memory when it is pickled, which for a
+        queue happens later, in its feeder thread. Accesses made meanwhile are streamed under a
+        provisional identity, which the supervisor merges into the real one once known."""
+        if self.awaiting:
+            self.resolve_awaiting()
+        for t in _tensors_in(obj):
+            try:
+                if t.device.type != "cpu":
+                    continue
+                st = t.untyped_storage()
+                if st.is_shared() or st.nbytes() == 0:
+                    continue
+                cd = st._cdata
+                self.keys.pop(cd, None)
+                self.awaiting[cd] = (weakref.ref(st), f"pending:{os.getpid()}:{cd}")
+            except Exception:  # not a plain storage (sparse, nested): it is not sent as one
+                continue
+
     def flush(self) -> None:
         """Send the accesses held back (under the session lock): at process end, from a fork's
         heartbeat, and whenever :data:`PENDING_LIMIT` of them are waiting."""
+        self.resolve_awaiting()
         pending, self.pending = self.pending, {}
         for event in pending.values():
             self._send(event)
+
+    def resolve_awaiting(self) -> None:
+        """Storages sent earlier that moved into shared memory since (or died): their
+        provisional identity is named (or forgotten), so accesses stop paying for the wait."""
+        for cd, (ref, provisional) in list(self.awaiting.items()):
+            st = ref()
+            if st is None:
+                del self.awaiting[cd]
+            elif st.is_shared():  # moved since, and not accessed here again: name it now
+                del self.awaiting[cd]
+                key = self.keys[cd] = shared_identity(st)
+                if key is not None:
+                    self._send({"type": "mp-alias", "from": provisional, "to": key})
 
     def _clock_id(self, tid: int) -> int:
         """The number of what timeline ``tid`` knows of other processes; a new number (and an

@@ -245,6 +245,9 @@ struct BufOwner {
     if (buf) {
       std::lock_guard<std::mutex> g(g_mu);
       buf->exited = true;  // freed by the drainer once empty
+      // An op run by a later thread-local destructor of this thread gets a new buffer, never
+      // this one, which the drainer may free.
+      buf = nullptr;
     }
   }
 };

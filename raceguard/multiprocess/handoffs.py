@@ -386,6 +386,8 @@ class _PatchOnImport:
         def exec_and_patch(module: Any) -> None:
             exec_module(module)
             _patched.add(name)
+            if len(_patched) == len(PATCHED_MODULES) and self in sys.meta_path:
+                sys.meta_path.remove(self)  # nothing left to patch: leave no trace
             try:
                 _patch_module(name, module)
             except Exception as exc:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch_exit_abort import run_past_torch_exit_abort
 from test_cli_fixtures import CLEAN_FIXTURES, FIXTURES, RACE_FIXTURES, ROOT, _expectation, _markers, run_check
 
 from raceguard.capture.native import build
@@ -77,8 +78,10 @@ def test_clean_fixture_is_clean_under_the_native_backend(path: Path, tmp_path: P
 
 @pytest.mark.parametrize("path", NATIVE_FIXTURES, ids=lambda p: p.stem)
 def test_torchscript_programs_run_as_under_plain_python(path: Path, tmp_path: Path) -> None:
-    plain = subprocess.run([sys.executable, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    proc, report = run_check(path, tmp_path, env=_env("native"))
+    plain = run_past_torch_exit_abort(
+        lambda: subprocess.run([sys.executable, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    )
+    proc, report = run_past_torch_exit_abort(lambda: run_check(path, tmp_path, env=_env("native")), lambda r: r[0])
     assert proc.stdout == plain.stdout
     assert not report.get("incomplete"), report.get("incomplete")
     kind, resource = _expectation(path)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch_exit_abort import run_past_torch_exit_abort
 
 from raceguard.capture import torchscript
 from raceguard.capture.torch_ops import numbers_as_tensors, run_op
@@ -42,16 +43,20 @@ def test_every_program_has_its_expectation() -> None:
 
 @pytest.mark.parametrize("name", sorted(NOT_CAPTURED))
 def test_program_runs_as_under_plain_python(name: str, tmp_path: Path) -> None:
-    plain = subprocess.run([sys.executable, name], cwd=PROGRAMS, capture_output=True, text=True, timeout=180)
+    plain = run_past_torch_exit_abort(
+        lambda: subprocess.run([sys.executable, name], cwd=PROGRAMS, capture_output=True, text=True, timeout=180)
+    )
     assert plain.returncode == 0, plain.stderr
     out = tmp_path / "report.json"
-    checked = subprocess.run(
-        [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), name],
-        cwd=PROGRAMS,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=PYTHON_BACKEND,
+    checked = run_past_torch_exit_abort(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), name],
+            cwd=PROGRAMS,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=PYTHON_BACKEND,
+        )
     )
     assert checked.stdout == plain.stdout, checked.stderr
     assert checked.returncode == plain.returncode, checked.stderr

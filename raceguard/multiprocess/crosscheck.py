@@ -124,7 +124,10 @@ class CrossProcessCheck:
                                 on[b.resource["name"]] = (a, b)
         out = []
         for on in found.values():
-            names = list(on)  # the storage whose accesses reached the supervisor first
+            # Named after the first name in sorted order, not the storage whose accesses reached
+            # the supervisor first: a finding's resource (and so its fingerprint) must not
+            # depend on timing.
+            names = sorted(on)
             a, b = on[names[0]]
             out.append((a, b, names[1:]))
         return out

@@ -1,7 +1,7 @@
 """The import graph of the raceguard package, read from the source with ``ast``.
 
 Every import statement counts, including those inside functions (a lazy import is still an arrow
-between two modules). ``python tests/import_graph.py`` prints the circles and the lines per
+between two modules). ``python tests/import_graph.py`` (with raceguard importable) prints the circles and the lines per
 top-level package; tests/test_layout.py asserts there are none.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+
+from raceguard.engine.lockgraph import _strongly_connected_components
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "raceguard"
 
@@ -60,46 +62,11 @@ def import_graph(package_dir: Path = PACKAGE_DIR) -> dict[str, set[str]]:
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-    for root in sorted(graph):
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    found.append(sorted(component))
-    return found
+    """The strongly connected components of more than one module (the engine's Tarjan, which
+    works on any graph)."""
+    nodes = sorted(graph)
+    components = _strongly_connected_components(nodes, {m: tuple(sorted(graph[m])) for m in nodes})
+    return sorted(sorted(c) for c in components if len(c) > 1)
 
 
 def lines_per_package(package_dir: Path = PACKAGE_DIR) -> dict[str, int]:

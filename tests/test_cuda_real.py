@@ -26,18 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CUDA_FIXTURES = ROOT / "fixtures" / "cuda"
 HAS_CUDA = torch.cuda.is_available()
 
-
-def _wired() -> bool:
-    """Whether the session routes ops through raceguard.cuda.tracker (the lead's patch)."""
-    from raceguard.capture.session import Session
-
-    return hasattr(Session(lambda event: None), "cuda")
-
-
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
-needs_wiring = pytest.mark.skipif(
-    HAS_CUDA and not _wired(), reason="raceguard.cuda.tracker is not wired into Session yet (docs/cuda.md)"
-)
 
 
 def _header(path: Path, key: str) -> str | None:
@@ -87,7 +76,6 @@ CLEAN = sorted((CUDA_FIXTURES / "clean").glob("*.py"))
 
 
 @needs_cuda
-@needs_wiring
 @pytest.mark.parametrize("path", RACES, ids=lambda p: p.stem)
 def test_cuda_race_fixture_reports_the_exact_race(path: Path, tmp_path: Path) -> None:
     expect = _header(path, "expect")
@@ -122,7 +110,6 @@ def _split_timelines(text: str) -> set[str]:
 
 
 @needs_cuda
-@needs_wiring
 @pytest.mark.parametrize("path", CLEAN, ids=lambda p: p.stem)
 def test_cuda_clean_fixture_has_no_findings(path: Path, tmp_path: Path) -> None:
     assert _header(path, "expect") == "clean"

@@ -58,10 +58,30 @@ def interrupt_during_startup(args: list[str], marker: str, sig: int, whole_group
     return code, stdout, stderr
 
 
+# Started first on PYTHONPATH of the processes under test: torch's import pauses at torch.nn (after
+# libtorch is loaded) for a few seconds, so the signal lands during start-up even on a loaded
+# machine where this test notices libtorch late. The test's own harness, not a hook in raceguard.
+SLOW_TORCH_IMPORT = """
+import sys, time
+class _SlowTorchImport:
+    done = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn" and not _SlowTorchImport.done:
+            _SlowTorchImport.done = True
+            time.sleep(3)
+        return None
+sys.meta_path.insert(0, _SlowTorchImport())
+"""
+
+
 def _interrupt_once(args: list[str], marker: str, sig: int, whole_group: bool, tmp_path: Path):
+    slow = tmp_path / "slow_torch_import"
+    slow.mkdir(exist_ok=True)
+    (slow / "sitecustomize.py").write_text(SLOW_TORCH_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen([*RACEGUARD, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 60
         while not _importing_torch(proc.pid, marker):

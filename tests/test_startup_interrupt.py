@@ -74,6 +74,14 @@ sys.meta_path.insert(0, _SlowTorchImport())
 """
 
 
+def _as_from_a_terminal() -> None:
+    """raceguard starts as a terminal starts it: SIGINT neither blocked nor ignored. A test
+    runner's worker can hand its children either (a background job ignores SIGINT; a blocked
+    mask was seen in a full-suite run), and then a Ctrl-C would reach no one, under plain python too."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_once(args: list[str], marker: str, sig: int, whole_group: bool, tmp_path: Path):
     slow = tmp_path / "slow_torch_import"
     slow.mkdir(exist_ok=True)
@@ -81,7 +89,7 @@ def _interrupt_once(args: list[str], marker: str, sig: int, whole_group: bool, t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen([*RACEGUARD, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, preexec_fn=_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while not _importing_torch(proc.pid, marker):

@@ -154,7 +154,9 @@ class SharedAccesses:
             ranges = byte_ranges(t)
         tid = rec.timeline
         cid = self._clock_id(tid)
-        where = _python_stack_key()
+        # Under the native recorder the op's own site (its frames and offsets, recorded when it
+        # ran) tells lines apart: its records are applied later by whichever thread drains them.
+        where = rec.info.site if session.native is not None else _python_stack_key()
         pending = self.pending
         for lo, hi in ranges:
             # Accesses of one timeline that differ only in their epoch, while what the timeline

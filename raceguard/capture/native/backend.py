@@ -321,6 +321,7 @@ class NativeBackend:
                 self._fresh(s, a, info, tid, inputs)
         else:
             read_rec = write_rec = None
+            shared = s.shared_access  # multiprocess: accesses to shared storages also go to the supervisor
             for a in accs:
                 st = a[0]
                 if st is None:
@@ -348,6 +349,8 @@ class NativeBackend:
                     hb.access_range(sh, lo, lo + a[7] * a[6], r, races)
                 else:
                     hb.access(sh, byte_ranges(_Strided(a)), r, races)  # type: ignore[arg-type]
+                if shared is not None and (st.is_shared() or shared.awaiting):
+                    shared(s, _Strided(a), st, sh, r)
         if outs:
             if len(inputs) > 8:
                 inputs = set(inputs)  # type: ignore[assignment]

@@ -16,10 +16,15 @@ One extra ``raceguard check --format json`` run per workload reads ``stats.ops``
 time difference into a per-op cost. A ``startup`` row (a script that only imports torch) gives
 the fixed cost of the supervisor and the child's set-up, which the ``net µs/op`` column removes.
 
+``--backend python|native`` sets ``RACEGUARD_BACKEND`` for the ``raceguard check`` runs (without
+it they get whatever the environment says); the header and the JSON record the request, and the
+``backend`` column what the ops-counting run's report says ran (``stats.capture_backend``, which
+names a fallback to the Python mode and why), else the request.
+
 Performance is measured here, never asserted in tests: the targets are printed next to the
 ratios, and the exit code is 0 whatever they say (non-zero only when a run itself fails).
 
-Usage: python benchmarks/run_overhead.py [--pairs 5] [--json FILE] [--only NAME ...]
+Usage: python benchmarks/run_overhead.py [--pairs 5] [--json FILE] [--only NAME ...] [--backend python|native]
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ BENCHES: dict[str, tuple[Path, float | None]] = {
 }
 RSS_TARGET = 1.5
 POLL_SECONDS = 0.02
+BACKEND_ENV = "RACEGUARD_BACKEND"
 
 
 # -- measuring one command ----------------------------------------------------------------------
@@ -154,6 +160,7 @@ class Result:
     raceguard: list[Run] = field(default_factory=list)
     ops: int | None = None
     threads: int | None = None
+    backend: str | None = None  # stats.capture_backend of the ops-counting run, when it says
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -224,6 +231,7 @@ class Result:
             "rss_ratio_target": RSS_TARGET,
             "ops": self.ops,
             "threads": self.threads,
+            "capture_backend": self.backend,
             "us_per_op": _round(self.us_per_op()),
             "us_per_op_net_of_startup": _round(self.us_per_op(fixed)) if fixed is not None else None,
             "cpu_us_per_op": _round(self.cpu_us_per_op()),
@@ -236,7 +244,8 @@ def _round(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def count_ops(script: Path, env: dict[str, str]) -> tuple[int | None, int | None, str | None]:
+def count_ops(script: Path, env: dict[str, str]) -> tuple[int | None, int | None, str | None, str | None]:
+    """(ops, threads, capture backend, problem) of one ``raceguard check --format json`` run."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "report.json"
         argv = [sys.executable, "-m", "raceguard", "check", "-q", "--format", "json", "--output", str(out), str(script)]
@@ -244,28 +253,29 @@ def count_ops(script: Path, env: dict[str, str]) -> tuple[int | None, int | None
         try:
             report = json.loads(out.read_text())
         except (OSError, ValueError):
-            return None, None, f"no JSON report (exit {proc.returncode}): {proc.stderr[-500:]}"
+            return None, None, None, f"no JSON report (exit {proc.returncode}): {proc.stderr[-500:]}"
     problem = None
     if proc.returncode != 0 or report.get("findings"):
         problem = f"raceguard exit {proc.returncode}, {len(report.get('findings', []))} finding(s): not race-free?"
     stats = report.get("stats", {})
-    return stats.get("ops"), stats.get("threads"), problem
+    return stats.get("ops"), stats.get("threads"), stats.get("capture_backend"), problem
 
 
-def bench(name: str, script: Path, target: float | None, pairs: int, env: dict[str, str], log) -> Result:
+def bench(name: str, script: Path, target: float | None, pairs: int, env: dict[str, str],
+          rg_env: dict[str, str], log) -> Result:
     res = Result(name, target)
     plain_argv = [sys.executable, str(script)]
     rg_argv = [sys.executable, "-m", "raceguard", "check", "-q", str(script)]
     # One untimed warm-up of each: page cache, .pyc files.
     measure(plain_argv, env)
-    measure(rg_argv, env)
+    measure(rg_argv, rg_env)
     for i in range(pairs):
-        order = [("plain", plain_argv), ("raceguard", rg_argv)]
+        order = [("plain", plain_argv, env), ("raceguard", rg_argv, rg_env)]
         if i % 2:
             order.reverse()
         got = {}
-        for kind, argv in order:
-            got[kind] = run = measure(argv, env)
+        for kind, argv, run_env in order:
+            got[kind] = run = measure(argv, run_env)
             if run.returncode != 0:
                 res.failures.append(f"{kind} run {i} exit {run.returncode}: {run.stderr_tail.strip()[-300:]}")
         res.plain.append(got["plain"])
@@ -274,7 +284,7 @@ def bench(name: str, script: Path, target: float | None, pairs: int, env: dict[s
             f"  {name} pair {i + 1}/{pairs}: plain {got['plain'].seconds:.3f}s "
             f"raceguard {got['raceguard'].seconds:.3f}s ({got['raceguard'].seconds / got['plain'].seconds:.3f}x)"
         )
-    res.ops, res.threads, problem = count_ops(script, env)
+    res.ops, res.threads, res.backend, problem = count_ops(script, rg_env)
     if problem:
         res.failures.append(problem)
     return res
@@ -291,11 +301,11 @@ def _verdict(value: float, target: float | None) -> str:
     return f"≤ {target:g}× {'✓' if value <= target else '✗'}"
 
 
-def markdown(results: list[Result], fixed: float | None) -> str:
+def markdown(results: list[Result], fixed: float | None, requested: str) -> str:
     lines = [
         "| workload | plain s | raceguard s | ratio | min ratio | CPU ratio | target | RSS plain MB "
-        "| RSS raceguard MB | RSS ratio | RSS target | ops | threads | µs/op | net µs/op | CPU µs/op |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| RSS raceguard MB | RSS ratio | RSS target | ops | threads | µs/op | net µs/op | CPU µs/op | backend |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
 
     def num(x: float | int | None, fmt: str) -> str:
@@ -308,7 +318,7 @@ def markdown(results: list[Result], fixed: float | None) -> str:
             f"| {_verdict(r.ratio, r.target)} "
             f"| {_mb(r.rss_plain)} | {_mb(r.rss_rg)} | {r.rss_ratio:.3f}× | {_verdict(r.rss_ratio, RSS_TARGET)} "
             f"| {num(r.ops, 'd')} | {num(r.threads, 'd')} | {num(r.us_per_op(), '.1f')} | {num(net, '.1f')} "
-            f"| {num(r.cpu_us_per_op(), '.1f')} |"
+            f"| {num(r.cpu_us_per_op(), '.1f')} | {r.backend or requested} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -330,6 +340,14 @@ def compile_raceguard() -> str:
     return f"written for {root}" if ok else f"could not all be written for {root}"
 
 
+def build_native() -> str | None:
+    """Build (or find cached) the native recorder before the first timed run; why not, or None."""
+    from raceguard.capture.native.build import ensure
+
+    built = ensure()
+    return None if built.module is not None else built.reason
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=5, help="alternating plain/raceguard pairs per workload [5]")
@@ -341,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="OMP_NUM_THREADS/MKL_NUM_THREADS for the targets [1]: intra-op thread pools spin-wait "
         "badly on a shared 2-core machine; 0 leaves the environment alone",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("python", "native"),
+        help="RACEGUARD_BACKEND for the raceguard check runs [the environment's]",
     )
     ap.add_argument(
         "--no-bytecode",
@@ -355,6 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.torch_threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.torch_threads)
+    rg_env = dict(env)
+    if args.backend:
+        rg_env[BACKEND_ENV] = args.backend
+    requested = rg_env.get(BACKEND_ENV) or "default"
+    if requested == "native":
+        native_build = build_native()
+        if native_build is not None:
+            print(f"run_overhead: the native recorder is unavailable: {native_build}", file=sys.stderr)
+            return 2
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -365,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         script, target = BENCHES[name]
         log(f"{name}: {args.pairs} pairs")
-        results.append(bench(name, script, target, args.pairs, env, log))
+        results.append(bench(name, script, target, args.pairs, env, rg_env, log))
     fixed = next((r.t_rg - r.t_plain for r in results if r.name == "startup"), None)
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -376,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass
     print(f"## raceguard overhead ({args.pairs} alternating pairs per workload; {machine}; "
-          f"torch threads: {args.torch_threads or 'default'}; raceguard bytecode caches: {bytecode})\n")
-    print(markdown(results, fixed))
+          f"torch threads: {args.torch_threads or 'default'}; raceguard bytecode caches: {bytecode}; "
+          f"{BACKEND_ENV} for the checked runs: {requested})\n")
+    print(markdown(results, fixed, requested))
     print(
         "ratio = median of per-pair raceguard/plain wall-time ratios; min ratio = fastest raceguard run / "
         "fastest plain run (least disturbed by other load); CPU ratio = median of per-pair ratios of the "
@@ -395,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": args.pairs,
             "machine": machine,
             "torch_threads": args.torch_threads,
+            "backend_requested": requested,
             "fixed_startup_s": _round(fixed, 4),
             "workloads": [r.summary(fixed) for r in results],
         }

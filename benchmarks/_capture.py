@@ -4,6 +4,10 @@ Newer checkouts route this through :func:`raceguard.process.install.activate`; o
 the brief this benchmark was written to) do it by hand in ``raceguard/process/child.py``: build a
 ``Session``, track constructions, ``sync.install()``, set ``session.ACTIVE``, ``enter_thread`` on
 the main thread. Either way the sink only collects events, so reporting costs nothing.
+
+``install_capture(choose_backend=True)`` also lets ``RACEGUARD_BACKEND`` pick the op capture,
+as the checked process does (``raceguard.capture.native.choose``, before activation); the
+default keeps the Python dispatch mode whatever the environment says.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ class Capture:
     state: Any  # the main thread's ThreadState (its dispatch mode is entered)
     events: list = field(default_factory=list)
     _close: Callable[[], None] | None = None
+    backend: tuple[str, str] = ("python", "the dispatch mode (no backend was chosen)")
+
+    def drain(self) -> None:
+        """Apply the ops the native recorder holds (nothing to do for the dispatch mode)."""
+        native = getattr(self.session, "native", None)
+        if native is not None:
+            native.drain()
 
     def close(self) -> None:
         if self._close is not None:
@@ -46,7 +57,7 @@ def noop_mode() -> Any:
     return NoOpMode()
 
 
-def install_capture() -> Capture:
+def install_capture(choose_backend: bool = False) -> Capture:
     import torch  # noqa: F401 - the dispatch mode needs torch before the first op
 
     from raceguard.capture.session import Session
@@ -56,13 +67,24 @@ def install_capture() -> Capture:
         events.append,
         main_globals=lambda: getattr(sys.modules.get("__main__"), "__dict__", None),
     )
+    backend = Capture.backend
+    if choose_backend:
+        from raceguard.capture import native
+
+        backend = native.choose(session)
     try:
         from raceguard.process.install import activate, deactivate
     except ImportError:
         activate = deactivate = None
     if activate is not None:
         handle = activate(session, thread=threading.main_thread())
-        return Capture(session, handle.state, events, lambda: deactivate(handle))
+
+        def close_all() -> None:
+            deactivate(handle)
+            if getattr(session, "native", None) is not None:
+                session.native.stop()
+
+        return Capture(session, handle.state, events, close_all, backend)
 
     from raceguard.process import child as child_mod
     from raceguard.capture import session as session_mod

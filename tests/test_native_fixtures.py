@@ -1,6 +1,7 @@
-"""Both capture backends, one truth: every race and clean fixture through the public CLI with
-``RACEGUARD_BACKEND=native`` gives the findings the Python dispatch mode gives (kind, resource,
-both user lines, fingerprint); the TorchScript programs a dispatch mode breaks run under the
+"""Both capture backends, one truth: every race fixture through the public CLI with the default
+backend (the native recorder) gives the findings the Python dispatch mode
+(``RACEGUARD_BACKEND=python``) gives (kind, resource, both user lines, fingerprint), and every
+clean fixture is clean under the Python mode too; the TorchScript programs a dispatch mode breaks run under the
 native backend with plain python's output and exit status; and the race between ThroughputBenchmark's
 C++ threads is reported on the buffer with the ``add_`` line.
 """
@@ -28,8 +29,10 @@ def recorder_built():
         pytest.skip(f"native recorder unavailable: {result.reason}")
 
 
-def _env(backend: str) -> dict:
-    return {**os.environ, "RACEGUARD_BACKEND": backend}
+def _env(backend: str | None) -> dict:
+    """The environment with RACEGUARD_BACKEND set to ``backend``, or unset (the default)."""
+    env = {k: v for k, v in os.environ.items() if k != "RACEGUARD_BACKEND"}
+    return env if backend is None else {**env, "RACEGUARD_BACKEND": backend}
 
 
 def _findings(report: dict) -> list[tuple]:
@@ -56,7 +59,7 @@ def test_race_fixture_findings_are_identical_under_both_backends(path: Path, tmp
     (tmp_path / "py").mkdir()
     (tmp_path / "native").mkdir()
     proc_py, report_py = run_check(path, tmp_path / "py", env=_env("python"))
-    proc_native, report_native = run_check(path, tmp_path / "native", env=_env("native"))
+    proc_native, report_native = run_check(path, tmp_path / "native", env=_env(None))  # the default
     native, python = _by_place(report_native), _by_place(report_py)
     assert native.keys() == python.keys()
     for place, fingerprints in native.items():
@@ -64,16 +67,18 @@ def test_race_fixture_findings_are_identical_under_both_backends(path: Path, tmp
         # first depends on the interleaving, under either backend.
         assert fingerprints & python[place], (place, fingerprints, python[place])
     assert not report_native.get("incomplete"), report_native.get("incomplete")
-    assert report_native["stats"]["capture_backend"] == "native"
+    assert report_native["stats"]["capture_backend"].startswith("native (")  # cached, or built by this run
+    assert report_py["stats"]["capture_backend"] == "python (RACEGUARD_BACKEND=python)"
     assert (proc_native.returncode, proc_native.stdout) == (proc_py.returncode, proc_py.stdout)
 
 
 @pytest.mark.parametrize("path", CLEAN_FIXTURES, ids=lambda p: p.stem)
-def test_clean_fixture_is_clean_under_the_native_backend(path: Path, tmp_path: Path) -> None:
-    _, report = run_check(path, tmp_path, env=_env("native"))
+def test_clean_fixture_is_clean_under_the_python_mode(path: Path, tmp_path: Path) -> None:
+    # test_cli_fixtures checks every clean twin with the default (the native recorder here).
+    _, report = run_check(path, tmp_path, env=_env("python"))
     assert report["findings"] == [], [f["message"] for f in report["findings"]]
     assert not report.get("incomplete"), report.get("incomplete")
-    assert report["stats"]["capture_backend"] == "native"
+    assert report["stats"]["capture_backend"] == "python (RACEGUARD_BACKEND=python)"
 
 
 @pytest.mark.parametrize("path", NATIVE_FIXTURES, ids=lambda p: p.stem)

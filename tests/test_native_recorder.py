@@ -1,8 +1,8 @@
 """The native recorder: what it records, its bounded buffers, its build cache and its fallback.
 
-The recorder is built once per torch/CPython/source version into the cache (the first test to
-need it pays ~20-50 s); without a compiler or on another CPython these tests skip with the
-reason the backend gives.
+The recorder is built once per torch/CPython/source version into the cache (CI builds it before
+the tests; otherwise the first test to need it pays ~30 s); without a compiler or on another
+CPython these tests skip with the reason the backend gives.
 """
 
 from __future__ import annotations
@@ -208,28 +208,58 @@ def test_cache_key_changes_with_the_torch_version():
     assert build.build_dir() == build.build_dir(torch.__version__)
 
 
-def test_a_failed_build_falls_back_to_the_python_mode_with_one_line(tmp_path, monkeypatch):
+def test_a_failed_build_falls_back_to_the_python_mode_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RACEGUARD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("RACEGUARD_BACKEND", "native")
+    monkeypatch.delenv("RACEGUARD_BACKEND", raising=False)  # the default
+    monkeypatch.setattr(native, "_main_checked_process", lambda: True)
+    monkeypatch.setattr(build, "_compiler", lambda: "/usr/bin/c++")
     monkeypatch.setattr(build, "_compile", lambda target: "the build failed: simulated")
     session = Session(lambda e: None)
     backend, reason = native.choose(session)
     assert backend == "python" and reason == "the build failed: simulated"
     assert "\n" not in reason and session.native is None
     assert native.status() == ("python", reason)
-    # the failure is remembered: the next process does not pay for a build again
+    assert session.stats()["capture_backend"] == "python (native recorder unavailable: the build failed: simulated)"
+    err = capsys.readouterr()
+    assert err.out == ""  # the target's stdout
+    building, fallback = err.err.splitlines()
+    assert building.startswith(f"raceguard: building the native recorder for torch {torch.__version__} / CPython ")
+    assert fallback == "raceguard: checking with the Python dispatch mode: native recorder unavailable: the build failed: simulated"
+    # the failure is remembered: the next process does not pay for a build again, says why once
     monkeypatch.setattr(build, "_compile", lambda target: pytest.fail("rebuilt after a failure"))
     assert native.choose(Session(lambda e: None))[0] == "python"
+    assert capsys.readouterr().err.splitlines() == [fallback]
+    # a checked worker of the same run says nothing: the target's own process said it
+    monkeypatch.setattr(native, "_main_checked_process", lambda: False)
+    assert native.choose(Session(lambda e: None))[0] == "python"
+    assert capsys.readouterr().err == ""
+    # the explicit build command tries again, and fails loudly
+    monkeypatch.setattr(build, "_compile", lambda target: "the build failed: still")
+    assert build.main() == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "raceguard: no native recorder: the build failed: still"
 
 
-def test_the_python_mode_is_the_default_and_can_be_forced(monkeypatch):
+def test_the_native_recorder_is_the_default_and_the_python_mode_can_be_forced(monkeypatch):
+    # Not chosen for a real session here: that would install the recorder in this test process.
     monkeypatch.delenv("RACEGUARD_BACKEND", raising=False)
-    assert native.choose(Session(lambda e: None))[0] == native.DEFAULT
-    monkeypatch.setenv("RACEGUARD_BACKEND", "python")
-    assert native.choose(Session(lambda e: None)) == ("python", "RACEGUARD_BACKEND=python")
+    assert native.requested() == "native"
+    monkeypatch.setenv("RACEGUARD_BACKEND", "native")
+    assert native.requested() == "native"
     monkeypatch.setenv("RACEGUARD_BACKEND", "bogus")
-    backend, reason = native.choose(Session(lambda e: None))
-    assert backend == "python" and "bogus" in reason
+    assert native.requested() == "native"
+    assert "'bogus' is not 'python' or 'native'" in native._invalid_value()
+    monkeypatch.setenv("RACEGUARD_BACKEND", "python")
+    session = Session(lambda e: None)
+    assert native.choose(session) == ("python", "RACEGUARD_BACKEND=python")
+    assert session.native is None
+    assert session.stats()["capture_backend"] == "python (RACEGUARD_BACKEND=python)"
+
+
+def test_a_cached_build_loads_without_a_build_line(rec, capsys):
+    result = build.ensure()
+    assert result.module is not None and result.reason == "cached build"
+    assert capsys.readouterr().err == ""
+    assert build.probe() == ("native", f"cached build {result.path}")
 
 
 @pytest.mark.skipif(os.environ.get("CXX") == "/nonexistent", reason="compiler disabled")
@@ -282,6 +312,6 @@ def test_a_failing_drain_in_a_checked_program_changes_nothing_the_program_does(r
     assert (plain.returncode, plain.stdout) == (3, "total 400.0\n")
     assert proc.stdout == plain.stdout
     assert report["target_exit_code"] == 3
-    assert report["stats"]["capture_backend"] == "native"
+    assert report["stats"]["capture_backend"].startswith("native (")  # cached, or built by this run
     assert report["incomplete"]["internal_errors"] >= 1
     assert not [f for f in report["findings"] if f["kind"] == "data-race" and not f.get("suppressed")]

@@ -8,7 +8,6 @@ the optional extras and the configuration file. It only reads: it never fails a 
 from __future__ import annotations
 
 import importlib.util
-import os
 import platform
 import sys
 
@@ -74,28 +73,17 @@ def torch_line() -> str:
 
 
 def capture_line() -> str:
-    """The capture backend a run would use, and why."""
-    try:
-        native_present = importlib.util.find_spec("raceguard.capture.native") is not None
-    except (ImportError, ValueError):
-        native_present = False
-    if not native_present:
-        return "python dispatch mode (tensor ops recorded by a TorchDispatchMode in the target's process)"
+    """The op-capture backend a checked run would use here, and why. A cached native recorder is
+    loaded to be sure it loads; nothing is built."""
     try:
         from ..capture import native
 
         backend, reason = native.status()
-        requested = getattr(native, "requested", None)
-        env_var = getattr(native, "ENV_VAR", None)
     except Exception as exc:
         return f"python dispatch mode (the native backend's status failed: {type(exc).__name__}: {exc})"
-    line = f"{backend} ({reason})"
-    if requested is not None and env_var:
-        # This process runs no session: what a run would ask for is the useful part.
-        value = os.environ.get(env_var)
-        how = f"{env_var}={value}" if value else f"{env_var} unset, default {getattr(native, 'DEFAULT', '?')}"
-        line = f"{requested()} requested ({how}); in this process: {line}"
-    return line
+    if backend == "native":
+        return f"native recorder ({reason})"
+    return f"python dispatch mode ({reason})"
 
 
 def pytest_plugin_line() -> str:

@@ -1,24 +1,27 @@
 """The native op-capture backend: tensor ops recorded by a C++ RecordFunction observer.
 
-:func:`choose` picks the backend for a session where it is activated: the native recorder when
-it loads and the run is one it records faithfully, else the Python dispatch mode
-(:mod:`..torch_ops`), which stays the fallback and the oracle. ``RACEGUARD_BACKEND=python`` or
-``native`` forces the choice. :func:`status` says which backend the process uses and why.
+:func:`choose` picks the backend for a checked process's session: the native recorder (the
+default) when it builds and loads and the run is one it records faithfully, else the Python
+dispatch mode (:mod:`..torch_ops`), which stays the fallback and the oracle.
+``RACEGUARD_BACKEND=python`` forces the Python mode (``native``, the default, is accepted too).
+The report's ``stats.capture_backend`` always says which backend ran and why; a build that
+failed or cannot happen here also gets one line on stderr. :func:`status` says which backend
+this process uses, or a run would use, and why.
+
+In-process sessions (``raceguard.watch()``, the pytest plugin, Hypothesis) and stress schedules
+never call :func:`choose`: they keep the Python mode.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 ENV_VAR = "RACEGUARD_BACKEND"
-# The native backend is used only when asked for (RACEGUARD_BACKEND=native) until it reports
-# what the Python mode reports on every case the Python mode handles (see docs/native.md).
-DEFAULT = "python"
+DEFAULT = "native"
 
 _status: tuple[str, str] = ("python", "no session chose a backend yet")
-
-
 _chosen = False
 
 
@@ -29,24 +32,22 @@ def status() -> tuple[str, str]:
         return _status
     if requested() == "python":
         return ("python", _python_reason())
-    from .build import cached_library, supported
+    from .build import probe
 
-    why = supported()
-    if why is not None:
-        return ("python", why)
-    path = cached_library()
-    if path is None:
-        return ("native", "not built yet: the first checked run builds it (about 20 s of CPU, once)")
-    return ("native", f"cached build {path}")
+    backend, reason = probe()
+    invalid = _invalid_value()
+    return (backend, f"{reason}; {invalid}" if invalid else reason)
 
 
 def _python_reason() -> str:
+    return f"{ENV_VAR}=python"
+
+
+def _invalid_value() -> str | None:
     raw = os.environ.get(ENV_VAR, "").strip().lower()
-    if raw == "python":
-        return f"{ENV_VAR}=python"
-    if raw and raw != "native":
-        return f"{ENV_VAR}={raw!r} is not 'python' or 'native'"
-    return f"the default (set {ENV_VAR}=native to use the native recorder)"
+    if raw and raw not in ("python", "native"):
+        return f"{ENV_VAR}={raw!r} is not 'python' or 'native'; the default ({DEFAULT}) applies"
+    return None
 
 
 def requested() -> str:
@@ -55,22 +56,20 @@ def requested() -> str:
 
 
 def choose(session: Any) -> tuple[str, str]:
-    """Attach the native recorder to ``session`` (not yet activated) when it is requested and
-    loads; otherwise leave the Python dispatch mode. Never raises."""
+    """Attach the native recorder to ``session`` (not yet activated) unless the Python mode is
+    asked for or needed; the report's statistics say which backend ran and why. Never raises."""
     global _status, _chosen
+    unavailable = False
     try:
-        _status = _choose(session)
+        _status, unavailable = _choose(session)
     except Exception as exc:  # the check goes on with the Python mode
-        _status = ("python", f"the native recorder failed to start: {exc!r}")
+        _status, unavailable = ("python", f"the native recorder failed to start: {exc!r}"), True
     _chosen = True
-    if requested() == "native":  # asked for: the report says which backend ran, and why
-        _announce(session, _status)
+    _announce(session, _status, unavailable)
     return _status
 
 
 def _cuda_available() -> bool:
-    import sys
-
     torch = sys.modules.get("torch")
     try:
         return bool(torch is not None and torch.cuda.is_available())
@@ -78,9 +77,10 @@ def _cuda_available() -> bool:
         return False
 
 
-def _announce(session: Any, status: tuple[str, str]) -> None:
+def _announce(session: Any, status: tuple[str, str], unavailable: bool) -> None:
+    backend, reason = status
+    text = f"python (native recorder unavailable: {reason})" if unavailable else f"{backend} ({reason})"
     stats = session.stats
-    text = "native" if status[0] == "native" else f"python (native recorder unavailable: {status[1]})"
 
     def stats_with_backend() -> dict:
         out = stats()
@@ -88,23 +88,48 @@ def _announce(session: Any, status: tuple[str, str]) -> None:
         return out
 
     session.stats = stats_with_backend
+    invalid = _invalid_value()
+    if _main_checked_process() and (unavailable or invalid):
+        # Once per run: the target's own process says it; its Python children get the same
+        # answer from the same cache and stay quiet.
+        line = f"raceguard: {invalid}" if invalid else None
+        if unavailable:
+            line = f"raceguard: checking with the Python dispatch mode: native recorder unavailable: {reason}"
+        _say(line)
 
 
-def _choose(session: Any) -> tuple[str, str]:
+def _main_checked_process() -> bool:
+    """False in a checked worker (a Python the target started), which the worker bootstrap
+    enters through raceguard.process.child_worker."""
+    return "raceguard.process.child_worker" not in sys.modules
+
+
+def _say(line: str | None) -> None:
+    if not line:
+        return
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:  # a closed stderr: the report still says it
+        pass
+
+
+def _choose(session: Any) -> tuple[tuple[str, str], bool]:
+    """(backend, reason), and whether the native recorder was wanted but is unavailable."""
     if requested() == "python":
-        return ("python", _python_reason())
+        return ("python", _python_reason()), False
     if getattr(session, "sched", None) is not None:
-        return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not")
+        return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not"), False
     if os.environ.get("RACEGUARD_SIMULATE_CUDA"):
-        return ("python", "--simulate-cuda rewrites devices in the Python mode's op hook")
+        return ("python", "--simulate-cuda rewrites devices in the Python mode's op hook"), False
     if _cuda_available():
-        return ("python", "the CUDA stream tracker takes its ops from the Python mode")
+        return ("python", "the CUDA stream tracker takes its ops from the Python mode"), False
     from .build import ensure
 
     result = ensure()
     if result.module is None:
-        return ("python", result.reason)
+        return ("python", result.reason), True
     from .backend import NativeBackend
 
     NativeBackend(result.module).attach(session)
-    return ("native", result.reason)
+    return ("native", result.reason), False

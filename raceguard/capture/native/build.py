@@ -29,6 +29,10 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorder.cpp"
 # A failed build is not retried for this long (every checked process would pay for it again).
 FAILURE_TTL_S = 24 * 3600
 BUILD_TIMEOUT_S = 300
+# Wall time of the first build on a 2-core machine (docs/native.md, "Build and cache").
+FIRST_BUILD_S = 30
+BUILD_COMMAND = "python -m raceguard.capture.native.build"
+NO_COMPILER = "no C++ compiler found (install g++ to enable it)"
 
 
 def cache_root() -> str:
@@ -145,12 +149,16 @@ os.rename(output + ".part", output)
 """
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
 def _compile(target: str) -> str | None:
     """Compile into ``target`` (a fresh directory) in a separate process; the failure, or None."""
     import subprocess
 
-    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
-        return "no C++ compiler found (install g++ to enable it)"
+    if _compiler() is None:
+        return NO_COMPILER
     code = _COMPILE_SCRIPT
     # -I and no PYTHONPATH/RACEGUARD_*: the compiler's Python must not become a checked worker
     # of the run that asked for the build (raceguard checks the target's Python children).
@@ -183,16 +191,66 @@ class BuildResult:
         self.built_s = built_s
 
 
-def ensure(build: bool = True) -> BuildResult:
+def ensure(build: bool = True, retry_failed: bool = False) -> BuildResult:
     """The loaded recorder (building it first if ``build`` and it is not cached), or a result
-    whose module is None and whose reason is one line. Never raises."""
+    whose module is None and whose reason is one line. A build that failed less than a day ago
+    is not tried again unless ``retry_failed``. Never raises."""
     try:
-        return _ensure(build)
+        return _ensure(build, retry_failed)
     except Exception as exc:  # never let the backend choice break a check
         return BuildResult(None, f"the native recorder could not be loaded: {exc!r}")
 
 
-def _ensure(build: bool) -> BuildResult:
+def _remembered_failure(failed: str) -> str | None:
+    """The line a build that failed less than :data:`FAILURE_TTL_S` ago left, or None."""
+    try:
+        if time.time() - os.stat(failed).st_mtime >= FAILURE_TTL_S:
+            return None
+        with open(failed) as f:
+            return f.read().strip() or "an earlier build failed"
+    except OSError:
+        return None
+
+
+def _say_building() -> None:
+    """One line on stderr (never stdout: it is the target's) when a build really starts."""
+    version = _torch_identity()[0]
+    try:
+        sys.stderr.write(
+            f"raceguard: building the native recorder for torch {version} / CPython "
+            f"{platform.python_version()} (first use, about {FIRST_BUILD_S} s)\n"
+        )
+        sys.stderr.flush()
+    except Exception:  # a closed or broken stderr must not stop the build
+        pass
+
+
+def probe() -> tuple[str, str]:
+    """(backend, reason) a checked run would get here, without building or retrying anything;
+    a cached build is loaded to be sure it loads."""
+    try:
+        why = supported()
+        if why is not None:
+            return ("python", why)
+        final = build_dir()
+        lib = _library(final)
+        if lib is not None:
+            try:
+                _load_library(lib)
+            except Exception as exc:
+                return ("python", f"the cached build {lib} does not load: {exc!r}")
+            return ("native", f"cached build {lib}")
+        failure = _remembered_failure(final + ".failed")
+        if failure is not None:
+            return ("python", f"{failure} (remembered for a day; `{BUILD_COMMAND}` tries again)")
+        if _compiler() is None:
+            return ("python", NO_COMPILER)
+        return ("native", f"not built yet: the first checked run builds it (about {FIRST_BUILD_S} s, once), or `{BUILD_COMMAND}` now")
+    except Exception as exc:
+        return ("python", f"the native recorder's state could not be read: {exc!r}")
+
+
+def _ensure(build: bool, retry_failed: bool = False) -> BuildResult:
     why = supported()
     if why is not None:
         return BuildResult(None, why)
@@ -200,9 +258,14 @@ def _ensure(build: bool) -> BuildResult:
     lib = _library(final)
     if lib is None:
         failed = final + ".failed"
-        if os.path.exists(failed) and time.time() - os.stat(failed).st_mtime < FAILURE_TTL_S:
-            with open(failed) as f:
-                return BuildResult(None, f.read().strip() or "an earlier build failed")
+        if retry_failed:
+            try:
+                os.unlink(failed)
+            except OSError:
+                pass
+        failure = _remembered_failure(failed)
+        if failure is not None:
+            return BuildResult(None, failure)
         if not build:
             return BuildResult(None, "the native recorder is not built yet")
         os.makedirs(cache_root(), exist_ok=True)
@@ -212,12 +275,14 @@ def _ensure(build: bool) -> BuildResult:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
             lib = _library(final)
             if lib is None:
-                if os.path.exists(failed) and time.time() - os.stat(failed).st_mtime < FAILURE_TTL_S:
-                    with open(failed) as f:
-                        return BuildResult(None, f.read().strip())
+                failure = _remembered_failure(failed)
+                if failure is not None:  # another process's build failed meanwhile
+                    return BuildResult(None, failure)
                 staging = f"{final}.tmp{os.getpid()}"
                 shutil.rmtree(staging, ignore_errors=True)
                 os.makedirs(staging)
+                if _compiler() is not None:
+                    _say_building()
                 started = time.monotonic()
                 failure = _compile(staging)
                 took = time.monotonic() - started
@@ -236,7 +301,17 @@ def _ensure(build: bool) -> BuildResult:
     return BuildResult(module, "cached build", lib)
 
 
-if __name__ == "__main__":  # python -m raceguard.capture.native.build: build now, print the result
-    result = ensure()
-    print(result.path or "-", result.reason)
-    sys.exit(0 if result.module is not None else 1)
+def main() -> int:
+    """``python -m raceguard.capture.native.build``: build now (again, if the last build failed)
+    and say where; exit status 1 when there is no usable recorder (CI runs it to fail loudly)."""
+    result = ensure(retry_failed=True)
+    if result.module is None:
+        print(f"raceguard: no native recorder: {result.reason}", file=sys.stderr)
+        return 1
+    how = f"built in {result.built_s:.0f} s" if result.built_s is not None else "already built"
+    print(f"native recorder {how}: {result.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 
-from raceguard.capture import lockreport, stacks
+from raceguard.capture import lockreport, naming, stacks
 from raceguard.capture.session import Session
 from raceguard.process import child, child_worker
 from raceguard.report import finding
@@ -27,6 +27,8 @@ HANDLER_PATH = [
     Session.report_deadlock,
     Session.emit,
     Session.lock_name,
+    naming.Namer.name_lock,
+    naming.assigned_name,
     Session.thread_name,
     Session.lock_by_key,
     Session.origin_of,

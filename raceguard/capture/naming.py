@@ -8,6 +8,9 @@ class). Grads and optimizer state come and go, so nothing is cached between repo
 
 from __future__ import annotations
 
+import ast
+import functools
+import linecache
 import sys
 import threading
 import types
@@ -18,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import backward
-from .stacks import USER, classify_code, first_user_location
+from .stacks import USER, classify_code, first_user_location, user_key
 
 # A gradient known from the op that installed it (Namer.note_grad), not read from ``.grad``:
 # ranked after optimizer state, since a post-accumulate-grad hook (an optimizer step) runs under
@@ -349,9 +352,45 @@ class Namer:
                 return name
         return None
 
+    def name_lock(self, lock: Any, site: Any) -> str | None:
+        """A lock's name: where the script's globals reach it (``model_lock``, ``server.lock``),
+        else the variable its creation line assigns it to (``lock = threading.Lock()``), else
+        None (the caller names it by type). Never from the locals of live frames: whether the
+        frame that holds a lock is still running when a report is made is timing, and the same
+        lock would be named by its variable in one run and by its type in the next."""
+        for name, candidate in _scan_namespace(self._main_globals() or {}):
+            if candidate is lock:
+                return name
+        frames = user_key(site) if site else ()
+        return assigned_name(*frames[0][:2]) if frames else None
+
 
 def _nothing() -> None:
     pass
+
+
+@functools.lru_cache(maxsize=256)
+def assigned_name(filename: str, line: int) -> str | None:
+    """The target of the one-line assignment at ``filename:line`` whose value is a call (``lock =
+    threading.Lock()``, ``self._lock: Lock = RLock()``): ``lock``, ``self._lock``. None for any other
+    statement (several targets, a tuple, a comprehension, a statement over several lines)."""
+    text = linecache.getline(filename, line).strip()
+    try:
+        [stmt] = ast.parse(text).body
+    except (SyntaxError, ValueError):
+        return None
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+        target = stmt.targets[0]
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+        target = stmt.target
+    else:
+        return None
+    if not isinstance(stmt.value, ast.Call):
+        return None
+    node = target
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return ast.unparse(target) if isinstance(node, ast.Name) else None
 
 
 def _best_match(candidates: Iterable[tuple[str, str, str, Any]], cdata: int, lo: int, hi: int) -> tuple | None:

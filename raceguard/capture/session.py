@@ -674,7 +674,7 @@ class Session:
         site = getattr(lock, "_rg_site", None)
         where = _site_location(site)
         try:
-            name = self.namer.name_object(lock)
+            name = self.namer.name_lock(lock, site)
         except Exception:
             name = None
         if name and name.endswith("._lock") and getattr(lock, "_rg_kind", "") == "Condition":

@@ -239,6 +239,47 @@ def test_a_failed_build_falls_back_to_the_python_mode_with_one_line(tmp_path, mo
     assert capsys.readouterr().err.splitlines()[-1] == "raceguard: no native recorder: the build failed: still"
 
 
+FALLBACK_TARGET = '''
+import subprocess, sys, threading
+import torch
+x = torch.zeros(4)
+t = threading.Thread(target=x.add_, args=(1,))
+t.start()
+x.add_(1)
+t.join()
+subprocess.run([sys.executable, "-c", "import torch; torch.ones(2).add_(1)"], check=True)
+print("done")
+'''
+
+
+def test_a_failed_build_leaves_the_check_to_the_python_mode_with_one_line_per_run(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("RACEGUARD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RACEGUARD_BACKEND", raising=False)
+    failed = build.build_dir() + ".failed"  # what a failed build leaves for the next day
+    os.makedirs(os.path.dirname(failed))
+    with open(failed, "w") as f:
+        f.write("the build failed: simulated\n")
+    target = tmp_path / "target.py"
+    target.write_text(FALLBACK_TARGET)
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), str(target)],
+        capture_output=True, text=True, timeout=180,
+    )
+    report = json.loads(out.read_text())
+    assert proc.stdout == "done\n"
+    assert proc.returncode == 1, proc.stderr  # the race, found by the Python mode
+    assert [f["kind"] for f in report["findings"]] == ["data-race"]
+    assert report["stats"]["processes"] == 2  # the child Python was checked, and said nothing
+    assert report["stats"]["capture_backend"] == "python (native recorder unavailable: the build failed: simulated)"
+    said = [line for line in proc.stderr.splitlines() if "native recorder" in line]
+    assert said == ["raceguard: checking with the Python dispatch mode: native recorder unavailable: the build failed: simulated"]
+
+
 def test_the_native_recorder_is_the_default_and_the_python_mode_can_be_forced(monkeypatch):
     # Not chosen for a real session here: that would install the recorder in this test process.
     monkeypatch.delenv("RACEGUARD_BACKEND", raising=False)
@@ -248,7 +289,14 @@ def test_the_native_recorder_is_the_default_and_the_python_mode_can_be_forced(mo
     monkeypatch.setenv("RACEGUARD_BACKEND", "bogus")
     assert native.requested() == "native"
     assert "'bogus' is not 'python' or 'native'" in native._invalid_value()
+    # what doctor says before any session chose: the Python mode wherever a run would take it
+    monkeypatch.setattr(native, "_chosen", False)
+    monkeypatch.delenv("RACEGUARD_BACKEND")
+    monkeypatch.setenv("RACEGUARD_SIMULATE_CUDA", "1")
+    assert native.status() == ("python", "--simulate-cuda rewrites devices in the Python mode's op hook")
+    monkeypatch.delenv("RACEGUARD_SIMULATE_CUDA")
     monkeypatch.setenv("RACEGUARD_BACKEND", "python")
+    assert native.status() == ("python", "RACEGUARD_BACKEND=python")
     session = Session(lambda e: None)
     assert native.choose(session) == ("python", "RACEGUARD_BACKEND=python")
     assert session.native is None

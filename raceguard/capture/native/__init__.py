@@ -30,8 +30,9 @@ def status() -> tuple[str, str]:
     run would get here (without building anything)."""
     if _chosen:
         return _status
-    if requested() == "python":
-        return ("python", _python_reason())
+    needed = _python_mode_needed(None)
+    if needed is not None:
+        return ("python", needed)
     from .build import probe
 
     backend, reason = probe()
@@ -114,16 +115,24 @@ def _say(line: str | None) -> None:
         pass
 
 
+def _python_mode_needed(session: Any) -> str | None:
+    """Why this run takes the Python mode whatever the recorder's state, or None."""
+    if requested() == "python":
+        return _python_reason()
+    if getattr(session, "sched", None) is not None:
+        return "stress schedules put a scheduling point before every op, which the native recorder does not"
+    if os.environ.get("RACEGUARD_SIMULATE_CUDA"):
+        return "--simulate-cuda rewrites devices in the Python mode's op hook"
+    if _cuda_available():
+        return "the CUDA stream tracker takes its ops from the Python mode"
+    return None
+
+
 def _choose(session: Any) -> tuple[tuple[str, str], bool]:
     """(backend, reason), and whether the native recorder was wanted but is unavailable."""
-    if requested() == "python":
-        return ("python", _python_reason()), False
-    if getattr(session, "sched", None) is not None:
-        return ("python", "stress schedules put a scheduling point before every op, which the native recorder does not"), False
-    if os.environ.get("RACEGUARD_SIMULATE_CUDA"):
-        return ("python", "--simulate-cuda rewrites devices in the Python mode's op hook"), False
-    if _cuda_available():
-        return ("python", "the CUDA stream tracker takes its ops from the Python mode"), False
+    needed = _python_mode_needed(session)
+    if needed is not None:
+        return ("python", needed), False
     from .build import ensure
 
     result = ensure()

@@ -209,6 +209,15 @@ def test_findings_survive_os_exit(tmp_path: Path) -> None:
     assert len(report["findings"]) == 1
 
 
+def test_statistics_survive_os_exit(tmp_path: Path) -> None:
+    """os._exit runs no finally and no atexit: the final statistics are sent before it, or the
+    report of a clean run would say 0 threads, 0 ops (a heartbeat every 0.5 s is too late)."""
+    proc, report = run_check(TARGETS / "threads_then_os_exit.py", tmp_path)
+    assert (proc.returncode, proc.stdout) == (3, "accumulated 10\n"), proc.stderr
+    assert report["target_exit_code"] == 3 and report["findings"] == []
+    assert report["stats"]["threads"] == 3 and report["stats"]["ops"] >= 10, report["stats"]
+
+
 def test_timeout_reports_what_was_found(tmp_path: Path) -> None:
     started = time.monotonic()
     proc, report = run_check(TARGETS / "sleeps.py", tmp_path, "--timeout", "15")

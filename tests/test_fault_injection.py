@@ -21,7 +21,7 @@ from raceguard.report.document import validate_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "fixtures" / "faults" / "inject.py"
-FAMILIES = ["dispatch", "dispatch-after", "gpu-trace", "cuda-api", "module", "sync", "threads", "rng", "origins", "naming", "wrappers", "torchscript"]
+FAMILIES = ["dispatch", "dispatch-after", "gpu-trace", "cuda-api", "module", "sync", "threads", "rng", "origins", "naming", "wrappers", "torchscript", "os-exit"]
 ENV = {**os.environ, "RACEGUARD_SIMULATE_CUDA": "1"}
 
 

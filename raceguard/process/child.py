@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ..capture.identity import present_as
+from ..capture.stacks import own_frames_removed
 
 ENV_VAR = "RACEGUARD_CHILD"
 
@@ -113,7 +114,35 @@ def _end_run_after_deadlock(session: Any, sink: PipeSink) -> None:
             stream.flush()
         except Exception:
             pass
-    os._exit(1)
+    _real_os_exit(1)  # the report is complete: not through the target's os._exit below
+
+
+_real_os_exit = os._exit
+
+
+def _report_before_os_exit(session: Any) -> None:
+    """``os._exit`` runs no ``finally`` and no ``atexit``: a target that ends with it would lose
+    what :func:`main` sends when the target returns (the final statistics, the lock-order cycles
+    seen so far), and the report would say 0 threads, 0 ops. The target's ``os._exit`` sends them
+    first, then exits exactly as the original does (same status, same errors for bad
+    arguments, no frame of raceguard's in their traceback). A fork of this process sends its own
+    statistics; its cycles are its parent's to report."""
+    own_pid = os.getpid()
+
+    def _exit(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if os.getpid() == own_pid:
+                session.report_lock_cycles()
+            session.emit({"type": "stats", "stats": session.stats()})
+        except Exception as exc:  # the target exits all the same
+            session.hook_failed("sending the statistics before os._exit", exc)
+        try:
+            return _real_os_exit(*args, **kwargs)
+        except BaseException as exc:
+            own_frames_removed(exc)
+            raise
+
+    os._exit = present_as(_exit, _real_os_exit)
 
 
 def _flush_on_sigterm(session: Any) -> None:
@@ -222,6 +251,7 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
     main_state = activate(session, thread=threading.main_thread()).state
     session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
     _flush_on_sigterm(session)
+    _report_before_os_exit(session)
     _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
     import_warnings, torch_filters = held
 

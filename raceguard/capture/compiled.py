@@ -1,6 +1,7 @@
 """torch.compile under raceguard: Dynamo never sees raceguard, and compiled graphs are still seen.
 
-Three things make a compiled program run compiled, and its accesses recorded:
+Four things make a compiled program run compiled, and its accesses recorded as the Python
+dispatch mode records them under either capture backend:
 
 1. **raceguard's dispatch frames are invisible to Dynamo.** Inside ``__torch_dispatch__`` the
    mode is popped off the dispatch stack, so a Dynamo frame callback that is still set (the
@@ -22,6 +23,13 @@ Three things make a compiled program run compiled, and its accesses recorded:
    inputs those are comes from AOTAutograd's mutation metadata when the backend recorded it, and
    from version counters after the call otherwise (BatchNorm running stats, optimizer state in a
    compiled ``step``).
+4. **Under the native recorder, the compile is not recorded either** (:class:`_Unrecorded`):
+   every dispatch mode is off while torch compiles, but a RecordFunction observer is not, and
+   saw the compile's own ops on fake tensors (Dynamo's propagation of every traced op,
+   AOTAutograd's and Inductor's passes), with the user's line as their site. The recorder skips
+   the compiling thread's ops inside Dynamo's compile of a frame (convert_frame's
+   ``_disable_current_modes()``) and inside the compile of a graph's backward, which
+   AOTAutograd runs at the graph's first backward pass.
 
 Everything used from torch here is private; each piece checks what it needs and leaves the
 program exactly as it is when it is missing (then a compiled graph's fused work is not seen).
@@ -30,6 +38,7 @@ program exactly as it is when it is missing (then a compiled graph's fused work 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import getpass
 import importlib.abc
 import os
@@ -38,7 +47,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -50,6 +59,7 @@ from .stacks import add_library_location, op_site_function
 from .torch_ops import byte_ranges
 
 _DYNAMO_OUTPUT_GRAPH = "torch._dynamo.output_graph"
+_DYNAMO_CONVERT_FRAME = "torch._dynamo.convert_frame"
 _site = op_site_function()
 _Tensor = torch.Tensor
 _finder: "_ImportWatch | None" = None
@@ -191,10 +201,56 @@ def _failed(what: str, exc: BaseException) -> None:
         s.hook_failed(what, exc)
 
 
-# (module, class, attribute, replacement): wrapped while a session is active.
+# -- 4. the compile itself, unrecorded under the native recorder too --------------------------
+@contextlib.contextmanager
+def _modes_off(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    """convert_frame's ``_disable_current_modes()``, around everything Dynamo does to compile a
+    frame (tracing, AOTAutograd, Inductor)."""
+    with _orig["_disable_current_modes"](*args, **kwargs) as value, _Unrecorded():
+        yield value
+
+
+def _backward_get_or_compile(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``_AutogradBackwardCompiler.get_or_compile``: a graph's backward is compiled at its first
+    backward pass, inside that pass, with the modes off (Inductor's ``compile_fx_inner``)."""
+    if getattr(self, "compiled_bw", None) is not None:  # compiled already: every later pass
+        return _orig["get_or_compile"](self, *args, **kwargs)
+    with _Unrecorded():
+        return _orig["get_or_compile"](self, *args, **kwargs)
+
+
+class _Unrecorded:
+    """Inside it, the native recorder (when it records the active session) records none of the
+    calling thread's ops."""
+
+    __slots__ = ("recorder",)
+
+    def __enter__(self) -> None:
+        self.recorder = None
+        native = getattr(session_mod.ACTIVE, "native", None)
+        if native is None:
+            return
+        try:
+            native.module.suspend()
+            self.recorder = native.module
+        except Exception as exc:  # the compile's fake-tensor ops are then recorded, harmlessly
+            _failed("suspending the native recorder while torch compiles", exc)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.recorder is not None:
+            try:
+                self.recorder.resume()
+            except Exception as exc:
+                _failed("resuming the native recorder after torch compiled", exc)
+
+
+# (module, class or None for the module itself, attribute, replacement): wrapped while a
+# session is active.
 _PATCHES = (
     (_DYNAMO_OUTPUT_GRAPH, "OutputGraph", "call_user_compiler", _call_user_compiler),
     (_RUNTIME_WRAPPERS, "RuntimeWrapper", "post_compile", _note_metadata),
+    (_RUNTIME_WRAPPERS, "_AutogradBackwardCompiler", "get_or_compile", _backward_get_or_compile),
+    (_DYNAMO_CONVERT_FRAME, None, "_disable_current_modes", _modes_off),
 )
 _WATCHED = frozenset(p[0] for p in _PATCHES)
 _orig: dict[str, Callable] = {}
@@ -203,12 +259,17 @@ _orig: dict[str, Callable] = {}
 def _patch_dynamo() -> None:
     """Wrap every graph Dynamo compiles from now on (idempotent)."""
     for module_name, cls_name, attr, replacement in _PATCHES:
-        cls = getattr(sys.modules.get(module_name), cls_name, None)
-        current = cls.__dict__.get(attr) if cls is not None else None
+        owner = _owner(module_name, cls_name)
+        current = vars(owner).get(attr) if owner is not None else None
         if current is None or current is replacement:
             continue
         _orig[attr] = current
-        setattr(cls, attr, replacement)
+        setattr(owner, attr, replacement)
+
+
+def _owner(module_name: str, cls_name: str | None) -> Any:
+    module = sys.modules.get(module_name)
+    return module if cls_name is None else getattr(module, cls_name, None)
 
 
 class _ImportWatch(importlib.abc.MetaPathFinder):
@@ -293,6 +354,6 @@ def uninstall() -> None:
                 pass
             _finder = None
         for module_name, cls_name, attr, replacement in _PATCHES:
-            cls = getattr(sys.modules.get(module_name), cls_name, None)
-            if cls is not None and cls.__dict__.get(attr) is replacement:
-                setattr(cls, attr, _orig.pop(attr))
+            owner = _owner(module_name, cls_name)
+            if owner is not None and vars(owner).get(attr) is replacement:
+                setattr(owner, attr, _orig.pop(attr))

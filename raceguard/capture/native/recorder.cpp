@@ -847,6 +847,19 @@ PyObject* py_stats(PyObject*, PyObject*) {
 
 PyObject* py_thread_key(PyObject*, PyObject*) { return PyLong_FromLongLong(buf()->key); }
 
+// suspend() / resume(): the calling thread's ops are not recorded in between (nestable): torch
+// turns every dispatch mode off while Dynamo compiles, so the Python mode sees none of them.
+PyObject* py_suspend(PyObject*, PyObject*) {
+  ++buf()->depth;  // as inside a recorded op: nested ops are invisible
+  Py_RETURN_NONE;
+}
+
+PyObject* py_resume(PyObject*, PyObject*) {
+  ThreadBuf* b = buf();
+  if (b->depth > 0) --b->depth;
+  Py_RETURN_NONE;
+}
+
 PyMethodDef g_methods[] = {
     {"tick", (PyCFunction)(void (*)(void))py_tick, METH_FASTCALL, "tick() -> the next global sequence number"},
     {"install", py_install, METH_VARARGS,
@@ -860,6 +873,8 @@ PyMethodDef g_methods[] = {
     {"wake", py_wake, METH_NOARGS, "wake(): end a wait()"},
     {"stats", py_stats, METH_NOARGS, "stats() -> (lost records, cut stacks, native threads)"},
     {"thread_key", py_thread_key, METH_NOARGS, "thread_key() -> the calling thread's key in records"},
+    {"suspend", py_suspend, METH_NOARGS, "suspend(): record none of the calling thread's ops until resume()"},
+    {"resume", py_resume, METH_NOARGS, "resume(): undo one suspend() of the calling thread"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "raceguard_native_recorder", nullptr, -1, g_methods};

@@ -1,7 +1,9 @@
 """Issue 14's second GPU workload: 4 request threads, each on its own CUDA stream (when there is a
 GPU), serve 100 requests each from a shared 3-layer MLP in eval mode; every reply is read back with
 ``.item()``. Device-agnostic (cuda when available, else cpu, where there are no streams). Prints
-the loop time after warm-up (``loop_seconds``). ``--requests N`` shortens it.
+the loop time after warm-up (``loop_seconds``). ``--requests N`` shortens it; ``--batch``,
+``--in-features`` and ``--hidden`` shrink the tensors, not the op mix (the proxy's launch-bound
+estimate wants kernels that cost next to nothing).
 """
 
 import argparse
@@ -15,11 +17,15 @@ from torch import nn
 ap = argparse.ArgumentParser()
 ap.add_argument("--requests", type=int, default=100)
 ap.add_argument("--threads", type=int, default=4)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--in-features", type=int, default=256)
+ap.add_argument("--hidden", type=int, default=512)
 args = ap.parse_args()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+model = nn.Sequential(nn.Linear(args.in_features, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU(),
+                      nn.Linear(args.hidden, 10))
 model = model.to(DEVICE).eval()
 if DEVICE.type == "cuda":
     torch.cuda.synchronize()  # the weights are on the device before any side stream reads them
@@ -32,12 +38,12 @@ def serve(idx: int) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(idx)
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         with torch.no_grad():
-            model(torch.randn(8, 256, device=DEVICE, generator=gen))  # warm-up
+            model(torch.randn(args.batch, args.in_features, device=DEVICE, generator=gen))  # warm-up
         start.wait()
         total = 0.0
         for _ in range(args.requests):
             with torch.no_grad():
-                reply = model(torch.randn(8, 256, device=DEVICE, generator=gen))
+                reply = model(torch.randn(args.batch, args.in_features, device=DEVICE, generator=gen))
             total += float(reply.sum().item())  # the request waits for its own stream
         checksums[idx] = total
 

@@ -141,7 +141,7 @@ print(x.grad.shape)
 def test_nothing_torch_runs_to_compile_is_recorded_under_either_backend(tmp_path: Path) -> None:
     """Dynamo runs every traced op on fake tensors, and the backward is compiled at the first
     backward pass; the Python mode is off meanwhile, and the native recorder skips the compiling
-    thread, so both backends count the same ops (it counted 54 against the Python mode's 19)."""
+    thread, so both backends count the same ops (it counted 55 against the Python mode's 19)."""
     script = tmp_path / "compiles.py"
     script.write_text(COMPILES_WITH_FAKE_OPS)
     runs = _both_backends(script, tmp_path)

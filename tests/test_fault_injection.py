@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "fixtures" / "faults" / "inject.py"
 FAMILIES = ["dispatch", "dispatch-after", "gpu-trace", "cuda-api", "module", "sync", "threads", "rng", "origins", "naming", "wrappers", "torchscript", "os-exit"]
 ENV = {**os.environ, "RACEGUARD_SIMULATE_CUDA": "1"}
+# The native recorder runs only where no CUDA (simulated or real) is in play.
+NATIVE_ENV = {**{k: v for k, v in os.environ.items() if k != "RACEGUARD_SIMULATE_CUDA"}, "RACEGUARD_BACKEND": "native"}
 
 
 def _target_stderr(text: str) -> list[str]:
@@ -30,11 +32,11 @@ def _target_stderr(text: str) -> list[str]:
     return [line for line in text.splitlines() if not line.startswith("raceguard")]
 
 
-def _plain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TARGET), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+def _plain(*args: str, env: dict = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TARGET), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
-def _checked(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def _checked(tmp_path: Path, *args: str, env: dict = ENV) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "raceguard", "check", "--format", "json", "-o", str(out), str(TARGET), *args],
@@ -42,7 +44,7 @@ def _checked(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, d
         capture_output=True,
         text=True,
         timeout=180,
-        env=ENV,
+        env=env,
     )
     report = json.loads(out.read_text())
     validate_report(report)
@@ -54,6 +56,21 @@ def test_a_failing_hook_family_leaves_the_target_unchanged(family: str, tmp_path
     plain = _plain(family)
     assert plain.returncode == 0, plain.stderr
     proc, report = _checked(tmp_path, family)
+    _assert_unchanged_and_incomplete(plain, proc, report)
+
+
+def test_a_failing_native_random_draw_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    plain = _plain("rng-draw", env=NATIVE_ENV)
+    assert plain.returncode == 0, plain.stderr
+    proc, report = _checked(tmp_path, "rng-draw", env=NATIVE_ENV)
+    if not report["stats"].get("capture_backend", "").startswith("native"):
+        pytest.skip(f"native recorder unavailable: {report['stats'].get('capture_backend')}")
+    _assert_unchanged_and_incomplete(plain, proc, report)
+    draws = [e for e in report["incomplete"]["errors"] if "recording a random draw" in e["message"]]
+    assert draws and "InjectedFault" in draws[0]["message"]
+
+
+def _assert_unchanged_and_incomplete(plain: subprocess.CompletedProcess, proc: subprocess.CompletedProcess, report: dict) -> None:
     assert proc.stdout == plain.stdout
     assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)
     assert proc.returncode == 0, proc.stderr  # clean: the failure is raceguard's, not the target's

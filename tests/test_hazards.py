@@ -100,6 +100,9 @@ def test_rng_table_covers_every_schema_with_a_generator_argument() -> None:
         (torch.ops.aten.uniform_.default, (torch.empty(3), 0.0, 1.0), {"generator": None}, ("default", "cpu")),
         (torch.ops.aten.native_dropout.default, (torch.ones(3), 0.5, True), {}, ("default", "cpu")),
         (torch.ops.aten.native_dropout.default, (torch.ones(3), 0.5, False), {}, None),
+        # rrelu in eval mode: training=False, its default, is left out of what a mode gets
+        (torch.ops.aten.rrelu_with_noise.default, (torch.ones(3), torch.zeros(3)), {}, None),
+        (torch.ops.aten.rrelu_with_noise.default, (torch.ones(3), torch.zeros(3), 0.1, 0.3, True), {}, ("default", "cpu")),
         (torch.ops.aten.add.Tensor, (torch.ones(3), torch.ones(3)), {}, "not-rng"),
     ],
 )

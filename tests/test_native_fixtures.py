@@ -1,5 +1,5 @@
-"""Both capture backends, one truth: every race fixture through the public CLI with the default
-backend (the native recorder) gives the findings the Python dispatch mode
+"""Both capture backends, one truth: every race fixture, and each random-generator hazard,
+through the public CLI with the default backend (the native recorder) gives the findings the Python dispatch mode
 (``RACEGUARD_BACKEND=python``) gives (kind, resource, both user lines, fingerprint), and every
 clean fixture is clean under the Python mode too; the TorchScript programs a dispatch mode breaks run under the
 native backend with plain python's output and exit status; and the race between ThroughputBenchmark's
@@ -20,6 +20,9 @@ from test_cli_fixtures import CLEAN_FIXTURES, FIXTURES, RACE_FIXTURES, ROOT, _ex
 from raceguard.capture.native import build
 
 NATIVE_FIXTURES = sorted((FIXTURES / "native").glob("*.py"))
+# shared-rng needs each random op's generator and device, which the recorder records too; the
+# clean twin runs with the default backend in test_cli_hazards.
+RNG_RACES = [p for p in sorted((FIXTURES / "hazards").glob("rng_*.py")) if _expectation(p)[0] != "clean"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +57,7 @@ def _by_place(report: dict) -> dict[tuple, set]:
     return out
 
 
-@pytest.mark.parametrize("path", RACE_FIXTURES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RACE_FIXTURES + RNG_RACES, ids=lambda p: p.stem)
 def test_race_fixture_findings_are_identical_under_both_backends(path: Path, tmp_path: Path) -> None:
     (tmp_path / "py").mkdir()
     (tmp_path / "native").mkdir()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raceguard.capture import native, torch_ops
+from raceguard.capture.rng_ops import device_of, draw_conditions, is_rng_op, rng_generator
 from raceguard.capture.native import build
 from raceguard.capture.native.backend import NativeBackend
 from raceguard.capture.session import Session
@@ -27,6 +28,7 @@ def rec():
     if result.module is None:
         pytest.skip(f"native recorder unavailable: {result.reason}")
     module = result.module
+    module.configure_rng(draw_conditions())  # before install: plans keep what they were built with
     module.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT), dict(torch_ops.UNDECLARED_WRITES), *CAPACITY)
     module.drain()
     yield module
@@ -36,7 +38,7 @@ def rec():
 
 def _ops(module):
     out = []
-    for seq, key, pid, backward, site, accs, outs, param in module.drain():
+    for seq, key, pid, backward, site, accs, outs, param, draw in module.drain():
         name = module.plan(pid)[0]
         out.append((name, key, backward, [(a[1], a[2] & 1, a[5] * a[6], a[7] * a[6]) for a in accs], outs, site))
     return out
@@ -83,6 +85,48 @@ def test_sites_are_the_callers_frames(rec):
     (op,) = [o for o in _ops(rec) if o[0] == "aten::add_.Tensor"]
     site = op[5]
     assert site[0].co_name == "test_sites_are_the_callers_frames"
+
+
+def test_random_draws_are_recorded_as_the_dispatch_mode_sees_them(rec):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator()
+    x = torch.rand(4)
+    calls = [
+        lambda: torch.randn(3),
+        lambda: torch.randn(3, generator=gen),
+        lambda: torch.randn(3, device="meta"),
+        lambda: torch.randint(0, 10, (4,)),
+        lambda: x.clone().bernoulli_(0.5, generator=gen),
+        lambda: torch.normal(x, 1.0),  # the device of a positional tensor
+        lambda: torch.nn.functional.dropout(x, 0.5, training=True),
+        lambda: torch.nn.functional.rrelu(x, training=False),  # training=False is rrelu's default
+        lambda: torch.nn.functional.rrelu(x, training=True),
+    ]
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if is_rng_op(func):
+                which = rng_generator(func, args, kwargs)
+                seen.append(None if which is None else (which[1] is None, device_of(args, kwargs)))
+            return func(*args, **kwargs)
+
+    with Mode():
+        for call in calls:
+            call()
+    rec.drain()
+    for call in calls:
+        call()
+    rngs = set(draw_conditions())
+    recorded = [
+        None if draw is None else (draw[0] is None, draw[1])
+        for _, _, pid, _, _, _, _, _, draw in rec.drain()
+        if rec.plan(pid)[0].split(".")[0] in rngs
+    ]
+    assert recorded == seen
+    assert seen.count(None) == 1 and (False, "cpu") in seen and (True, "meta") in seen
 
 
 def test_python_thread_and_native_thread_ops_carry_their_thread(rec):

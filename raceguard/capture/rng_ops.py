@@ -70,7 +70,12 @@ def _build_rng_spec(func: Any) -> _RngSpec | None:
         if "Generator" in str(a.type):
             gen_index, gen_name, kwarg_only = i, a.name, bool(a.kwarg_only)
             break
-    return _RngSpec(name, gen_index, gen_name, kwarg_only, _RNG_CONDITION.get(base))
+    cond = _RNG_CONDITION.get(base)
+    if cond is not None:
+        # A flag left at its default is not passed to a dispatch mode: rrelu's training=False.
+        default = next((a.default_value for a in func._schema.arguments if a.name == cond[1]), None)
+        cond = (*cond, default)
+    return _RngSpec(name, gen_index, gen_name, kwarg_only, cond)
 
 
 def is_rng_op(func: Any) -> bool:
@@ -93,8 +98,8 @@ def rng_generator(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
     if spec is None:
         return None
     if spec.cond is not None:
-        index, flag = spec.cond
-        value = args[index] if index < len(args) else kwargs.get(flag)
+        index, flag, default = spec.cond
+        value = args[index] if index < len(args) else kwargs.get(flag, default)
         if value is not None and not value:
             return None
     gen = None
@@ -106,6 +111,12 @@ def rng_generator(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
     if gen is not None:
         return id(gen), gen
     return ("default", device_of(args, kwargs)), None
+
+
+def draw_conditions() -> dict[str, str | None]:
+    """{base name of every RNG op: the boolean argument that must be true for it to draw, or
+    None}: :func:`rng_generator`'s rule, for the native recorder's plans."""
+    return {name: _RNG_CONDITION[name][1] if name in _RNG_CONDITION else None for name in RNG_OPS}
 
 
 def device_of(args: tuple, kwargs: dict) -> str:

@@ -88,6 +88,8 @@ class Session:
     # ``(session, state, func, args, kwargs)``; an op inside an AccumulateGrad node, before
     # ``(session, state) -> var | None`` and after its accesses ``(session, state, var)``.
     hazard_rng_op: Callable[..., None] | None = None
+    # A random draw the native recorder saw ``(session, state, generator or None, device, op, site)``.
+    hazard_rng_draw: Callable[..., None] | None = None
     hazard_grad_accumulation: Callable[..., Any] | None = None
     hazard_grad_accumulated: Callable[..., None] | None = None
     # Set by raceguard.multiprocess in a checked multi-process run: each access to a storage in

@@ -83,7 +83,7 @@ from .modes import _inference_mode_enter, _set_autocast_enabled, _set_grad_enabl
 from .optimizer import _optimizer_pre_hook
 from .optimizer import _runs  # noqa: F401 - re-exported (tests)
 from .origins import on_submit, on_thread_start
-from .rng import _RNG_FUNCTIONS, _rng_call, on_rng_op
+from .rng import _RNG_FUNCTIONS, _rng_call, on_rng_draw, on_rng_op
 from .serialization import _tensor_reduce_ex, _torch_save, record_tensor_reads
 
 
@@ -97,6 +97,7 @@ __all__ = [
     "is_rng_op",
     "rng_generator",
     "on_rng_op",
+    "on_rng_draw",
     "on_thread_start",
     "on_submit",
     "record_tensor_reads",
@@ -119,6 +120,7 @@ def install(session: Any) -> None:
         _reported.clear()
     _state._session = session
     session.hazard_rng_op = on_rng_op
+    session.hazard_rng_draw = on_rng_draw
     session.hazard_grad_accumulation = grad_accumulation
     session.hazard_grad_accumulated = grad_accumulated
     if _state._installed:
@@ -187,7 +189,7 @@ def install(session: Any) -> None:
 
 def _unregister(session: Any) -> None:
     if session is not None:
-        for name in ("hazard_rng_op", "hazard_grad_accumulation", "hazard_grad_accumulated"):
+        for name in ("hazard_rng_op", "hazard_rng_draw", "hazard_grad_accumulation", "hazard_grad_accumulated"):
             session.__dict__.pop(name, None)
 
 

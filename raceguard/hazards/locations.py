@@ -127,8 +127,11 @@ def _covered(shadow: ShadowStorage, lo: int, hi: int, tid: int, epoch: int, is_w
     return True
 
 
-def _record(s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: bool, op: str) -> list[Race]:
-    """Record one access of the calling thread to ``ranges`` of a location; return the races."""
+def _record(
+    s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: bool, op: str, site: Any = None
+) -> list[Race]:
+    """Record one access of the thread of ``state`` to ``ranges`` of a location, made at ``site``
+    (None: the calling thread, now); return the races."""
     if getattr(s, "closed", False):  # a ScopedSession that ended: its threads run on unwatched
         return []
     hb = s.hb
@@ -137,7 +140,7 @@ def _record(s: Any, state: Any, shadow: ShadowStorage, ranges: list, is_write: b
         epoch = hb.epoch(tid)
         if all(_covered(shadow, lo, hi, tid, epoch, is_write) for lo, hi in ranges):
             return []
-    info = OpInfo(_site(), op, state.locks, state.origin)
+    info = OpInfo(_site() if site is None else site, op, state.locks, state.origin)
     races: list[Race] = []
     with s.lock:
         rec = hb.record(tid, is_write, info)

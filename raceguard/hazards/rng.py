@@ -1,6 +1,7 @@
 """The global RNG: every aten op drawing from a generator (:func:`on_rng_op`, called by
-``Session.on_op``), ``torch.manual_seed`` / ``seed`` / ``set_rng_state`` are writes of that
-generator's location, ``torch.get_rng_state`` a read of the default one.
+``Session.on_op``; :func:`on_rng_draw`, called for the native recorder's records), and
+``torch.manual_seed`` / ``seed`` / ``set_rng_state`` are writes of that generator's location,
+``torch.get_rng_state`` a read of the default one.
 """
 
 from __future__ import annotations
@@ -34,12 +35,25 @@ def on_rng_op(s: Any, state: Any, func: Any, args: tuple, kwargs: dict) -> None:
         if which is None:
             return
         device = which[0][1] if which[1] is None else device_of(args, kwargs)
+    except Exception as exc:
+        _internal_error(s, "recording a random draw", exc)
+        return
+    on_rng_draw(s, state, which[1], device, func.name())
+
+
+def on_rng_draw(s: Any, state: Any, gen: Any, device: str, op: str, site: Any = None) -> None:
+    """The thread of ``state`` draws from ``gen`` (None: the default generator of ``device``)
+    in the op named ``op``, at ``site`` (None: here). The native recorder's records come here
+    directly, with the generator, device and site it recorded."""
+    if s.hb.timelines <= 1:
+        return
+    try:
         if device.partition(":")[0] in _NON_DRAWING_DEVICES:
             return
-        key, gen = which
-        label = _default_generator_name(key[1]) if gen is None else None
+        key = ("default", device) if gen is None else id(gen)
+        label = _default_generator_name(device) if gen is None else None
         shadow = _loc(key, gen, "rng", label)
-        races = _record(s, state, shadow, [(0, 1)], True, func.name())
+        races = _record(s, state, shadow, [(0, 1)], True, op, site)
     except Exception as exc:
         _internal_error(s, "recording a random draw", exc)
         return

@@ -23,6 +23,7 @@ from typing import Any
 from ...engine.hb import ShadowStorage, SyncVar
 from ..identity import present_as
 from ..naming import OpInfo, StorageMeta, StorageRef
+from ..rng_ops import draw_conditions
 from ..stacks import first_user_location
 from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
 
@@ -131,6 +132,7 @@ class NativeBackend:
 
         session.stats = stats_after_drain
         self._wrap_native_starters()
+        self.module.configure_rng(draw_conditions())
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
         _thread.start_new_thread(self._drain_loop, ())
         os.register_at_fork(after_in_child=self._after_fork_in_child)
@@ -287,7 +289,7 @@ class NativeBackend:
         return tuple(out)
 
     def _apply(self, s: Any, rec: tuple) -> None:
-        seq, key, pid, backward, site, accs, outs, param = rec
+        seq, key, pid, backward, site, accs, outs, param, draw = rec
         if site and site[0] is None:
             site = self._script_site(site)
         name, metadata_only, fresh_input = self._plan(pid)
@@ -300,6 +302,10 @@ class NativeBackend:
         if state is None:
             self.unwatched_records += 1
             return
+        if draw is not None and s.hazard_rng_draw is not None:
+            # An RNG op: (generator or None, device), told to the hazards before its accesses
+            # and with the sequence of sync events the Python mode's hazard_rng_op sees.
+            s.hazard_rng_draw(s, state, draw[0], draw[1], name, site)
         tid = state.tid
         info = OpInfo(site, name, state.locks, state.origin)
         hb = s.hb

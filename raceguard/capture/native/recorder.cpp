@@ -20,6 +20,7 @@
 #include <c10/core/StorageImpl.h>
 #include <c10/core/TensorImpl.h>
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/Generator.h>
 #include <torch/csrc/Storage.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -85,6 +86,13 @@ struct Plan {
   bool returns_written_args = false;
   std::vector<uint32_t> undeclared;  // written when the bool argument undeclared_cond is true
   int64_t undeclared_cond = -1;
+  // Draws from (or reseeds) a random generator (capture/rng_ops.py, given by configure_rng):
+  // the indices of its Generator? argument, its keyword-only device argument and the bool it
+  // draws only when true (-1: none), and how many arguments are positional (the dispatch
+  // mode's args, where rng_ops.device_of looks for a tensor).
+  bool rng = false;
+  int32_t rng_generator = -1, rng_device = -1, rng_cond = -1;
+  uint32_t rng_positional = 0;
 };
 
 std::mutex g_plan_mu;
@@ -92,6 +100,7 @@ std::unordered_map<const c10::FunctionSchema*, Plan*> g_plans;  // under g_plan_
 std::vector<Plan*> g_plan_list;                                 // by id, under g_plan_mu
 std::unordered_set<std::string> g_metadata_only, g_fresh_input;
 std::unordered_map<std::string, std::pair<std::vector<uint32_t>, int64_t>> g_undeclared;
+std::unordered_map<std::string, std::string> g_rng_ops;  // base name -> its draw condition ("": none)
 
 bool tensor_type(const c10::TypePtr& t, bool& is_list) {
   auto kind = t->kind();
@@ -104,6 +113,20 @@ bool tensor_type(const c10::TypePtr& t, bool& is_list) {
     if (tensor_type(el, inner) && !inner) return (is_list = true, true);
   }
   return false;
+}
+
+// rng_ops.rng_generator's view of a schema: where the generator, device and condition are.
+void plan_rng(Plan* p, const c10::FunctionSchema& schema, const std::string& cond) {
+  p->rng = true;
+  const auto& args = schema.arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto& a = args[i];
+    const int32_t index = static_cast<int32_t>(i);
+    if (p->rng_generator < 0 && a.type()->str().find("Generator") != std::string::npos) p->rng_generator = index;
+    if (a.kwarg_only() && a.name() == "device") p->rng_device = index;
+    if (!cond.empty() && a.name() == cond) p->rng_cond = index;
+    if (!a.kwarg_only()) p->rng_positional = i + 1;
+  }
 }
 
 Plan* build_plan(const c10::FunctionSchema& schema) {
@@ -130,6 +153,8 @@ Plan* build_plan(const c10::FunctionSchema& schema) {
     p->undeclared = u->second.first;
     p->undeclared_cond = u->second.second;
   }
+  auto rng = g_rng_ops.find(base);
+  if (rng != g_rng_ops.end()) plan_rng(p, schema, rng->second);
   auto handle = c10::Dispatcher::singleton().findSchema({base, schema.overload_name()});
   if (handle) {
     using K = c10::DispatchKey;
@@ -201,6 +226,11 @@ struct OpRec {
   uint32_t nout;
   uint32_t nframes;
   uint32_t backward;  // 1 inside a backward node
+  bool draws;         // draws from (or reseeds) a random generator, on draw_device
+  c10::DeviceType draw_device_type;
+  c10::DeviceIndex draw_device_index;
+  c10::GeneratorImpl* generator;  // the generator argument, one reference held until drained;
+                                  // null: the device's default generator
 };
 
 struct ThreadBuf {
@@ -420,6 +450,11 @@ inline bool add_ivalue(ThreadBuf* b, const c10::IValue& v, uint8_t flags, bool k
   return true;
 }
 
+void release_generator(OpRec& r) {
+  if (r.generator) c10::intrusive_ptr<c10::GeneratorImpl>::reclaim(r.generator);  // drops it
+  r.generator = nullptr;
+}
+
 void release_acc(AccRec& a) {
   if (a.storage) c10::weak_intrusive_ptr<c10::StorageImpl>::reclaim(a.storage);  // drops it
   if (a.tensor) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(a.tensor);
@@ -433,6 +468,7 @@ void abandon(ThreadBuf* b, OpRec& r) {
   for (uint64_t i = r.acc_begin; i < b->acc_head; ++i) release_acc(b->accs[i % cap]);
   if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
   r.param = nullptr;
+  release_generator(r);
   b->acc_head = r.acc_begin;
   b->frame_head = r.frame_begin;
   b->open = false;
@@ -458,6 +494,37 @@ inline c10::TensorImpl* accumulating_variable() {
   c10::TensorImpl* impl = acc->variable.unsafeGetTensorImpl();
   c10::raw::weak_intrusive_ptr::incref(impl);
   return impl;
+}
+
+// rng_ops.rng_generator and device_of for a recorded RNG op: whether it draws this time, from
+// which generator and on which device.
+inline void note_draw(OpRec& r, const Plan& plan, c10::ArrayRef<c10::IValue> inputs) {
+  if (plan.rng_cond >= 0 && static_cast<size_t>(plan.rng_cond) < inputs.size()) {
+    const c10::IValue& c = inputs[plan.rng_cond];
+    if (c.isBool() && !c.toBool()) return;  // dropout in eval mode
+  }
+  c10::Device device(c10::kCPU);
+  if (plan.rng_device >= 0 && static_cast<size_t>(plan.rng_device) < inputs.size() &&
+      inputs[plan.rng_device].isDevice()) {
+    device = inputs[plan.rng_device].toDevice();
+  } else {
+    for (size_t i = 0; i < plan.rng_positional && i < inputs.size(); ++i) {
+      if (!inputs[i].isTensor()) continue;
+      const at::Tensor& t = inputs[i].toTensor();
+      // An undefined tensor is None to the dispatch mode, a wrapped number a number.
+      if (!t.defined() || t.unsafeGetTensorImpl()->is_wrapped_number()) continue;
+      device = t.device();
+      break;
+    }
+  }
+  if (plan.rng_generator >= 0 && static_cast<size_t>(plan.rng_generator) < inputs.size() &&
+      inputs[plan.rng_generator].isGenerator()) {
+    r.generator = inputs[plan.rng_generator].toGenerator().unsafeGetGeneratorImpl();
+    c10::raw::intrusive_ptr::incref(r.generator);
+  }
+  r.draw_device_type = device.type();
+  r.draw_device_index = device.index();
+  r.draws = true;
 }
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
@@ -499,6 +566,8 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   r.nacc = r.nout = r.nframes = 0;
   r.param = accumulating_variable();
   r.backward = b->backward_depth > 0 || r.param != nullptr;
+  r.draws = false;
+  r.generator = nullptr;
   b->open = true;
   const bool keep = r.param != nullptr;
   if (!plan->metadata_only) {
@@ -518,6 +587,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     }
     r.nacc = n;
   }
+  if (C10_UNLIKELY(plan->rng)) note_draw(r, *plan, fn.inputs());
   r.nframes = read_frames(b, r.param == nullptr);
   if (r.nframes == 0) r.nframes = read_script_frames(b);
   return nullptr;
@@ -619,6 +689,26 @@ PyObject* py_install(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// configure_rng({op base name: the bool argument it draws only when true, or None}): the ops
+// that draw from a random generator (rng_ops.draw_conditions()). Call before install: plans
+// already built keep what they were built with.
+PyObject* py_configure_rng(PyObject*, PyObject* table) {
+  if (!PyDict_Check(table)) {
+    PyErr_SetString(PyExc_TypeError, "configure_rng expects a dict");
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> g(g_plan_mu);
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(table, &pos, &key, &value)) {
+    const char* name = PyUnicode_AsUTF8(key);
+    const char* cond = value == Py_None ? "" : PyUnicode_AsUTF8(value);
+    if (name == nullptr || cond == nullptr) return nullptr;
+    g_rng_ops[name] = cond;
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* py_pause(PyObject*, PyObject*) {
   g_enabled.store(false);
   // Disabled, the dispatcher is back on its fast path (no inputs boxed for us). Ranges already
@@ -659,7 +749,20 @@ PyObject* access_tuple(const AccRec& a) {
                        (long long)a.numel, new_tuple_of(a.strides, a.ndim), tensor);
 }
 
-// drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param)]
+// The random draw of a record: None, or (its generator, None for the device's default one,
+// device) as rng_ops.rng_generator and device_of give them.
+PyObject* draw_tuple(const OpRec& r) {
+  if (!r.draws) Py_RETURN_NONE;
+  PyObject* generator = Py_None;
+  if (r.generator)
+    generator = THPGenerator_Wrap(at::Generator(c10::intrusive_ptr<c10::GeneratorImpl>::reclaim_copy(r.generator)));
+  else
+    Py_INCREF(Py_None);
+  const std::string device = c10::Device(r.draw_device_type, r.draw_device_index).str();
+  return Py_BuildValue("(Ns)", generator, device.c_str());
+}
+
+// drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param, draw)]
 // for every published record with seq < limit_seq (all when 0), sorted by seq. Needs the GIL.
 PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   unsigned long long limit = nargs > 0 ? PyLong_AsUnsignedLongLong(args[0]) : 0;
@@ -724,8 +827,8 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
     }
     PyList_SET_ITEM(out, n,
-                    Py_BuildValue("(KLLiNNNN)", (unsigned long long)r.seq, (long long)b->key, (long long)r.plan->id,
-                                  (int)r.backward, site, accs, outs, param));
+                    Py_BuildValue("(KLLiNNNNN)", (unsigned long long)r.seq, (long long)b->key, (long long)r.plan->id,
+                                  (int)r.backward, site, accs, outs, param, draw_tuple(r)));
   }
   // Release the consumed records' references and hand their space back to the producers.
   for (size_t k = 0; k < bufs.size(); ++k) {
@@ -738,6 +841,7 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
       if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
       r.param = nullptr;
+      release_generator(r);
       acc_end = r.acc_begin + r.nacc + r.nout;
       frame_end = r.frame_begin + r.nframes;
     }
@@ -780,6 +884,7 @@ PyObject* py_discard(PyObject*, PyObject*) {
       for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
       if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
       r.param = nullptr;
+      release_generator(r);
       acc_end = r.acc_begin + r.nacc + r.nout;
       frame_end = r.frame_begin + r.nframes;
     }
@@ -864,6 +969,8 @@ PyMethodDef g_methods[] = {
     {"tick", (PyCFunction)(void (*)(void))py_tick, METH_FASTCALL, "tick() -> the next global sequence number"},
     {"install", py_install, METH_VARARGS,
      "install(metadata_only, fresh_input, undeclared, cap_ops, cap_accesses, cap_frames): start recording"},
+    {"configure_rng", py_configure_rng, METH_O,
+     "configure_rng({op: draw condition or None}): the ops that draw from a random generator"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
     {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},

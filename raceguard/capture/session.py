@@ -552,10 +552,14 @@ class Session:
                 event = {**event, "finding": {**finding, "suppressed": ORDERING_LOST_REASON}}
         with self._emit_lock:
             self.sink(event)
-            if event.get("type") in ("finding", "hook-error"):
-                # Statistics travel with every finding and lost event: a crash right after loses
-                # neither.
-                self.sink({"type": "stats", "stats": self.stats()})
+        if event.get("type") in ("finding", "hook-error"):
+            # Statistics travel with every finding and lost event: a crash right after loses
+            # neither. Counted outside the emit lock: counting applies the ops the native
+            # recorder still holds, which can report a race, i.e. emit again and take the
+            # session's lock (whose holder may be waiting for the emit lock).
+            stats = self.stats()
+            with self._emit_lock:
+                self.sink({"type": "stats", "stats": stats})
 
     def _room_for_report(self) -> bool:
         if self.max_reports is not None and self._reported >= self.max_reports:

@@ -49,6 +49,15 @@ def test_a_lock_in_the_scripts_globals_is_named_by_the_global_and_one_without_a_
     assert _session({}).lock_name(anonymous[0]).startswith("Lock (test_lock_names.py:")
 
 
+def _make_lock() -> TrackedLock:
+    return TrackedLock(current_site(0))
+
+
+def test_a_lock_made_by_a_factory_of_the_programs_is_named_where_the_factory_is_called() -> None:
+    cache_lock = _make_lock()
+    assert _session({}).lock_name(cache_lock).startswith("cache_lock (test_lock_names.py:")
+
+
 def test_only_a_one_line_assignment_of_a_call_names_a_lock(tmp_path) -> None:
     source = tmp_path / "program.py"
     source.write_text(

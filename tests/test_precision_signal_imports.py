@@ -29,6 +29,7 @@ HANDLER_PATH = [
     Session.lock_name,
     naming.Namer.name_lock,
     naming.assigned_name,
+    naming._one_line_statement,
     Session.thread_name,
     Session.lock_by_key,
     Session.origin_of,

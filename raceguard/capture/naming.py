@@ -361,8 +361,12 @@ class Namer:
         for name, candidate in _scan_namespace(self._main_globals() or {}):
             if candidate is lock:
                 return name
-        frames = user_key(site) if site else ()
-        return assigned_name(*frames[0][:2]) if frames else None
+        for filename, line, _ in user_key(site) if site else ():
+            statement = _one_line_statement(filename, line)
+            if isinstance(statement, ast.Return) and isinstance(statement.value, ast.Call):
+                continue  # a factory of the program's: named where its caller assigns the result
+            return assigned_name(filename, line)
+        return None
 
 
 def _nothing() -> None:
@@ -370,15 +374,20 @@ def _nothing() -> None:
 
 
 @functools.lru_cache(maxsize=256)
+def _one_line_statement(filename: str, line: int) -> ast.stmt | None:
+    """The statement that is the whole of ``filename:line``; None for a line that is not one."""
+    try:
+        [stmt] = ast.parse(linecache.getline(filename, line).strip()).body
+    except (SyntaxError, ValueError):
+        return None
+    return stmt
+
+
 def assigned_name(filename: str, line: int) -> str | None:
     """The target of the one-line assignment at ``filename:line`` whose value is a call (``lock =
     threading.Lock()``, ``self._lock: Lock = RLock()``): ``lock``, ``self._lock``. None for any other
     statement (several targets, a tuple, a comprehension, a statement over several lines)."""
-    text = linecache.getline(filename, line).strip()
-    try:
-        [stmt] = ast.parse(text).body
-    except (SyntaxError, ValueError):
-        return None
+    stmt = _one_line_statement(filename, line)
     if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
         target = stmt.targets[0]
     elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:

@@ -136,12 +136,31 @@ def _feed(*args: Any, **kwargs: Any) -> Any:
     """A queue's feeder thread: it pickles what ``put`` handed over, on the sender's behalf."""
     from torch.utils._python_dispatch import _disable_current_modes
 
+    recorder = _native_recording_suspended()
     try:
         with _disable_current_modes():
             return _orig["Queue._feed"](*args, **kwargs)
     except BaseException as exc:
         own_frames_removed(exc)
         raise
+    finally:
+        if recorder is not None:
+            recorder.resume()
+
+
+def _native_recording_suspended() -> Any:
+    """The native recorder, told to record none of this thread's ops (as the dispatch mode is off
+    here), when it records this process's session; else None."""
+    s = session_mod.ACTIVE
+    native = getattr(s, "native", None)
+    if native is None:
+        return None
+    try:
+        native.module.suspend()
+        return native.module
+    except Exception as exc:  # the feeder's ops are then recorded: a report may be a false race
+        s.hook_failed("keeping a queue's feeder thread out of the native recording", exc, ordering=True)
+        return None
 
 
 # -- processes -----------------------------------------------------------------------------------

@@ -125,7 +125,23 @@ def _python_mode_needed(session: Any) -> str | None:
         return "--simulate-cuda rewrites devices in the Python mode's op hook"
     if _cuda_available():
         return "the CUDA stream tracker takes its ops from the Python mode"
+    if _started_by_multiprocessing():
+        return (
+            "a process that multiprocessing started names shared tensors from the live frames of the "
+            "thread that accesses them, which the native recorder's later application does not have"
+        )
     return None
+
+
+# How multiprocessing's spawn and forkserver start methods start a Python (CPython 3.11).
+_MULTIPROCESSING_COMMANDS = ("from multiprocessing.spawn import spawn_main", "from multiprocessing.forkserver import main")
+
+
+def _started_by_multiprocessing() -> bool:
+    """A checked worker started by multiprocessing's spawn or forkserver. Its model usually
+    arrives as an argument, so only the accessing frames' locals name it (``model.fc.weight``):
+    under the native recorder it would be named after the allocation site instead."""
+    return any(arg.startswith(_MULTIPROCESSING_COMMANDS) for arg in getattr(sys, "orig_argv", ()))
 
 
 def _choose(session: Any) -> tuple[tuple[str, str], bool]:

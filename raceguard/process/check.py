@@ -84,7 +84,7 @@ def build_report(
         stats["dropped_reports"] = result.stats["dropped_reports"]
     if result.stats.get("processes"):  # the target's Python children were checked too
         stats["processes"] = int(result.stats["processes"])
-    if result.stats.get("capture_backend"):  # which op recorder ran, when the native one was asked for
+    if result.stats.get("capture_backend"):  # which op recorder ran, and why
         stats["capture_backend"] = str(result.stats["capture_backend"])
     for key in ("cuda_streams", "cuda_launches"):  # present once the target initialised CUDA
         if key in result.stats:

@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 from ..capture.identity import present_as
-from ..capture.stacks import own_frames_removed
 
 ENV_VAR = "RACEGUARD_CHILD"
 
@@ -127,6 +126,9 @@ def _report_before_os_exit(session: Any) -> None:
     first, then exits exactly as the original does (same status, same errors for bad
     arguments, no frame of raceguard's in their traceback). A fork of this process sends its own
     statistics; its cycles are its parent's to report."""
+    # Imported once main() has noted its own modules: hidden from the target, as the rest.
+    from ..capture.stacks import own_frames_removed
+
     own_pid = os.getpid()
 
     def _exit(*args: Any, **kwargs: Any) -> Any:

@@ -218,6 +218,14 @@ def test_statistics_survive_os_exit(tmp_path: Path) -> None:
     assert report["stats"]["threads"] == 3 and report["stats"]["ops"] >= 10, report["stats"]
 
 
+def test_os_exit_from_inside_raceguard_still_exits(tmp_path: Path) -> None:
+    """The report before os._exit waits for raceguard's own locks on a thread of its own, for
+    2 s at most: the calling thread may hold one (a signal handler ran inside raceguard)."""
+    proc, report = run_check(TARGETS / "os_exit_inside_raceguard.py", tmp_path, "--timeout", "30")
+    assert (proc.stdout, report["target_exit_code"]) == ("exiting\n", 5), proc.stderr
+    assert report["target_outcome"]["kind"] == "exit"
+
+
 def test_timeout_reports_what_was_found(tmp_path: Path) -> None:
     started = time.monotonic()
     proc, report = run_check(TARGETS / "sleeps.py", tmp_path, "--timeout", "15")

@@ -119,6 +119,13 @@ def _end_run_after_deadlock(session: Any, sink: PipeSink) -> None:
 _real_os_exit = os._exit
 
 
+# How long the target's os._exit waits for its report. The calling thread may hold one of
+# raceguard's own locks (a signal handler of the target's that calls os._exit can run inside
+# raceguard's code): the report, made on a thread of its own, then waits for that lock, and the
+# process exits without it after this long instead of never.
+OS_EXIT_REPORT_WAIT_S = 2.0
+
+
 def _report_before_os_exit(session: Any) -> None:
     """``os._exit`` runs no ``finally`` and no ``atexit``: a target that ends with it would lose
     what :func:`main` sends when the target returns (the final statistics, the lock-order cycles
@@ -131,13 +138,24 @@ def _report_before_os_exit(session: Any) -> None:
 
     own_pid = os.getpid()
 
-    def _exit(*args: Any, **kwargs: Any) -> Any:
+    def report(done: Any) -> None:
         try:
             if os.getpid() == own_pid:
                 session.report_lock_cycles()
             session.emit({"type": "stats", "stats": session.stats()})
         except Exception as exc:  # the target exits all the same
             session.hook_failed("sending the statistics before os._exit", exc)
+        finally:
+            done.release()
+
+    def _exit(*args: Any, **kwargs: Any) -> Any:
+        done = _thread.allocate_lock()
+        done.acquire()
+        try:
+            _thread.start_new_thread(report, (done,))
+            done.acquire(timeout=OS_EXIT_REPORT_WAIT_S)
+        except Exception:  # no thread to report from (the interpreter is shutting down)
+            pass
         try:
             return _real_os_exit(*args, **kwargs)
         except BaseException as exc:

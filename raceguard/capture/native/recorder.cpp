@@ -392,8 +392,11 @@ inline uint32_t read_script_frames(ThreadBuf* b) {
 
 // Appends one access; false when the buffer is full.
 inline bool add_tensor(ThreadBuf* b, const at::Tensor& t, uint8_t flags, bool keep_tensor) {
-  // A Python number torch wrapped for the op (x.add_(1)): the dispatch mode sees the number.
-  if (!t.defined() || !t.has_storage() || t.unsafeGetTensorImpl()->is_wrapped_number()) return true;
+  // A Python number torch wrapped for the op (x.add_(1)): the dispatch mode sees the number. A
+  // nested tensor has no sizes to read (sizes() throws, and torch prints that on stderr); the
+  // dispatch mode skips it too (no plain storage).
+  if (!t.defined() || !t.has_storage() || t.unsafeGetTensorImpl()->is_wrapped_number() || t.is_nested())
+    return true;
   const uint64_t cap = b->accs.size();
   if (b->acc_head + 1 - b->acc_tail.load(std::memory_order_acquire) > cap) return false;
   AccRec& a = b->accs[b->acc_head++ % cap];

@@ -125,6 +125,11 @@ class ShadowStorage:
         else:
             self.starts, self.ends, self.cells = [lo], [hi], [_Cell(write)]
 
+    def restore(self, lo: int, hi: int, write: AccessRecord | None, reads: Any) -> None:
+        """The one interval [lo, hi) with its last write and reads since (None, one record, or a
+        dict by timeline): a shadow kept elsewhere until now (the native drain) taken over."""
+        self.starts, self.ends, self.cells = [lo], [hi], [_Cell(write, reads)]
+
     def intervals(self) -> list[tuple[int, int]]:
         return list(zip(self.starts, self.ends))
 

@@ -20,7 +20,7 @@ import os
 import weakref
 from typing import Any
 
-from ...engine.hb import ShadowStorage, SyncVar
+from ...engine.hb import AccessRecord, CreationRecord, ShadowStorage, SyncVar
 from ..identity import present_as
 from ..naming import OpInfo, StorageMeta, StorageRef
 from ..rng_ops import draw_conditions
@@ -102,9 +102,10 @@ class NativeBackend:
         self.capacity = capacity
         self.session: Any = None
         self._plans: dict[int, tuple[str, bool, bool]] = {}
+        self._plan_ids: dict[str, int] = {}
         self._native_states: dict[int, Any] = {}
         self._draining: set[int] = set()
-        self._prev: dict[int, tuple] = {}  # per thread key: (plan name, first storage) of its last op
+        self.records_to_python = 0  # records the fast drain could not apply natively
         self.dead_accesses = 0  # accesses to storages freed before their record was drained
         self.unwatched_records = 0  # ops of Python threads raceguard does not watch
         self._lost_reported = 0
@@ -120,6 +121,8 @@ class NativeBackend:
         self.session = session
         session.native = self
         session.lock = DrainingLock(session.lock, self.drain)
+        session.shadows = NativeShadows(self.module.take)
+        self.module.configure_fast(self._context_of, self._adopt, session.shadows)
         stats = session.stats
 
         def stats_after_drain() -> dict:
@@ -215,18 +218,41 @@ class NativeBackend:
     # -- draining ----------------------------------------------------------------------------
     def drain(self) -> None:
         """Apply every published record. Never raises (a failure is raceguard's own, counted)."""
+        if not self.module.pending():  # the common case when the session's lock is taken
+            return
         me = _thread.get_ident()
         if me in self._draining:  # a __del__ run by our own bookkeeping took the lock again
             return
         self._draining.add(me)
         try:
-            records = self.module.drain()
-            if records:
-                self._apply_all(records)
-            lost = self.module.stats()[0]
+            s = self.session
+            module = self.module
+            shared = s.shared_access
+            shared_mode = 0 if shared is None else (2 if shared.awaiting else 1)
+            while True:
+                try:
+                    rec = module.fast_drain(shared_mode)
+                except Exception as exc:  # that record is lost; the next drain goes on after it
+                    s.hook_failed("applying natively recorded tensor ops", exc, ordering=True)
+                    break
+                if rec is None:
+                    break
+                try:
+                    if not self._apply(s, rec) and rec[7] is not None:
+                        self._give_back(s, rec)
+                except Exception as exc:
+                    s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
+            ops, dead, unwatched, slow, _ = module.fast_counts()
+            s.ops += ops
+            self.dead_accesses += dead
+            self.unwatched_records += unwatched
+            self.records_to_python += slow
+            if s._dead:
+                s._reap()
+            lost = module.stats()[0]
             if lost and not self._lost_reported:
                 self._lost_reported = lost
-                self.session.hook_failed(
+                s.hook_failed(
                     "recording tensor ops natively",
                     RecordsLost(f"op records were dropped because a thread's buffer was full ({lost} so far)"),
                     ordering=True,
@@ -236,14 +262,48 @@ class NativeBackend:
         finally:
             self._draining.discard(me)
 
-    def _apply_all(self, records: list) -> None:
+    def _context_of(self, key: int) -> Any:
+        """What the fast drain needs of a thread's records: (timeline, its clock, (locks,
+        origin)); False for a Python thread raceguard does not watch; None where Python must
+        decide (a C++ thread seen for the first time)."""
         s = self.session
-        apply = self._apply
-        for rec in records:
-            try:
-                apply(s, rec)
-            except Exception as exc:
-                s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
+        try:
+            state = s.states.get(key) if key > 0 else self._native_states.get(key)
+            if state is None:
+                return False if key > 0 else None
+            tid = state.tid
+            return (tid, s.hb.clock(tid), (state.locks, state.origin))
+        except Exception as exc:  # the record goes to _apply, which meets the problem itself
+            s.hook_failed("reading a thread's clock for natively recorded ops", exc)
+            return None
+
+    def _adopt(self, cd: int, storage: Any, dtype: Any, shape: tuple, site: Any, seen_only: bool, state: tuple) -> None:
+        """A storage's shadow, kept natively until now, handed to the Python engine."""
+        try:
+            self._adopt_shadow(cd, storage, dtype, shape, site, seen_only, state)
+        except Exception as exc:  # its accesses so far are lost: later races are unreliable
+            self.session.hook_failed("handing a natively kept shadow to the Python engine", exc, ordering=True)
+
+    def _adopt_shadow(self, cd: int, storage: Any, dtype: Any, shape: tuple, site: Any, seen_only: bool, state: tuple) -> None:
+        s = self.session
+        lo, hi, write, reads = state
+        meta = StorageMeta(StorageRef(storage, s._on_storage_death, cd), dtype, shape, site, seen_only=seen_only)
+        sh = ShadowStorage(meta)
+        if lo is not None:
+            restored = self._access_record
+            if reads is None:
+                kept = None
+            elif type(reads) is list:
+                kept = {r[0]: restored(r) for r in reads}
+            else:
+                kept = restored(reads)
+            sh.restore(lo, hi, restored(write) if write is not None else None, kept)
+        dict.__setitem__(s.shadows, cd, sh)
+
+    def _access_record(self, fields: tuple) -> AccessRecord:
+        timeline, epoch, is_write, creates, site, plan, (locks, origin) = fields
+        info = OpInfo(site, self._plan(plan)[0], locks, origin)
+        return (CreationRecord if creates else AccessRecord)(timeline, epoch, is_write, info)
 
     def _state(self, key: int, seq: int) -> Any:
         s = self.session
@@ -274,7 +334,50 @@ class NativeBackend:
         plan = self._plans.get(pid)
         if plan is None:
             plan = self._plans[pid] = self.module.plan(pid)
+            self._plan_ids[plan[0]] = pid
         return plan
+
+    def _give_back(self, s: Any, rec: tuple) -> None:
+        """After a gradient accumulation the Python engine applied without a race: the storages
+        it touched go back to the fast drain where their shadow is one interval of op accesses,
+        so that the optimizer's next use of the gradient is decided natively too."""
+        if s.shared_access is not None:
+            return
+        shadows = s.shadows
+        for a in rec[5] + rec[6]:
+            st = a[0]
+            sh = dict.get(shadows, a[1])
+            if st is None or sh is None or len(sh.starts) > 1 or sh.meta.ref() is not st:
+                continue
+            if sh.starts:
+                cell = sh.cells[0]
+                write = cell.write
+                reads = cell.reads
+                try:
+                    state = (
+                        sh.starts[0],
+                        sh.ends[0],
+                        None if write is None else self._native_access(write),
+                        None if reads is None else (
+                            [self._native_access(r) for r in reads.values()] if type(reads) is dict
+                            else self._native_access(reads)
+                        ),
+                    )
+                except _NotAnOp:
+                    continue
+            else:
+                state = (None, None, None, None)
+            meta = sh.meta
+            if self.module.give(a[1], st, meta.dtype, tuple(meta.shape), meta.site, meta.seen_only, state):
+                dict.__delitem__(shadows, a[1])
+
+    def _native_access(self, rec: AccessRecord) -> tuple:
+        """An access record as the fast drain keeps it (see give())."""
+        info = rec.info
+        pid = self._plan_ids.get(getattr(info, "op", None))
+        if type(info) is not OpInfo or pid is None or info.stream is not None:
+            raise _NotAnOp
+        return (rec.timeline, rec.epoch, rec.is_write, rec.creates, info.site, pid, (info.locks, info.origin))
 
     def _script_site(self, site: tuple) -> tuple:
         """A site with TorchScript frames (None, id) made of :class:`ScriptFrame` stand-ins."""
@@ -293,11 +396,6 @@ class NativeBackend:
         if site and site[0] is None:
             site = self._script_site(site)
         name, metadata_only, fresh_input = self._plan(pid)
-        prev = self._prev.get(key)
-        first_cd = accs[0][1] if accs else (outs[0][1] if outs else 0)
-        self._prev[key] = (name, first_cd)
-        if name == "aten::detach_" and prev is not None and prev[0] in _LIFT_OPS and prev[1] == first_cd:
-            return  # torch.tensor()'s own detach_ of the tensor it just made: no mode sees it
         state = self._state(key, seq)
         if state is None:
             self.unwatched_records += 1
@@ -369,6 +467,7 @@ class NativeBackend:
                 hb.release(tid, var)
         if races:
             s.report_races(races)
+        return races
 
     def _grad_var(self, param: Any) -> Any:
         entry = self._grad_vars.get(id(param))
@@ -427,11 +526,38 @@ class ScriptFrame:
         return [(0, 2, self.co_firstlineno)]
 
 
-_LIFT_OPS = frozenset({"aten::lift_fresh", "aten::lift"})
-
-
 def _shadow(meta: Any, *rest: Any) -> Any:
     return ShadowStorage(meta, *rest)
+
+
+class _NotAnOp(Exception):
+    """A remembered access the fast drain cannot keep (not a tensor op's)."""
+
+
+class NativeShadows(dict):
+    """The Python engine's shadows by storage address. A storage the fast drain has kept
+    natively is handed over the first time Python code looks for it (hazards, naming, the
+    CUDA and distributed trackers all look up shadows here)."""
+
+    __slots__ = ("_take",)
+
+    def __init__(self, take: Any) -> None:
+        super().__init__()
+        self._take = take
+
+    def get(self, cd: Any, default: Any = None) -> Any:
+        sh = dict.get(self, cd)
+        if sh is None and self._take(cd):
+            sh = dict.get(self, cd)
+        return default if sh is None else sh
+
+    def __missing__(self, cd: Any) -> Any:
+        if self._take(cd) and dict.__contains__(self, cd):
+            return dict.__getitem__(self, cd)
+        raise KeyError(cd)
+
+    def __contains__(self, cd: Any) -> bool:
+        return dict.__contains__(self, cd) or (bool(self._take(cd)) and dict.__contains__(self, cd))
 
 
 class RecordsLost(RuntimeError):

@@ -26,6 +26,8 @@ from typing import Any
 
 MODULE = "_raceguard_recorder"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorder.cpp")
+# Every file the build reads (recorder.cpp includes shadow.h): all of them key the cache.
+SOURCES = (SOURCE, os.path.join(os.path.dirname(SOURCE), "shadow.h"))
 # A failed build is not retried for this long (every checked process would pay for it again).
 FAILURE_TTL_S = 24 * 3600
 BUILD_TIMEOUT_S = 300
@@ -78,8 +80,11 @@ def cache_key(torch_version: str | None = None) -> str:
     version, install = _torch_identity()
     if torch_version is not None:
         version = torch_version
-    with open(SOURCE, "rb") as f:
-        source_hash = hashlib.sha256(f.read()).hexdigest()[:16]
+    digest_of_sources = hashlib.sha256()
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            digest_of_sources.update(f.read())
+    source_hash = digest_of_sources.hexdigest()[:16]
     parts = [
         version,
         install,

@@ -17,8 +17,10 @@
 // Python key (CompositeImplicitAutograd only) are not, but their decomposition is.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/core/TensorImpl.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Generator.h>
 #include <torch/csrc/Storage.h>
@@ -36,12 +38,15 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <variant>
 #include <vector>
+
+#include "shadow.h"
 
 #if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030C0000
 #error "raceguard's native recorder reads CPython 3.11 frames"
@@ -86,6 +91,8 @@ struct Plan {
   bool returns_written_args = false;
   std::vector<uint32_t> undeclared;  // written when the bool argument undeclared_cond is true
   int64_t undeclared_cond = -1;
+  bool is_lift = false;    // aten::lift_fresh / aten::lift: torch.tensor()'s own copy
+  bool is_detach = false;  // aten::detach_, which torch.tensor() runs on that copy
   // Draws from (or reseeds) a random generator (capture/rng_ops.py, given by configure_rng):
   // the indices of its Generator? argument, its keyword-only device argument and the bool it
   // draws only when true (-1: none), and how many arguments are positional (the dispatch
@@ -148,6 +155,8 @@ Plan* build_plan(const c10::FunctionSchema& schema) {
     if (ai == nullptr || !ai->isWrite()) p->returns_written_args = false;
   }
   p->fresh_input = g_fresh_input.count(base) > 0;
+  p->is_lift = p->name == "aten::lift_fresh" || p->name == "aten::lift";
+  p->is_detach = p->name == "aten::detach_";
   auto u = g_undeclared.find(base);
   if (u != g_undeclared.end()) {
     p->undeclared = u->second.first;
@@ -726,6 +735,15 @@ PyObject* new_tuple_of(const int64_t* v, int n) {
   return t;
 }
 
+// The tensor a weak reference names (a new reference), or None when it died (or for null).
+PyObject* tensor_or_none(c10::TensorImpl* weak_ref) {
+  if (weak_ref != nullptr) {
+    auto weak = c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim_copy(weak_ref);
+    if (auto strong = weak.lock()) return THPVariable_Wrap(at::Tensor(std::move(strong)));
+  }
+  Py_RETURN_NONE;
+}
+
 // One access as (storage or None, storage address, flags, dtype, shape, offset, itemsize,
 // numel, strides, tensor or None).
 PyObject* access_tuple(const AccRec& a) {
@@ -736,20 +754,129 @@ PyObject* access_tuple(const AccRec& a) {
     Py_DECREF(Py_None);
     storage = THPStorage_Wrap(c10::Storage(std::move(strong)));
   }
-  PyObject* tensor = Py_None;
-  Py_INCREF(Py_None);
-  if (a.tensor) {
-    auto wt = c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim_copy(a.tensor);
-    if (auto st = wt.lock()) {
-      Py_DECREF(Py_None);
-      tensor = THPVariable_Wrap(at::Tensor(std::move(st)));
-    }
-  }
+  PyObject* tensor = tensor_or_none(a.tensor);
   PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(static_cast<at::ScalarType>(a.dtype)));
   Py_INCREF(dtype);
   return Py_BuildValue("(NKiNNLiLNN)", storage, (unsigned long long)reinterpret_cast<uintptr_t>(a.storage),
                        (int)a.flags, dtype, new_tuple_of(a.sizes, a.ndim), (long long)a.offset, (int)a.itemsize,
                        (long long)a.numel, new_tuple_of(a.strides, a.ndim), tensor);
+}
+
+// ---- draining -----------------------------------------------------------------------------
+// A snapshot of the published records of every buffer, in sequence order.
+struct DrainItem {
+  uint64_t seq;
+  ThreadBuf* b;
+  uint64_t idx;
+};
+struct Snapshot {
+  std::vector<ThreadBuf*> bufs;
+  std::vector<uint64_t> heads;  // per buffer: the first record not in the snapshot
+  std::vector<DrainItem> items;
+};
+
+void take_snapshot(Snapshot& snap, uint64_t limit) {
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    snap.bufs = g_bufs;
+  }
+  snap.items.clear();
+  snap.heads.assign(snap.bufs.size(), 0);
+  for (size_t k = 0; k < snap.bufs.size(); ++k) {
+    ThreadBuf* b = snap.bufs[k];
+    uint64_t h = b->op_head.load(std::memory_order_acquire);
+    uint64_t i = b->op_tail.load(std::memory_order_relaxed);
+    for (; i < h; ++i) {
+      const OpRec& r = b->ops[i % b->ops.size()];
+      if (limit && r.seq >= limit) break;
+      snap.items.push_back({r.seq, b, i});
+    }
+    snap.heads[k] = i;
+  }
+  std::sort(snap.items.begin(), snap.items.end(),
+            [](const DrainItem& x, const DrainItem& y) { return x.seq < y.seq; });
+}
+
+// Releases the snapshot's records' references and hands their space back to the producers;
+// frees the buffers of threads that ended and were drained empty.
+void release_snapshot(Snapshot& snap) {
+  for (size_t k = 0; k < snap.bufs.size(); ++k) {
+    ThreadBuf* b = snap.bufs[k];
+    uint64_t t = b->op_tail.load(std::memory_order_relaxed);
+    if (snap.heads[k] == t) continue;
+    uint64_t acc_end = 0, frame_end = 0;
+    for (uint64_t i = t; i < snap.heads[k]; ++i) {
+      OpRec& r = b->ops[i % b->ops.size()];
+      for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
+      if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
+      r.param = nullptr;
+      release_generator(r);
+      acc_end = r.acc_begin + r.nacc + r.nout;
+      frame_end = r.frame_begin + r.nframes;
+    }
+    b->acc_tail.store(acc_end, std::memory_order_release);
+    b->frame_tail.store(frame_end, std::memory_order_release);
+    b->op_tail.store(snap.heads[k], std::memory_order_release);
+  }
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    for (auto it = g_bufs.begin(); it != g_bufs.end();) {
+      ThreadBuf* b = *it;
+      if (b->exited && b->op_head.load() == b->op_tail.load()) {
+        it = g_bufs.erase(it);
+        delete b;
+      } else {
+        ++it;
+      }
+    }
+  }
+  snap.bufs.clear();
+  snap.heads.clear();
+  snap.items.clear();
+}
+
+// Sites: the (code, lasti, ...) tuple of a record's frames, interned so that every op at one
+// stack shares one tuple (bounded: past kMaxSites distinct stacks, new ones are not kept).
+constexpr size_t kMaxSites = 1 << 16;
+std::unordered_multimap<uint64_t, PyObject*>* g_sites = new std::unordered_multimap<uint64_t, PyObject*>();
+
+PyObject* site_tuple(ThreadBuf* b, const OpRec& r) {
+  const uint64_t cap = b->frames.size();
+  uint64_t h = 1469598103934665603ull ^ r.nframes;
+  for (uint32_t j = 0; j < r.nframes; ++j) {
+    const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+    h = (h ^ reinterpret_cast<uintptr_t>(f.code)) * 1099511628211ull;
+    h = (h ^ static_cast<uint32_t>(f.lasti)) * 1099511628211ull;
+  }
+  auto range = g_sites->equal_range(h);
+  for (auto it = range.first; it != range.second; ++it) {
+    PyObject* t = it->second;
+    if (PyTuple_GET_SIZE(t) != 2 * static_cast<Py_ssize_t>(r.nframes)) continue;
+    bool same = true;
+    for (uint32_t j = 0; j < r.nframes && same; ++j) {
+      const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+      PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;
+      same = PyTuple_GET_ITEM(t, 2 * j) == code && PyLong_AsLong(PyTuple_GET_ITEM(t, 2 * j + 1)) == f.lasti;
+    }
+    if (same) {
+      Py_INCREF(t);
+      return t;
+    }
+  }
+  PyObject* site = PyTuple_New(2 * r.nframes);
+  if (!site) return nullptr;
+  for (uint32_t j = 0; j < r.nframes; ++j) {
+    const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+    PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;  // None: a script frame
+    Py_INCREF(code);
+    PyTuple_SET_ITEM(site, 2 * j, code);
+    PyTuple_SET_ITEM(site, 2 * j + 1, PyLong_FromLong(f.lasti));
+  }
+  if (g_sites->size() < kMaxSites) {
+    Py_INCREF(site);
+    g_sites->emplace(h, site);
+  }
+  return site;
 }
 
 // The random draw of a record: None, or (its generator, None for the device's default one,
@@ -765,6 +892,25 @@ PyObject* draw_tuple(const OpRec& r) {
   return Py_BuildValue("(Ns)", generator, device.c_str());
 }
 
+// (seq, thread key, plan id, backward, site, accesses, outputs, param, draw)
+// With ``only`` non-empty: just the accesses and outputs it flags.
+PyObject* record_tuple(ThreadBuf* b, const OpRec& r, const std::vector<uint8_t>& only = {}) {
+  PyObject* site = site_tuple(b, r);
+  if (!site) return nullptr;
+  PyObject* accs = PyList_New(0);
+  PyObject* outs = PyList_New(0);
+  for (uint32_t j = 0; j < r.nacc + r.nout; ++j) {
+    if (!only.empty() && !only[j]) continue;
+    AccRec& a = b->accs[(r.acc_begin + j) % b->accs.size()];
+    PyObject* t = access_tuple(a);
+    PyList_Append(j < r.nacc ? accs : outs, t);
+    Py_DECREF(t);
+  }
+  PyObject* param = tensor_or_none(r.param);
+  return Py_BuildValue("(KLLiNNNNN)", (unsigned long long)r.seq, (long long)b->key, (long long)r.plan->id,
+                       (int)r.backward, site, PyList_AsTuple(accs), PyList_AsTuple(outs), param, draw_tuple(r));
+}
+
 // drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param, draw)]
 // for every published record with seq < limit_seq (all when 0), sorted by seq. Needs the GIL.
 PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -772,99 +918,21 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (PyErr_Occurred()) return nullptr;
   std::unique_lock<std::mutex> dg(g_drain_mu, std::try_to_lock);
   if (!dg.owns_lock()) return PyList_New(0);  // another thread is draining
-  std::vector<ThreadBuf*> bufs;
-  {
-    std::lock_guard<std::mutex> g(g_mu);
-    bufs = g_bufs;
-  }
-  struct Item {
-    uint64_t seq;
-    ThreadBuf* b;
-    uint64_t idx;
-  };
-  std::vector<Item> items;
-  std::vector<uint64_t> heads(bufs.size());
-  for (size_t k = 0; k < bufs.size(); ++k) {
-    ThreadBuf* b = bufs[k];
-    uint64_t h = b->op_head.load(std::memory_order_acquire);
-    uint64_t t = b->op_tail.load(std::memory_order_relaxed);
-    uint64_t i = t;
-    for (; i < h; ++i) {
-      const OpRec& r = b->ops[i % b->ops.size()];
-      if (limit && r.seq >= limit) break;
-      items.push_back({r.seq, b, i});
-    }
-    heads[k] = i;
-  }
-  std::sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.seq < y.seq; });
-  PyObject* out = PyList_New(static_cast<Py_ssize_t>(items.size()));
+  Snapshot snap;
+  take_snapshot(snap, limit);
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(snap.items.size()));
   if (!out) return nullptr;
-  for (size_t n = 0; n < items.size(); ++n) {
-    ThreadBuf* b = items[n].b;
-    const OpRec& r = b->ops[items[n].idx % b->ops.size()];
-    PyObject* site = PyTuple_New(2 * r.nframes);
-    for (uint32_t j = 0; j < r.nframes; ++j) {
-      const FrameRec& f = b->frames[(r.frame_begin + j) % b->frames.size()];
-      PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;  // None: a script frame
-      Py_INCREF(code);
-      PyTuple_SET_ITEM(site, 2 * j, code);
-      PyTuple_SET_ITEM(site, 2 * j + 1, PyLong_FromLong(f.lasti));
+  for (size_t n = 0; n < snap.items.size(); ++n) {
+    ThreadBuf* b = snap.items[n].b;
+    PyObject* rec = record_tuple(b, b->ops[snap.items[n].idx % b->ops.size()]);
+    if (!rec) {
+      Py_DECREF(out);
+      release_snapshot(snap);
+      return nullptr;
     }
-    PyObject* accs = PyTuple_New(r.nacc);
-    PyObject* outs = PyTuple_New(r.nout);
-    for (uint32_t j = 0; j < r.nacc + r.nout; ++j) {
-      AccRec& a = b->accs[(r.acc_begin + j) % b->accs.size()];
-      PyObject* t = access_tuple(a);
-      if (j < r.nacc)
-        PyTuple_SET_ITEM(accs, j, t);
-      else
-        PyTuple_SET_ITEM(outs, j - r.nacc, t);
-    }
-    PyObject* param = Py_None;
-    Py_INCREF(Py_None);
-    if (r.param) {
-      auto wt = c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim_copy(r.param);
-      if (auto st = wt.lock()) {
-        Py_DECREF(Py_None);
-        param = THPVariable_Wrap(at::Tensor(std::move(st)));
-      }
-    }
-    PyList_SET_ITEM(out, n,
-                    Py_BuildValue("(KLLiNNNNN)", (unsigned long long)r.seq, (long long)b->key, (long long)r.plan->id,
-                                  (int)r.backward, site, accs, outs, param, draw_tuple(r)));
+    PyList_SET_ITEM(out, n, rec);
   }
-  // Release the consumed records' references and hand their space back to the producers.
-  for (size_t k = 0; k < bufs.size(); ++k) {
-    ThreadBuf* b = bufs[k];
-    uint64_t t = b->op_tail.load(std::memory_order_relaxed);
-    if (heads[k] == t) continue;
-    uint64_t acc_end = 0, frame_end = 0;
-    for (uint64_t i = t; i < heads[k]; ++i) {
-      OpRec& r = b->ops[i % b->ops.size()];
-      for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
-      if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
-      r.param = nullptr;
-      release_generator(r);
-      acc_end = r.acc_begin + r.nacc + r.nout;
-      frame_end = r.frame_begin + r.nframes;
-    }
-    b->acc_tail.store(acc_end, std::memory_order_release);
-    b->frame_tail.store(frame_end, std::memory_order_release);
-    b->op_tail.store(heads[k], std::memory_order_release);
-  }
-  // Buffers of threads that ended and were drained empty are freed.
-  {
-    std::lock_guard<std::mutex> g(g_mu);
-    for (auto it = g_bufs.begin(); it != g_bufs.end();) {
-      ThreadBuf* b = *it;
-      if (b->exited && b->op_head.load() == b->op_tail.load()) {
-        it = g_bufs.erase(it);
-        delete b;
-      } else {
-        ++it;
-      }
-    }
-  }
+  release_snapshot(snap);
   return out;
 }
 
@@ -872,30 +940,559 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // the recording alone with it).
 PyObject* py_discard(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> dg(g_drain_mu);
-  std::vector<ThreadBuf*> bufs;
-  {
-    std::lock_guard<std::mutex> g(g_mu);
-    bufs = g_bufs;
-  }
-  for (ThreadBuf* b : bufs) {
-    const uint64_t h = b->op_head.load(std::memory_order_acquire);
-    uint64_t t = b->op_tail.load(std::memory_order_relaxed);
-    if (h == t) continue;
-    uint64_t acc_end = 0, frame_end = 0;
-    for (; t < h; ++t) {
-      OpRec& r = b->ops[t % b->ops.size()];
-      for (uint32_t j = 0; j < r.nacc + r.nout; ++j) release_acc(b->accs[(r.acc_begin + j) % b->accs.size()]);
-      if (r.param) c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(r.param);
-      r.param = nullptr;
-      release_generator(r);
-      acc_end = r.acc_begin + r.nacc + r.nout;
-      frame_end = r.frame_begin + r.nframes;
-    }
-    b->acc_tail.store(acc_end, std::memory_order_release);
-    b->frame_tail.store(frame_end, std::memory_order_release);
-    b->op_tail.store(h, std::memory_order_release);
-  }
+  Snapshot snap;
+  take_snapshot(snap, 0);
+  release_snapshot(snap);
   Py_RETURN_NONE;
+}
+
+// ---- the fast drain: records applied to native shadow memory (shadow.h) -------------------
+// A record goes to Python (returned, as drain() returns it) when it could race, or needs
+// anything the Python engine alone does; every storage it touches is handed to Python first.
+void release_weak_storage(void* p) {
+  c10::weak_intrusive_ptr<c10::StorageImpl>::reclaim(static_cast<c10::StorageImpl*>(p));
+}
+bool weak_storage_alive(void* p) { return c10::raw::intrusive_ptr::use_count(static_cast<c10::StorageImpl*>(p)) > 0; }
+
+shadow::Table* g_table = new shadow::Table(&release_weak_storage, &weak_storage_alive);
+PyObject* g_context_of = nullptr;  // key -> (timeline, clock list, context) | False | None
+PyObject* g_adopt = nullptr;       // hands a storage's shadow to the Python engine
+PyObject* g_py_shadows = nullptr;  // the Python engine's shadows (a dict keyed by address)
+Snapshot g_fast;                   // the snapshot being drained, across fast_drain() calls
+size_t g_fast_pos = 0;
+std::vector<uint8_t> g_python_part;  // what of the current record Python applies (empty: all)
+bool g_fast_active = false;
+uint64_t g_fast_ops = 0, g_fast_dead = 0, g_fast_unwatched = 0, g_fast_slow = 0;
+std::unordered_map<int64_t, std::pair<const Plan*, uintptr_t>> g_prev_op;  // per thread key
+
+struct KeyContext {
+  int kind = 0;  // 0: Python decides, 1: a thread raceguard does not watch, 2: watched
+  int64_t timeline = 0;
+  std::vector<int64_t> clock;
+  PyObject* ctx = nullptr;  // owned
+};
+std::unordered_map<int64_t, KeyContext> g_contexts;  // valid until control returns to Python
+
+void forget_contexts() {
+  for (auto& kv : g_contexts) Py_XDECREF(kv.second.ctx);
+  g_contexts.clear();
+}
+
+const KeyContext& context_of(int64_t key) {
+  auto it = g_contexts.find(key);
+  if (it != g_contexts.end()) return it->second;
+  KeyContext kc;
+  PyObject* k = PyLong_FromLongLong(key);
+  PyObject* res = k ? PyObject_CallOneArg(g_context_of, k) : nullptr;
+  Py_XDECREF(k);
+  if (res == nullptr) {
+    PyErr_Clear();  // Python's own path meets the same problem and reports it
+  } else if (res == Py_False) {
+    kc.kind = 1;
+  } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 3 && PyList_Check(PyTuple_GET_ITEM(res, 1))) {
+    kc.kind = 2;
+    kc.timeline = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 0));
+    PyObject* clock = PyTuple_GET_ITEM(res, 1);
+    kc.clock.resize(PyList_GET_SIZE(clock));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(clock); ++i) kc.clock[i] = PyLong_AsLongLong(PyList_GET_ITEM(clock, i));
+    kc.ctx = PyTuple_GET_ITEM(res, 2);
+    Py_INCREF(kc.ctx);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      kc.kind = 0;
+    }
+  }
+  Py_XDECREF(res);
+  return g_contexts.emplace(key, std::move(kc)).first->second;
+}
+
+bool in_python_shadows(uintptr_t key) {
+  PyObject* k = PyLong_FromUnsignedLongLong(key);
+  if (!k) return PyErr_Clear(), true;
+  PyObject* found = PyDict_GetItemWithError(g_py_shadows, k);
+  Py_DECREF(k);
+  if (found == nullptr && PyErr_Occurred()) return PyErr_Clear(), true;
+  return found != nullptr;
+}
+
+// Storage memory from the default CPU allocator (never shared between processes).
+bool plain_cpu_memory(c10::StorageImpl* st) {
+  static c10::DeleterFnPtr plain = c10::GetDefaultCPUAllocator()->raw_deleter();
+  return plain != nullptr && st->data_ptr().get_deleter() == plain;
+}
+
+// Hands the entry of ``key`` (if any) to the Python engine. False with an exception set when
+// the Python side failed (the entry is gone either way).
+bool adopt(uintptr_t key) {
+  shadow::Entry* e = g_table->take(key);
+  if (e == nullptr) return true;
+  bool ok = true;
+  PyObject* storage = nullptr;
+  if (e->weak == nullptr) {  // an entry made by the tests' shadow_access(): no storage behind it
+    storage = Py_None;
+    Py_INCREF(storage);
+  } else {
+    auto weak = c10::weak_intrusive_ptr<c10::StorageImpl>::reclaim_copy(static_cast<c10::StorageImpl*>(e->weak));
+    if (auto strong = weak.lock()) {  // (a storage that died needs no shadow)
+      storage = THPStorage_Wrap(c10::Storage(std::move(strong)));
+      ok = storage != nullptr;
+    }
+  }
+  if (storage != nullptr) {
+    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(static_cast<at::ScalarType>(e->dtype)));
+    PyObject* shape = new_tuple_of(e->shape.data(), static_cast<int>(e->shape.size()));
+    PyObject* state = e->state_to_python();
+    PyObject* res = nullptr;
+    if (storage && shape && state)
+      res = PyObject_CallFunction(g_adopt, "KOOOOON", (unsigned long long)key, storage, dtype, shape,
+                                  e->alloc_site ? e->alloc_site : Py_None, e->seen_only ? Py_True : Py_False, state);
+    else
+      Py_XDECREF(state);
+    Py_XDECREF(storage);
+    Py_XDECREF(shape);
+    ok = res != nullptr;
+    Py_XDECREF(res);
+  }
+  g_table->destroy(e);
+  return ok;
+}
+
+// The byte range of a tensor when torch_ops.byte_ranges gives exactly one (contiguous tensors,
+// permutations of a dense block such as weight.t(), negative strides, broadcast dims, views with
+// more runs than torch_ops.MAX_RUNS): false where it gives several (Python makes the access).
+constexpr int64_t kMaxRuns = 4096;  // torch_ops.MAX_RUNS (tests/test_native_shadow.py compares)
+bool single_range(const AccRec& a, int64_t& lo, int64_t& hi) {
+  const int64_t es = a.itemsize;
+  lo = a.offset * es;
+  if (a.numel == 0) return (hi = lo), true;
+  if (a.flags & F_CONTIG) return (hi = lo + a.numel * es), true;
+  if (a.flags & F_TRUNCATED) return false;
+  std::pair<int64_t, int64_t> dims[kMaxDims];  // (stride, size), size != 1
+  int nd = 0;
+  for (int d = 0; d < a.ndim; ++d)
+    if (a.sizes[d] != 1) dims[nd++] = {a.strides[d], a.sizes[d]};
+  std::stable_sort(dims, dims + nd, [](const auto& x, const auto& y) { return std::llabs(x.first) < std::llabs(y.first); });
+  int64_t neg = 0, pos = 0;
+  for (int d = 0; d < nd; ++d) (dims[d].first < 0 ? neg : pos) += dims[d].first * (dims[d].second - 1);
+  if (std::any_of(dims, dims + nd, [](const auto& x) { return x.first < 0; })) {
+    hi = lo + (pos + 1) * es;
+    lo = lo + neg * es;
+    return true;
+  }
+  int64_t run = 1;
+  int k = 0;
+  while (k < nd && dims[k].first == run) run *= dims[k++].second;
+  const int64_t hull = (pos + 1) * es;
+  bool zero_stride = false;
+  int64_t n_runs = 1;
+  for (int d = k; d < nd; ++d) {
+    zero_stride = zero_stride || dims[d].first == 0;
+    n_runs = std::min<int64_t>(n_runs * dims[d].second, kMaxRuns + 1);
+  }
+  if (k == nd || zero_stride || hull == a.numel * es || n_runs > kMaxRuns) return (hi = lo + hull), true;
+  return false;
+}
+
+struct FastAccess {
+  shadow::Entry* entry;  // null: a storage seen for the first time
+  const AccRec* a;
+  int64_t lo, hi;
+};
+
+constexpr uint32_t kMaxFastAccesses = 64;
+
+enum class Verdict { Applied, Python, Dropped };
+
+// Applies what it can of the record natively. Python: the record (when ``python`` is empty) or
+// the accesses and outputs flagged in ``python`` must be applied by Python, right after the
+// ones applied here (nothing else runs in between).
+Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<uint8_t>& python) {
+  python.clear();
+  const uint64_t acap = b->accs.size();
+  auto acc_at = [&](uint32_t j) -> const AccRec& { return b->accs[(r.acc_begin + j) % acap]; };
+  const uintptr_t first = r.nacc + r.nout ? reinterpret_cast<uintptr_t>(acc_at(0).storage) : 0;
+  auto& prev = g_prev_op[b->key];
+  const auto before = prev;
+  prev = {r.plan, first};
+  // torch.tensor()'s own detach_ of the copy its lift_fresh just made: no dispatch mode sees it.
+  if (r.plan->is_detach && before.first != nullptr && before.first->is_lift && before.second == first)
+    return Verdict::Dropped;
+  // What only Python does for a whole record: gradient accumulation (the parameter's mutex and
+  // naming), fresh-input ops, TorchScript sites, threads it has not named yet, shared memory.
+  // (A random draw goes to the hazards in Python, with just the accesses that need Python: the
+  // hazards change no clock and no tensor's shadow.)
+  if (r.param != nullptr || r.plan->fresh_input || shared_mode == 2 || r.nacc + r.nout > kMaxFastAccesses)
+    return Verdict::Python;
+  const uint64_t fcap = b->frames.size();
+  for (uint32_t j = 0; j < r.nframes; ++j)
+    if (b->frames[(r.frame_begin + j) % fcap].code == nullptr) return Verdict::Python;
+  const KeyContext& kc = context_of(b->key);
+  if (kc.kind == 0) return Verdict::Python;
+  if (kc.kind == 1) {
+    ++g_fast_unwatched;
+    return Verdict::Dropped;
+  }
+  const shadow::Clock clock{kc.clock.data(), kc.clock.size()};
+  const int64_t epoch = clock.at(kc.timeline);
+  python.assign(r.nacc + r.nout, 0);
+  bool any_python = r.draws;
+  FastAccess accesses[kMaxFastAccesses];
+  uint32_t n = 0;
+  uint64_t dead = 0;
+  if (!r.plan->metadata_only) {
+    for (uint32_t j = 0; j < r.nacc; ++j) {
+      const AccRec& a = acc_at(j);
+      if (!weak_storage_alive(a.storage)) {
+        ++dead;
+        continue;
+      }
+      const uintptr_t key = reinterpret_cast<uintptr_t>(a.storage);
+      bool twice = false;  // one storage twice in an op: Python makes both accesses, in order
+      for (uint32_t k = 0; k < j; ++k)
+        if (acc_at(k).storage == a.storage) {
+          twice = true;
+          if (!python[k]) python[k] = 1, any_python = true;
+        }
+      int64_t lo = 0, hi = 0;
+      shadow::Entry* e = nullptr;
+      bool native = !twice && single_range(a, lo, hi) && !in_python_shadows(key) &&
+                    (shared_mode == 0 || plain_cpu_memory(a.storage));
+      if (native) {
+        e = g_table->find(key);
+        native = e == nullptr || e->fits(lo, hi, kc.timeline, epoch, clock, a.flags & F_WRITE);
+      }
+      if (!native) {
+        python[j] = 1;
+        any_python = true;
+        continue;
+      }
+      accesses[n++] = {e, &a, lo, hi};
+    }
+    if (any_python) {  // drop the native half of a storage that appears twice
+      uint32_t kept = 0;
+      for (uint32_t k = 0; k < n; ++k) {
+        bool flagged = false;
+        for (uint32_t i = 0; i < r.nacc && !flagged; ++i) flagged = python[i] && acc_at(i).storage == accesses[k].a->storage;
+        if (!flagged) accesses[kept++] = accesses[k];
+      }
+      n = kept;
+    }
+  }
+  const AccRec* created[kMaxFastAccesses];
+  uint32_t ncreated = 0;
+  for (uint32_t j = r.nacc; j < r.nacc + r.nout; ++j) {
+    const AccRec& a = acc_at(j);
+    if (!weak_storage_alive(a.storage)) continue;
+    bool known = false;  // an input's storage, or a second output in the same new storage
+    for (uint32_t k = 0; k < r.nacc && !known; ++k) known = !r.plan->metadata_only && acc_at(k).storage == a.storage;
+    for (uint32_t k = 0; k < ncreated && !known; ++k) known = created[k]->storage == a.storage;
+    if (known) continue;
+    const uintptr_t key = reinterpret_cast<uintptr_t>(a.storage);
+    if (in_python_shadows(key)) {
+      python[j] = 1;
+      any_python = true;
+      continue;
+    }
+    if (g_table->find(key) != nullptr) continue;  // not new memory
+    created[ncreated++] = &a;
+  }
+  if (n + ncreated > 0) {  // remember them as hb.py would
+    shadow::Access rec;
+    rec.site = site_tuple(b, r);
+    if (rec.site == nullptr) {
+      PyErr_Clear();
+      python.clear();
+      return Verdict::Python;
+    }
+    rec.timeline = kc.timeline;
+    rec.epoch = epoch;
+    rec.plan = r.plan->id;
+    rec.ctx = kc.ctx;
+    Py_INCREF(rec.ctx);
+    for (uint32_t k = 0; k < n; ++k) {
+      const FastAccess& fa = accesses[k];
+      shadow::Entry* e = fa.entry;
+      if (e == nullptr) {  // first sight: hb.py's seen_only StorageMeta, no interval yet
+        c10::raw::weak_intrusive_ptr::incref(fa.a->storage);
+        e = g_table->fresh(reinterpret_cast<uintptr_t>(fa.a->storage), fa.a->storage);
+        e->dtype = fa.a->dtype;
+        e->shape.assign(fa.a->sizes, fa.a->sizes + fa.a->ndim);
+        e->alloc_site = rec.site;
+        Py_INCREF(rec.site);
+        e->seen_only = true;
+      }
+      rec.write = fa.a->flags & F_WRITE;
+      e->apply(fa.lo, fa.hi, rec, clock);
+    }
+    rec.write = true;
+    rec.creates = true;
+    for (uint32_t k = 0; k < ncreated; ++k) {
+      const AccRec& a = *created[k];
+      auto weak = c10::weak_intrusive_ptr<c10::StorageImpl>::reclaim_copy(a.storage);
+      auto strong = weak.lock();
+      if (!strong) continue;
+      c10::raw::weak_intrusive_ptr::incref(a.storage);
+      shadow::Entry* e = g_table->fresh(reinterpret_cast<uintptr_t>(a.storage), a.storage);
+      e->dtype = a.dtype;
+      e->shape.assign(a.sizes, a.sizes + a.ndim);
+      e->alloc_site = rec.site;
+      Py_INCREF(rec.site);
+      e->create(static_cast<int64_t>(strong->nbytes()), rec);
+    }
+  }
+  g_fast_dead += dead;
+  if (any_python) return Verdict::Python;  // Python counts the op
+  ++g_fast_ops;
+  return Verdict::Applied;
+}
+
+// configure_fast(context_of, adopt, shadows): the session's callbacks for fast_drain().
+PyObject* py_configure_fast(PyObject*, PyObject* args) {
+  PyObject *context, *adopt_fn, *shadows;
+  if (!PyArg_ParseTuple(args, "OOO!", &context, &adopt_fn, &PyDict_Type, &shadows)) return nullptr;
+  Py_INCREF(context);
+  Py_INCREF(adopt_fn);
+  Py_INCREF(shadows);
+  Py_XSETREF(g_context_of, context);
+  Py_XSETREF(g_adopt, adopt_fn);
+  Py_XSETREF(g_py_shadows, shadows);
+  Py_RETURN_NONE;
+}
+
+// fast_drain(shared_mode) -> the next record Python must apply (as drain() gives it), having
+// applied every record before it natively; None when every published record is applied.
+// shared_mode: 0 no shared memory in play, 1 storages not from the default CPU allocator go to
+// Python, 2 every record goes to Python. Needs the GIL.
+PyObject* py_fast_drain(PyObject*, PyObject* arg) {
+  const long shared_mode = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (g_context_of == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "configure_fast() was not called");
+    return nullptr;
+  }
+  std::unique_lock<std::mutex> dg(g_drain_mu, std::try_to_lock);
+  if (!dg.owns_lock()) Py_RETURN_NONE;  // another thread is draining
+  if (!g_fast_active) {
+    take_snapshot(g_fast, 0);
+    g_fast_pos = 0;
+    g_fast_active = true;
+  }
+  while (g_fast_pos < g_fast.items.size()) {
+    const DrainItem& item = g_fast.items[g_fast_pos++];
+    ThreadBuf* b = item.b;
+    const OpRec& r = b->ops[item.idx % b->ops.size()];
+    if (apply_fast(b, r, static_cast<int>(shared_mode), g_python_part) != Verdict::Python) continue;
+    ++g_fast_slow;
+    forget_contexts();  // Python may change clocks, locks and threads before the next call
+    bool ok = true;
+    for (uint32_t j = 0; j < r.nacc + r.nout; ++j)
+      if (g_python_part.empty() || g_python_part[j])
+        ok = adopt(reinterpret_cast<uintptr_t>(b->accs[(r.acc_begin + j) % b->accs.size()].storage)) && ok;
+    if (!ok) return nullptr;  // this record is lost (counted by the caller's failure report)
+    return record_tuple(b, r, g_python_part);
+  }
+  forget_contexts();
+  release_snapshot(g_fast);
+  g_fast_active = false;
+  Py_RETURN_NONE;
+}
+
+// pending() -> whether a drain has anything to do (published records, or a snapshot under way).
+// Cheap: the session's lock asks it every time it is taken.
+PyObject* py_pending(PyObject*, PyObject*) {
+  if (g_fast_active) Py_RETURN_TRUE;
+  std::lock_guard<std::mutex> g(g_mu);
+  for (ThreadBuf* b : g_bufs)
+    if (b->op_head.load(std::memory_order_acquire) != b->op_tail.load(std::memory_order_relaxed)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+// take(address) -> whether a native shadow was handed to Python (the Python engine's shadows
+// ask for it when they miss).
+PyObject* py_take(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
+  if (g_table->find(static_cast<uintptr_t>(key)) == nullptr) Py_RETURN_FALSE;
+  if (!adopt(static_cast<uintptr_t>(key))) return nullptr;
+  Py_RETURN_TRUE;
+}
+
+// ---- the same transitions, driven without torch (tests/test_native_shadow.py) -------------
+// shadow_access(address, lo, hi, is_write, timeline, clock, site, plan, ctx) -> True when the
+// access was applied natively, False when the Python engine must make it (nothing changed).
+PyObject* py_shadow_access(PyObject*, PyObject* args) {
+  unsigned long long key;
+  long long lo, hi, tl, plan;
+  int is_write;
+  PyObject *clock_list, *site, *ctx;
+  if (!PyArg_ParseTuple(args, "KLLpLO!OLO", &key, &lo, &hi, &is_write, &tl, &PyList_Type, &clock_list, &site, &plan,
+                        &ctx))
+    return nullptr;
+  std::vector<int64_t> values(PyList_GET_SIZE(clock_list));
+  for (size_t i = 0; i < values.size(); ++i) values[i] = PyLong_AsLongLong(PyList_GET_ITEM(clock_list, i));
+  if (PyErr_Occurred()) return nullptr;
+  const shadow::Clock clock{values.data(), values.size()};
+  const int64_t epoch = clock.at(tl);
+  if (g_py_shadows != nullptr && in_python_shadows(key)) Py_RETURN_FALSE;
+  shadow::Entry* e = g_table->find(key);
+  if (e != nullptr && !e->fits(lo, hi, tl, epoch, clock, is_write)) Py_RETURN_FALSE;
+  shadow::Access rec;
+  rec.timeline = tl;
+  rec.epoch = epoch;
+  rec.plan = plan;
+  rec.write = is_write;
+  rec.site = site;
+  rec.ctx = ctx;
+  Py_INCREF(site);
+  Py_INCREF(ctx);
+  if (e == nullptr) {
+    e = g_table->fresh(key, nullptr);
+    e->alloc_site = site;
+    Py_INCREF(site);
+    e->seen_only = true;
+  }
+  e->apply(lo, hi, rec, clock);
+  Py_RETURN_TRUE;
+}
+
+// byte_range(tensor) -> (lo, hi) where the fast drain decides the tensor's accesses as one byte
+// range, else None.
+PyObject* py_byte_range(PyObject*, PyObject* arg) {
+  if (!THPVariable_Check(arg)) return PyErr_SetString(PyExc_TypeError, "a tensor"), nullptr;
+  const at::Tensor& t = THPVariable_Unpack(arg);
+  AccRec a{};
+  a.offset = t.storage_offset();
+  a.numel = t.numel();
+  a.itemsize = static_cast<int32_t>(t.itemsize());
+  const size_t nd = std::min<size_t>(t.dim(), kMaxDims);
+  a.ndim = static_cast<uint8_t>(nd);
+  for (size_t d = 0; d < nd; ++d) {
+    a.sizes[d] = t.sizes()[d];
+    a.strides[d] = t.strides()[d];
+  }
+  a.flags = (t.is_contiguous() ? F_CONTIG : 0) | (static_cast<size_t>(t.dim()) > kMaxDims ? F_TRUNCATED : 0);
+  int64_t lo = 0, hi = 0;
+  if (!single_range(a, lo, hi)) Py_RETURN_NONE;
+  return Py_BuildValue("(LL)", (long long)lo, (long long)hi);
+}
+
+// shadow_create(address, nbytes, timeline, epoch, site, plan, ctx): new memory, as a fresh output.
+PyObject* py_shadow_create(PyObject*, PyObject* args) {
+  unsigned long long key;
+  long long nbytes, tl, epoch, plan;
+  PyObject *site, *ctx;
+  if (!PyArg_ParseTuple(args, "KLLLOLO", &key, &nbytes, &tl, &epoch, &site, &plan, &ctx)) return nullptr;
+  shadow::Access rec;
+  rec.timeline = tl;
+  rec.epoch = epoch;
+  rec.plan = plan;
+  rec.write = rec.creates = true;
+  rec.site = site;
+  rec.ctx = ctx;
+  Py_INCREF(site);
+  Py_INCREF(ctx);
+  shadow::Entry* e = g_table->fresh(key, nullptr);
+  e->alloc_site = site;
+  Py_INCREF(site);
+  e->create(nbytes, rec);
+  Py_RETURN_NONE;
+}
+
+// shadow_drop(address): the memory died.
+PyObject* py_shadow_drop(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (shadow::Entry* e = g_table->take(key)) g_table->destroy(e);
+  Py_RETURN_NONE;
+}
+
+// An access tuple (timeline, epoch, is_write, creates, site, plan, ctx), as Access::to_python
+// makes it, back into an Access. False with an exception set when it is not one.
+bool access_from_python(PyObject* t, shadow::Access& out) {
+  long long tl, epoch, plan;
+  int is_write, creates;
+  PyObject *site, *ctx;
+  if (!PyArg_ParseTuple(t, "LLppOLO", &tl, &epoch, &is_write, &creates, &site, &plan, &ctx)) return false;
+  out.timeline = tl;
+  out.epoch = epoch;
+  out.write = is_write;
+  out.creates = creates;
+  out.plan = plan;
+  Py_INCREF(site);
+  Py_INCREF(ctx);
+  Py_XSETREF(out.site, site);
+  Py_XSETREF(out.ctx, ctx);
+  return true;
+}
+
+// give(address, storage, dtype, shape, alloc_site, seen_only, (lo, hi, write, reads)) -> True:
+// the Python engine hands a storage's one-interval shadow back to the fast drain (adopt's
+// inverse; False leaves it with Python).
+PyObject* py_give(PyObject*, PyObject* args) {
+  unsigned long long key;
+  PyObject *storage, *dtype, *shape, *site, *state;
+  int seen_only;
+  if (!PyArg_ParseTuple(args, "KOOO!OpO!", &key, &storage, &dtype, &PyTuple_Type, &shape, &site, &seen_only,
+                        &PyTuple_Type, &state))
+    return nullptr;
+  if ((storage != Py_None && !THPStorage_Check(storage)) || !THPDtype_Check(dtype) || PyTuple_GET_SIZE(state) != 4 ||
+      PyTuple_GET_SIZE(shape) > kMaxDims)
+    Py_RETURN_FALSE;
+  PyObject *lo = PyTuple_GET_ITEM(state, 0), *hi = PyTuple_GET_ITEM(state, 1);
+  PyObject *write = PyTuple_GET_ITEM(state, 2), *reads = PyTuple_GET_ITEM(state, 3);
+  auto e = std::make_unique<shadow::Entry>();
+  if (lo != Py_None) {
+    e->has_interval = true;
+    e->lo = PyLong_AsLongLong(lo);
+    e->hi = PyLong_AsLongLong(hi);
+  }
+  if (write != Py_None && !access_from_python(write, e->write)) return nullptr;
+  if (PyList_Check(reads)) {
+    e->reads_per_timeline = true;
+    e->reads.resize(PyList_GET_SIZE(reads));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(reads); ++i)
+      if (!access_from_python(PyList_GET_ITEM(reads, i), e->reads[i])) return nullptr;
+  } else if (reads != Py_None) {
+    e->reads.resize(1);
+    if (!access_from_python(reads, e->reads[0])) return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); ++i) e->shape.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i)));
+  if (PyErr_Occurred()) return nullptr;
+  e->dtype = static_cast<int8_t>(reinterpret_cast<THPDtype*>(dtype)->scalar_type);
+  e->seen_only = seen_only;
+  e->alloc_site = site;
+  Py_INCREF(site);
+  c10::StorageImpl* st = nullptr;  // None: the tests' synthetic memory, as shadow_access makes
+  if (storage != Py_None) {
+    st = THPStorage_Unpack(storage).unsafeGetStorageImpl();
+    if (reinterpret_cast<uintptr_t>(st) != key) Py_RETURN_FALSE;
+    c10::raw::weak_intrusive_ptr::incref(st);
+  }
+  shadow::Entry* placed = g_table->fresh(key, st);
+  placed->has_interval = e->has_interval;
+  placed->lo = e->lo;
+  placed->hi = e->hi;
+  placed->write = e->write;
+  placed->reads = std::move(e->reads);
+  placed->reads_per_timeline = e->reads_per_timeline;
+  placed->dtype = e->dtype;
+  placed->seen_only = e->seen_only;
+  placed->shape = std::move(e->shape);
+  std::swap(placed->alloc_site, e->alloc_site);
+  Py_RETURN_TRUE;
+}
+
+// fast_counts() -> (ops applied natively, dead accesses, ops of unwatched threads, records sent
+// to Python, native shadows): the first four are reset.
+PyObject* py_fast_counts(PyObject*, PyObject*) {
+  PyObject* out = Py_BuildValue("(KKKKK)", (unsigned long long)g_fast_ops, (unsigned long long)g_fast_dead,
+                                (unsigned long long)g_fast_unwatched, (unsigned long long)g_fast_slow,
+                                (unsigned long long)g_table->size());
+  g_fast_ops = g_fast_dead = g_fast_unwatched = g_fast_slow = 0;
+  return out;
 }
 
 // script_frame(id) -> (file, line, function) of an interned TorchScript frame
@@ -978,6 +1575,17 @@ PyMethodDef g_methods[] = {
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
     {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},
     {"discard", py_discard, METH_NOARGS, "discard(): drop every published record"},
+    {"configure_fast", py_configure_fast, METH_VARARGS,
+     "configure_fast(context_of, adopt, shadows): the session's callbacks for fast_drain()"},
+    {"fast_drain", py_fast_drain, METH_O, "fast_drain(shared_mode) -> the next record for Python, or None"},
+    {"pending", py_pending, METH_NOARGS, "pending() -> whether a drain has anything to do"},
+    {"take", py_take, METH_O, "take(address) -> whether a native shadow was handed to Python"},
+    {"give", py_give, METH_VARARGS, "give(address, storage, dtype, shape, site, seen_only, state) -> taken back"},
+    {"shadow_access", py_shadow_access, METH_VARARGS, "shadow_access(...) -> applied natively (tests)"},
+    {"byte_range", py_byte_range, METH_O, "byte_range(tensor) -> (lo, hi) if the fast drain takes it as one"},
+    {"shadow_create", py_shadow_create, METH_VARARGS, "shadow_create(...): new memory (tests)"},
+    {"shadow_drop", py_shadow_drop, METH_O, "shadow_drop(address): the memory died (tests)"},
+    {"fast_counts", py_fast_counts, METH_NOARGS, "fast_counts() -> (ops, dead, unwatched, to Python, shadows)"},
     {"plan", py_plan, METH_O, "plan(id) -> (name, metadata_only, fresh_input)"},
     {"wait", py_wait, METH_O, "wait(timeout) -> whether a producer asked for a drain"},
     {"wake", py_wake, METH_NOARGS, "wake(): end a wait()"},

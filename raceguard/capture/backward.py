@@ -31,6 +31,11 @@ _report_failure: Callable[[str, BaseException], None] | None = None
 # engine: the moments naming may read every ``.grad`` and note it (see set_safe_point), so that
 # a gradient raced on later, while some thread is inside, has the name it would have had anyway.
 _safe_point: Callable[[], Any] | None = None
+# Held while the safe-point observer reads gradients. A thread entering the engine marks itself
+# inside, then waits for a read in progress to end: otherwise a read that checked others_inside()
+# just before could still be copying a .grad pointer when the engine swaps it (seen as SIGSEGV in
+# a reader with four threads training at once).
+_reading = _thread.allocate_lock()
 
 
 def set_safe_point(observer: Callable[[], Any] | None) -> None:
@@ -52,12 +57,16 @@ def _at_safe_point() -> None:
     observer = _safe_point
     if observer is None or _inside or _broken:
         return
+    if not _reading.acquire(False):  # another thread is reading them right now
+        return
     try:
         observer()
     except Exception as exc:  # naming only: gradients are still read when safe
         report = _report_failure
         if report is not None:
             report("noting gradients between backward passes", exc)
+    finally:
+        _reading.release()
 
 
 def _failed(what: str, exc: BaseException) -> None:
@@ -74,6 +83,8 @@ def _bracket(original: Callable) -> Callable:
         _at_safe_point()
         try:
             _inside[me] = _inside.get(me, 0) + 1  # only this thread writes its own key
+            _reading.acquire()  # a read of gradients that started before ends first
+            _reading.release()
         except Exception as exc:  # raceguard's own failure: never raised into the target
             _failed("noting a backward pass", exc)
         try:

@@ -108,6 +108,10 @@ class Session:
         # Reentrant: a __del__ run by the garbage collector inside our bookkeeping may release an
         # instrumented lock on the same thread.
         self.lock = _thread.RLock()
+        # The same lock for bookkeeping that changes no clock and no thread's state (hazard
+        # locations): taking it does not first apply the native recorder's pending ops, which
+        # the session's lock does (capture/native/backend.py), since nothing they depend on changes.
+        self.quiet_lock = self.lock
         self.shadows: dict[int, ShadowStorage] = {}
         self._next_sweep = 4096
         # Storages that died since the last op (appended by their weak references' callback, in

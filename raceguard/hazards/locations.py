@@ -136,13 +136,14 @@ def _record(
         return []
     hb = s.hb
     tid = state.tid
-    with s.lock:
+    lock = getattr(s, "quiet_lock", s.lock)  # a location's shadow and an epoch: no tensor op's record is needed first
+    with lock:
         epoch = hb.epoch(tid)
         if all(_covered(shadow, lo, hi, tid, epoch, is_write) for lo, hi in ranges):
             return []
     info = OpInfo(_site() if site is None else site, op, state.locks, state.origin)
     races: list[Race] = []
-    with s.lock:
+    with lock:
         rec = hb.record(tid, is_write, info)
         hb.access(shadow, ranges, rec, races)
     return races

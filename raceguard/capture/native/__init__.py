@@ -125,6 +125,11 @@ def _python_mode_needed(session: Any) -> str | None:
         return "--simulate-cuda rewrites devices in the Python mode's op hook"
     if _cuda_available():
         return "the CUDA stream tracker takes its ops from the Python mode"
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        return (
+            "a worker torchrun started: its process group's C++ threads run collectives' copies, "
+            "which the native recorder sees without the ordering that waiting for the collective gives"
+        )
     if _started_by_multiprocessing():
         return (
             "a process that multiprocessing started names shared tensors from the live frames of the "

@@ -907,8 +907,12 @@ PyObject* record_tuple(ThreadBuf* b, const OpRec& r, const std::vector<uint8_t>&
     Py_DECREF(t);
   }
   PyObject* param = tensor_or_none(r.param);
+  PyObject* acc_tuple = PyList_AsTuple(accs);
+  PyObject* out_tuple = PyList_AsTuple(outs);
+  Py_DECREF(accs);
+  Py_DECREF(outs);
   return Py_BuildValue("(KLLiNNNNN)", (unsigned long long)r.seq, (long long)b->key, (long long)r.plan->id,
-                       (int)r.backward, site, PyList_AsTuple(accs), PyList_AsTuple(outs), param, draw_tuple(r));
+                       (int)r.backward, site, acc_tuple, out_tuple, param, draw_tuple(r));
 }
 
 // drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param, draw)]

@@ -106,6 +106,7 @@ class NativeBackend:
         self._native_states: dict[int, Any] = {}
         self._draining: set[int] = set()
         self.records_to_python = 0  # records the fast drain could not apply natively
+        self._drainer_wanted = False  # a forked child's drainer starts at its first drain
         self.dead_accesses = 0  # accesses to storages freed before their record was drained
         self.unwatched_records = 0  # ops of Python threads raceguard does not watch
         self._lost_reported = 0
@@ -141,13 +142,19 @@ class NativeBackend:
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
-        """A forked child keeps the session: it needs its own background drainer."""
+        """A forked child keeps the session: it needs its own background drainer, started at its
+        first drain rather than here (a child that looks at its threads right after fork, as
+        CPython's own tests do with sys._current_frames(), must find only its own)."""
         if not self._stopped:
             self._draining.clear()
-            try:
-                _thread.start_new_thread(self._drain_loop, ())
-            except Exception:
-                pass
+            self._drainer_wanted = True
+
+    def _start_drainer(self) -> None:
+        self._drainer_wanted = False
+        try:
+            _thread.start_new_thread(self._drain_loop, ())
+        except Exception as exc:
+            self.session.hook_failed("starting the native recorder's drainer in a forked child", exc)
 
     def _wrap_native_starters(self) -> None:
         """Calls that start C++ threads, wrapped so that those threads' timelines start from
@@ -218,6 +225,8 @@ class NativeBackend:
     # -- draining ----------------------------------------------------------------------------
     def drain(self) -> None:
         """Apply every published record. Never raises (a failure is raceguard's own, counted)."""
+        if self._drainer_wanted:
+            self._start_drainer()
         if not self.module.pending():  # the common case when the session's lock is taken
             return
         me = _thread.get_ident()

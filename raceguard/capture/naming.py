@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import linecache
 import sys
 import threading
@@ -365,7 +366,7 @@ class Namer:
             statement = _one_line_statement(filename, line)
             if isinstance(statement, ast.Return) and isinstance(statement.value, ast.Call):
                 continue  # a factory of the program's: named where its caller assigns the result
-            return assigned_name(filename, line)
+            return assigned_name(filename, line, _call_column(site, filename, line))
         return None
 
 
@@ -383,11 +384,42 @@ def _one_line_statement(filename: str, line: int) -> ast.stmt | None:
     return stmt
 
 
-def assigned_name(filename: str, line: int) -> str | None:
+def _call_column(site: Any, filename: str, line: int) -> int | None:
+    """The column where the call at ``filename:line`` in ``site`` (``(code, lasti, ...)``) starts,
+    from the code object's instruction positions; None where it cannot be told."""
+    for i in range(0, len(site) - 1, 2):
+        code, lasti = site[i], site[i + 1]
+        if getattr(code, "co_filename", None) != filename or not hasattr(code, "co_positions"):
+            continue
+        try:
+            position = next(itertools.islice(code.co_positions(), lasti // 2, None), None)
+        except Exception:
+            return None
+        if position is not None and position[0] == line and position[2] is not None:
+            return position[2]
+    return None
+
+
+def assigned_name(filename: str, line: int, column: int | None = None) -> str | None:
     """The target of the one-line assignment at ``filename:line`` whose value is a call (``lock =
-    threading.Lock()``, ``self._lock: Lock = RLock()``): ``lock``, ``self._lock``. None for any other
-    statement (several targets, a tuple, a comprehension, a statement over several lines)."""
+    threading.Lock()``, ``self._lock: Lock = RLock()``): ``lock``, ``self._lock``. With the call's
+    ``column``, also one element of a tuple assignment of calls (``a, b = Lock(), Lock()``). None for
+    any other statement (several targets, a comprehension, a statement over several lines)."""
     stmt = _one_line_statement(filename, line)
+    if (
+        column is not None
+        and isinstance(stmt, ast.Assign)
+        and len(stmt.targets) == 1
+        and isinstance(stmt.targets[0], ast.Tuple)
+        and isinstance(stmt.value, ast.Tuple)
+        and len(stmt.targets[0].elts) == len(stmt.value.elts)
+    ):
+        text = linecache.getline(filename, line)
+        column -= len(text) - len(text.lstrip())  # the statement was parsed without its indentation
+        for target, value in zip(stmt.targets[0].elts, stmt.value.elts):
+            if isinstance(value, ast.Call) and value.col_offset == column and isinstance(target, ast.Name):
+                return target.id
+        return None
     if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
         target = stmt.targets[0]
     elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:

@@ -16,6 +16,12 @@ import torch
 # device when the argument is None; an overload without one (``aten::randn``,
 # ``aten::native_dropout``) always draws from the default generator. The table is checked
 # against every schema torch registers by tests/test_hazards.py.
+# dropout(input, p, train) and its kinds decompose into bernoulli_ above the Python key, except
+# under inference mode, where a dispatch mode sees the op itself: it draws when train and p > 0.
+_DROPOUTS = (
+    "aten::dropout", "aten::dropout_", "aten::feature_dropout", "aten::feature_dropout_",
+    "aten::alpha_dropout", "aten::alpha_dropout_", "aten::feature_alpha_dropout", "aten::feature_alpha_dropout_",
+)
 RNG_OPS = frozenset(
     {
         "aten::_fused_dropout", "aten::_no_grad_normal_", "aten::_no_grad_uniform_",
@@ -30,13 +36,15 @@ RNG_OPS = frozenset(
         "aten::uniform_",
         # No Generator argument in any overload, but draws from the default generator.
         "aten::native_dropout",
+        *_DROPOUTS,
     }
 )
 # Ops of RNG_OPS that take no generator argument at all.
-RNG_ALWAYS_DEFAULT = frozenset({"aten::native_dropout"})
+RNG_ALWAYS_DEFAULT = frozenset({"aten::native_dropout", *_DROPOUTS})
 # Ops that draw only when a boolean argument says so: base name -> (index, name) of that flag.
 _RNG_CONDITION = {
     "aten::native_dropout": (2, "train"),
+    **{name: (2, "train") for name in _DROPOUTS},
     "aten::rrelu": (3, "training"),
     "aten::rrelu_": (3, "training"),
     "aten::rrelu_with_noise": (4, "training"),
@@ -102,6 +110,8 @@ def rng_generator(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
         value = args[index] if index < len(args) else kwargs.get(flag, default)
         if value is not None and not value:
             return None
+        if spec.name.split(".", 1)[0] in _DROPOUTS and (_arg(args, kwargs, 1, "p") == 0 or _no_elements(args)):
+            return None  # dropout with p == 0, or of nothing, returns its input without drawing
     gen = None
     if spec.gen_index is not None:
         if spec.gen_index < len(args) and not spec.gen_kwarg_only:
@@ -111,6 +121,14 @@ def rng_generator(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
     if gen is not None:
         return id(gen), gen
     return ("default", device_of(args, kwargs)), None
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if index < len(args) else kwargs.get(name)
+
+
+def _no_elements(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].numel() == 0
 
 
 def draw_conditions() -> dict[str, str | None]:

@@ -103,6 +103,11 @@ def test_rng_table_covers_every_schema_with_a_generator_argument() -> None:
         # rrelu in eval mode: training=False, its default, is left out of what a mode gets
         (torch.ops.aten.rrelu_with_noise.default, (torch.ones(3), torch.zeros(3)), {}, None),
         (torch.ops.aten.rrelu_with_noise.default, (torch.ones(3), torch.zeros(3), 0.1, 0.3, True), {}, ("default", "cpu")),
+        # dropout as a mode sees it whole, under inference mode: draws when train and p > 0
+        (torch.ops.aten.dropout.default, (torch.ones(3), 0.5, True), {}, ("default", "cpu")),
+        (torch.ops.aten.dropout.default, (torch.ones(3), 0.5, False), {}, None),
+        (torch.ops.aten.dropout.default, (torch.ones(3), 0.0, True), {}, None),
+        (torch.ops.aten.feature_alpha_dropout_.default, (torch.ones(2, 3), 0.2, True), {}, ("default", "cpu")),
         (torch.ops.aten.add.Tensor, (torch.ones(3), torch.ones(3)), {}, "not-rng"),
     ],
 )

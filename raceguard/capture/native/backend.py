@@ -1,10 +1,11 @@
 """Drain the native recorder's records into a session, as ``Session.on_op`` would have.
 
-Each record is one op the Python dispatch mode would have seen, with its thread, site (the same
-``(code, lasti, ...)`` tuples :func:`..stacks.current_site` makes), tensor accesses and outputs.
-Applying it makes exactly the calls ``on_op`` makes: the same access records, shadows keyed by
-the storage's ``_cdata``, creation records for fresh outputs, gradient accumulation ordering
-and naming, and race reports.
+Most records are applied in C++ (``fast_drain``: the native shadow memory of ``shadow.h``, with
+the same transitions as the Python engine). A record, or the part of it, that could race or needs
+what only Python does comes back here as a tuple, the storages it touches handed over to the
+Python engine first (:meth:`NativeBackend._adopt`), and :meth:`NativeBackend._apply` makes exactly
+the calls ``on_op`` makes: the same access records, shadows keyed by the storage's ``_cdata``,
+creation records for fresh outputs, gradient accumulation ordering and naming, and race reports.
 
 When: every use of the session's lock drains first (:class:`DrainingLock`). Every
 synchronisation event, thread start and end, lock, queue, hazard and report goes through that

@@ -1107,6 +1107,14 @@ constexpr uint32_t kMaxFastAccesses = 64;
 
 enum class Verdict { Applied, Python, Dropped };
 
+// A fresh entry for an access's storage (one more weak reference to it), described for naming.
+shadow::Entry* storage_entry(const AccRec& a, PyObject* site, bool seen_only) {
+  c10::raw::weak_intrusive_ptr::incref(a.storage);
+  shadow::Entry* e = g_table->fresh(reinterpret_cast<uintptr_t>(a.storage), a.storage);
+  e->describe(a.dtype, a.sizes, a.ndim, site, seen_only);
+  return e;
+}
+
 // Applies what it can of the record natively. Python: the record (when ``python`` is empty) or
 // the accesses and outputs flagged in ``python`` must be applied by Python, right after the
 // ones applied here (nothing else runs in between).
@@ -1201,30 +1209,18 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
     created[ncreated++] = &a;
   }
   if (n + ncreated > 0) {  // remember them as hb.py would
-    shadow::Access rec;
-    rec.site = site_tuple(b, r);
-    if (rec.site == nullptr) {
+    PyObject* site = site_tuple(b, r);
+    if (site == nullptr) {
       PyErr_Clear();
       python.clear();
       return Verdict::Python;
     }
-    rec.timeline = kc.timeline;
-    rec.epoch = epoch;
-    rec.plan = r.plan->id;
-    rec.ctx = kc.ctx;
-    Py_INCREF(rec.ctx);
+    shadow::Access rec(kc.timeline, epoch, r.plan->id, false, false, site, kc.ctx);
+    Py_DECREF(site);  // rec holds it
     for (uint32_t k = 0; k < n; ++k) {
       const FastAccess& fa = accesses[k];
-      shadow::Entry* e = fa.entry;
-      if (e == nullptr) {  // first sight: hb.py's seen_only StorageMeta, no interval yet
-        c10::raw::weak_intrusive_ptr::incref(fa.a->storage);
-        e = g_table->fresh(reinterpret_cast<uintptr_t>(fa.a->storage), fa.a->storage);
-        e->dtype = fa.a->dtype;
-        e->shape.assign(fa.a->sizes, fa.a->sizes + fa.a->ndim);
-        e->alloc_site = rec.site;
-        Py_INCREF(rec.site);
-        e->seen_only = true;
-      }
+      // first sight: hb.py's seen_only StorageMeta, no interval yet
+      shadow::Entry* e = fa.entry != nullptr ? fa.entry : storage_entry(*fa.a, rec.site, true);
       rec.write = fa.a->flags & F_WRITE;
       e->apply(fa.lo, fa.hi, rec, clock);
     }
@@ -1234,14 +1230,7 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
       const AccRec& a = *created[k];
       auto weak = c10::weak_intrusive_ptr<c10::StorageImpl>::reclaim_copy(a.storage);
       auto strong = weak.lock();
-      if (!strong) continue;
-      c10::raw::weak_intrusive_ptr::incref(a.storage);
-      shadow::Entry* e = g_table->fresh(reinterpret_cast<uintptr_t>(a.storage), a.storage);
-      e->dtype = a.dtype;
-      e->shape.assign(a.sizes, a.sizes + a.ndim);
-      e->alloc_site = rec.site;
-      Py_INCREF(rec.site);
-      e->create(static_cast<int64_t>(strong->nbytes()), rec);
+      if (strong) storage_entry(a, rec.site, false)->create(static_cast<int64_t>(strong->nbytes()), rec);
     }
   }
   g_fast_dead += dead;
@@ -1343,22 +1332,11 @@ PyObject* py_shadow_access(PyObject*, PyObject* args) {
   if (g_py_shadows != nullptr && in_python_shadows(key)) Py_RETURN_FALSE;
   shadow::Entry* e = g_table->find(key);
   if (e != nullptr && !e->fits(lo, hi, tl, epoch, clock, is_write)) Py_RETURN_FALSE;
-  shadow::Access rec;
-  rec.timeline = tl;
-  rec.epoch = epoch;
-  rec.plan = plan;
-  rec.write = is_write;
-  rec.site = site;
-  rec.ctx = ctx;
-  Py_INCREF(site);
-  Py_INCREF(ctx);
   if (e == nullptr) {
     e = g_table->fresh(key, nullptr);
-    e->alloc_site = site;
-    Py_INCREF(site);
-    e->seen_only = true;
+    e->describe(0, nullptr, 0, site, true);
   }
-  e->apply(lo, hi, rec, clock);
+  e->apply(lo, hi, shadow::Access(tl, epoch, plan, is_write, false, site, ctx), clock);
   Py_RETURN_TRUE;
 }
 
@@ -1389,19 +1367,9 @@ PyObject* py_shadow_create(PyObject*, PyObject* args) {
   long long nbytes, tl, epoch, plan;
   PyObject *site, *ctx;
   if (!PyArg_ParseTuple(args, "KLLLOLO", &key, &nbytes, &tl, &epoch, &site, &plan, &ctx)) return nullptr;
-  shadow::Access rec;
-  rec.timeline = tl;
-  rec.epoch = epoch;
-  rec.plan = plan;
-  rec.write = rec.creates = true;
-  rec.site = site;
-  rec.ctx = ctx;
-  Py_INCREF(site);
-  Py_INCREF(ctx);
   shadow::Entry* e = g_table->fresh(key, nullptr);
-  e->alloc_site = site;
-  Py_INCREF(site);
-  e->create(nbytes, rec);
+  e->describe(0, nullptr, 0, site, false);
+  e->create(nbytes, shadow::Access(tl, epoch, plan, true, true, site, ctx));
   Py_RETURN_NONE;
 }
 
@@ -1420,15 +1388,7 @@ bool access_from_python(PyObject* t, shadow::Access& out) {
   int is_write, creates;
   PyObject *site, *ctx;
   if (!PyArg_ParseTuple(t, "LLppOLO", &tl, &epoch, &is_write, &creates, &site, &plan, &ctx)) return false;
-  out.timeline = tl;
-  out.epoch = epoch;
-  out.write = is_write;
-  out.creates = creates;
-  out.plan = plan;
-  Py_INCREF(site);
-  Py_INCREF(ctx);
-  Py_XSETREF(out.site, site);
-  Py_XSETREF(out.ctx, ctx);
+  out = shadow::Access(tl, epoch, plan, is_write, creates, site, ctx);
   return true;
 }
 
@@ -1463,29 +1423,19 @@ PyObject* py_give(PyObject*, PyObject* args) {
     e->reads.resize(1);
     if (!access_from_python(reads, e->reads[0])) return nullptr;
   }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); ++i) e->shape.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i)));
+  int64_t sizes[kMaxDims];
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); ++i) sizes[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
   if (PyErr_Occurred()) return nullptr;
-  e->dtype = static_cast<int8_t>(reinterpret_cast<THPDtype*>(dtype)->scalar_type);
-  e->seen_only = seen_only;
-  e->alloc_site = site;
-  Py_INCREF(site);
+  e->describe(static_cast<int8_t>(reinterpret_cast<THPDtype*>(dtype)->scalar_type), sizes, PyTuple_GET_SIZE(shape),
+              site, seen_only);
   c10::StorageImpl* st = nullptr;  // None: the tests' synthetic memory, as shadow_access makes
   if (storage != Py_None) {
     st = THPStorage_Unpack(storage).unsafeGetStorageImpl();
     if (reinterpret_cast<uintptr_t>(st) != key) Py_RETURN_FALSE;
     c10::raw::weak_intrusive_ptr::incref(st);
   }
-  shadow::Entry* placed = g_table->fresh(key, st);
-  placed->has_interval = e->has_interval;
-  placed->lo = e->lo;
-  placed->hi = e->hi;
-  placed->write = e->write;
-  placed->reads = std::move(e->reads);
-  placed->reads_per_timeline = e->reads_per_timeline;
-  placed->dtype = e->dtype;
-  placed->seen_only = e->seen_only;
-  placed->shape = std::move(e->shape);
-  std::swap(placed->alloc_site, e->alloc_site);
+  e->weak = st;
+  g_table->place(key, e.release());
   Py_RETURN_TRUE;
 }
 

@@ -42,6 +42,13 @@ struct Access {
   PyObject* ctx = nullptr;   // owned
 
   Access() = default;
+  // Takes new references to ``site_`` and ``ctx_``.
+  Access(int64_t timeline_, int64_t epoch_, int64_t plan_, bool write_, bool creates_, PyObject* site_,
+         PyObject* ctx_)
+      : timeline(timeline_), epoch(epoch_), plan(plan_), write(write_), creates(creates_), site(site_), ctx(ctx_) {
+    Py_XINCREF(site);
+    Py_XINCREF(ctx);
+  }
   Access(const Access& o) { *this = o; }
   Access& operator=(const Access& o) {
     if (this == &o) return *this;
@@ -91,6 +98,15 @@ struct Entry {
   Entry(const Entry&) = delete;
   Entry& operator=(const Entry&) = delete;
   ~Entry() { Py_XDECREF(alloc_site); }
+
+  // What naming needs: the dtype, shape and site of the storage's creation (or first sight).
+  void describe(int8_t dtype_, const int64_t* sizes, size_t ndim, PyObject* site, bool seen_only_) {
+    dtype = dtype_;
+    shape.assign(sizes, sizes + ndim);
+    Py_XINCREF(site);
+    Py_XSETREF(alloc_site, site);
+    seen_only = seen_only_;
+  }
 
   bool only_timeline(int64_t tl) const {
     if (write.valid() && write.timeline != tl) return false;
@@ -200,10 +216,15 @@ class Table {
 
   // A fresh entry for ``key`` (replacing any), holding ``weak`` (taken over).
   Entry* fresh(uintptr_t key, void* weak) {
-    auto it = map_.find(key);
-    if (it != map_.end()) drop(it);
     Entry* e = new Entry();
     e->weak = weak;
+    return place(key, e);
+  }
+
+  // ``e`` (taken over, its weak reference with it) becomes the entry of ``key``, replacing any.
+  Entry* place(uintptr_t key, Entry* e) {
+    auto it = map_.find(key);
+    if (it != map_.end()) drop(it);
     map_.emplace(key, e);
     if (map_.size() > next_sweep_) sweep();
     return e;

@@ -10,7 +10,10 @@ holds a backward open while the race is found.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from test_cli_fixtures import FIXTURES, run_check
 
@@ -28,3 +31,34 @@ def test_a_race_on_a_program_allocated_grad_has_one_name_and_fingerprint(tmp_pat
     assert len(seen) == 1, seen
     resource, kind, _ = seen.pop()
     assert (resource, kind) == ("model.weight.grad", "grad")
+
+
+THREADS_SEEDING_AND_TRAINING = """
+import threading, torch
+def work(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs, targets = torch.randn(16, 32), torch.randn(16, 10)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("backend", ["python", "native"])
+def test_threads_training_their_own_models_are_not_crashed_by_gradient_naming(tmp_path: Path, backend: str) -> None:
+    # Reading every parameter's .grad between backward passes made the first Python object for
+    # gradients other threads' optimizer steps were using without the GIL: the target died of
+    # SIGSEGV or SIGABRT in most runs under either backend.
+    target = tmp_path / "train.py"
+    target.write_text(THREADS_SEEDING_AND_TRAINING)
+    proc, report = run_check(target, tmp_path, env={**os.environ, "RACEGUARD_BACKEND": backend})
+    assert proc.stdout == "done\n", proc.stderr[-2000:]
+    assert report["target_exit_code"] == 0
+    assert {f["kind"] for f in report["findings"]} == {"shared-rng"}  # the threads reseed one generator

@@ -155,6 +155,9 @@ class Namer:
         self._next_grad_sweep = 1024
         # id(param) -> weakref to the .grad last noted for it between backward passes.
         self._seen_grads: dict[int, Any] = {}
+        # Parameters whose gradient the engine has accumulated: note_grad names those gradients,
+        # and the scan between backward passes leaves them alone (see note_installed_grads).
+        self._engine_params: dict[int, weakref.ref] = {}  # id(param) -> weakref to it
         self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.optimizers: list[weakref.ref] = []  # creation order matters for labels
         observer = weakref.WeakMethod(self.note_installed_grads)
@@ -164,6 +167,12 @@ class Namer:
     def note_grad(self, param: Any, op: str, accessed: list, out: Any) -> None:
         """An op ran inside ``param``'s AccumulateGrad node (on the engine's thread, holding the
         node's mutex): remember which storage is now ``param``'s gradient."""
+        known = self._engine_params.get(id(param))
+        if known is None or known() is not param:
+            try:
+                self._engine_params[id(param)] = weakref.ref(param)
+            except TypeError:  # a parameter without weakref support
+                pass
         base = op.split(".", 1)[0]
         if base in _GRAD_RESULT_OPS:
             tensors = [out] if isinstance(out, torch.Tensor) else []
@@ -190,6 +199,12 @@ class Namer:
                 # A plain leaf only: .grad of a non-leaf warns, a subclass's may run its code.
                 if type(param) not in _PLAIN_PARAMETERS or not param.is_leaf:
                     continue
+                # A gradient the engine made is named by note_grad; reading it here could make its
+                # first Python object while its thread's ops use it without the GIL, which
+                # crashed targets training in several threads at once (SIGSEGV).
+                ref = self._engine_params.get(id(param))
+                if ref is not None and ref() is param:
+                    continue
                 grad = param.grad
                 if grad is None:
                     continue
@@ -204,6 +219,8 @@ class Namer:
         if len(seen) > 2 * self._next_grad_sweep:
             for key in [k for k, ref in list(seen.items()) if ref() is None]:
                 seen.pop(key, None)
+            for key in [k for k, ref in list(self._engine_params.items()) if ref() is None]:
+                self._engine_params.pop(key, None)
 
     def _note_span(self, param: Any, t: Any) -> None:
         """Remember that ``t``'s bytes are ``param``'s gradient."""

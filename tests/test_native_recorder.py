@@ -255,6 +255,35 @@ def test_drained_records_find_the_race_the_dispatch_mode_finds(rec):
     assert main.tid != other["state"].tid
 
 
+def test_a_gradient_accumulated_natively_is_noted_for_naming(rec):
+    # One timeline: the engine's per-parameter mutex orders nothing, so the accumulation is
+    # applied natively, and what Namer.note_grad would note is kept natively for naming.
+    session = Session(lambda event: None)
+    backend = NativeBackend(rec, CAPACITY)
+    backend.attach(session)
+    session.adopt_thread(threading.current_thread(), None)
+    try:
+        model = torch.nn.Linear(4, 2)
+        step = torch.tensor(0.0)  # an optimizer's step counter: torch.tensor's lift_fresh
+        backend.drain()
+        before = backend.records_to_python
+        model(torch.ones(3, 4)).sum().backward()
+        step += 1
+        step += 1
+        backend.drain()
+        to_python = backend.records_to_python - before
+        grad = model.weight.grad
+        spans = rec.grad_spans(grad.untyped_storage()._cdata)
+        engine = rec.engine_param(model.weight._cdata), rec.engine_param(torch.zeros(1)._cdata)
+    finally:
+        backend.stop()
+    assert [(p is model.weight, lo, hi) for p, lo, hi in spans] == [(True, 0, grad.numel() * 4)]
+    assert engine == (True, False)
+    # Only the step counter's first use goes to Python (its storage, made by lift_fresh, came
+    # back to the native memory after that).
+    assert to_python <= 1, to_python
+
+
 def test_cache_key_changes_with_the_torch_version():
     assert build.build_dir("2.13.0+cpu") != build.build_dir("2.14.0+cpu")
     assert build.build_dir() == build.build_dir(torch.__version__)

@@ -31,8 +31,8 @@ _NOTED_GRAD = "grad (noted)"
 # What the engine's AccumulateGrad dispatches: the gradient is the output of detach (first
 # gradient, stolen), clone (first, copied), add (create_graph) or _to_copy, or add_'s first
 # argument (accumulated in place).
-_GRAD_RESULT_OPS = frozenset({"aten::detach", "aten::clone", "aten::add", "aten::_to_copy"})
-_GRAD_INPLACE_OPS = frozenset({"aten::add_"})
+GRAD_RESULT_OPS = frozenset({"aten::detach", "aten::clone", "aten::add", "aten::_to_copy"})
+GRAD_INPLACE_OPS = frozenset({"aten::add_"})
 
 _PLAIN_PARAMETERS = (torch.nn.Parameter, torch.Tensor)
 
@@ -158,6 +158,9 @@ class Namer:
         # Parameters whose gradient the engine has accumulated: note_grad names those gradients,
         # and the scan between backward passes leaves them alone (see note_installed_grads).
         self._engine_params: dict[int, weakref.ref] = {}  # id(param) -> weakref to it
+        # The native recorder's notes of the same, for accumulations it applied itself (its
+        # grad_spans() and engine_param()); None under the Python mode.
+        self.native_grads: Any = None
         self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.optimizers: list[weakref.ref] = []  # creation order matters for labels
         observer = weakref.WeakMethod(self.note_installed_grads)
@@ -174,9 +177,9 @@ class Namer:
             except TypeError:  # a parameter without weakref support
                 pass
         base = op.split(".", 1)[0]
-        if base in _GRAD_RESULT_OPS:
+        if base in GRAD_RESULT_OPS:
             tensors = [out] if isinstance(out, torch.Tensor) else []
-        elif base in _GRAD_INPLACE_OPS:
+        elif base in GRAD_INPLACE_OPS:
             tensors = [t for t, is_write in accessed if is_write][:1]
         else:
             return
@@ -204,6 +207,9 @@ class Namer:
                 # crashed targets training in several threads at once (SIGSEGV).
                 ref = self._engine_params.get(id(param))
                 if ref is not None and ref() is param:
+                    continue
+                native = self.native_grads
+                if native is not None and native.engine_param(param._cdata):
                     continue
                 grad = param.grad
                 if grad is None:
@@ -243,10 +249,14 @@ class Namer:
     def _noted_grads(self, storage: Any) -> dict[int, tuple[Any, int, int]]:
         """``{id(param): (param, lo, hi)}`` of the gradients the engine put in ``storage`` (live
         parameters only, so an id found here is that parameter's)."""
+        spans = {}
+        native = self.native_grads
+        if native is not None:
+            for param, lo, hi in native.grad_spans(storage._cdata):
+                spans[id(param)] = (param, lo, hi)
         entry = self._grads.get(storage._cdata)
         if entry is None or entry[0]() is not storage:
-            return {}
-        spans = {}
+            return spans
         for key, (ref, lo, hi) in list(entry[1].items()):
             param = ref()
             if param is not None and id(param) == key:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ...engine.hb import AccessRecord, CreationRecord, ShadowStorage, SyncVar
 from ..identity import present_as
-from ..naming import OpInfo, StorageMeta, StorageRef
+from ..naming import GRAD_INPLACE_OPS, GRAD_RESULT_OPS, OpInfo, StorageMeta, StorageRef
 from ..rng_ops import draw_conditions
 from ..stacks import first_user_location
 from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
@@ -138,6 +138,8 @@ class NativeBackend:
         session.stats = stats_after_drain
         self._wrap_native_starters()
         self.module.configure_rng(draw_conditions())
+        self.module.configure_grad_ops(sorted(GRAD_RESULT_OPS), sorted(GRAD_INPLACE_OPS))
+        session.namer.native_grads = self.module
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
         _thread.start_new_thread(self._drain_loop, ())
         os.register_at_fork(after_in_child=self._after_fork_in_child)
@@ -248,7 +250,7 @@ class NativeBackend:
                 if rec is None:
                     break
                 try:
-                    if not self._apply(s, rec) and rec[7] is not None:
+                    if not self._apply(s, rec) and (rec[7] is not None or self._plan(rec[2])[2]):
                         self._give_back(s, rec)
                 except Exception as exc:
                     s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
@@ -282,7 +284,7 @@ class NativeBackend:
             if state is None:
                 return False if key > 0 else None
             tid = state.tid
-            return (tid, s.hb.clock(tid), (state.locks, state.origin))
+            return (tid, s.hb.clock(tid), (state.locks, state.origin), s.hb.timelines == 1)
         except Exception as exc:  # the record goes to _apply, which meets the problem itself
             s.hook_failed("reading a thread's clock for natively recorded ops", exc)
             return None
@@ -348,9 +350,10 @@ class NativeBackend:
         return plan
 
     def _give_back(self, s: Any, rec: tuple) -> None:
-        """After a gradient accumulation the Python engine applied without a race: the storages
-        it touched go back to the fast drain where their shadow is one interval of op accesses,
-        so that the optimizer's next use of the gradient is decided natively too."""
+        """After a gradient accumulation or a fresh-input op (``torch.tensor``: an optimizer's
+        step counter) the Python engine applied without a race: the storages it touched go back
+        to the fast drain where their shadow is one interval of op accesses, so that their next
+        uses (the optimizer's use of the gradient, ``step += 1``) are decided natively too."""
         if s.shared_access is not None:
             return
         shadows = s.shadows

@@ -93,6 +93,9 @@ struct Plan {
   int64_t undeclared_cond = -1;
   bool is_lift = false;    // aten::lift_fresh / aten::lift: torch.tensor()'s own copy
   bool is_detach = false;  // aten::detach_, which torch.tensor() runs on that copy
+  // Inside an AccumulateGrad node: the op's one result (1) or its first written argument (2)
+  // becomes the parameter's gradient (naming._GRAD_RESULT_OPS / _GRAD_INPLACE_OPS); 0: neither.
+  int8_t grad_kind = 0;
   // Draws from (or reseeds) a random generator (capture/rng_ops.py, given by configure_rng):
   // the indices of its Generator? argument, its keyword-only device argument and the bool it
   // draws only when true (-1: none), and how many arguments are positional (the dispatch
@@ -108,6 +111,7 @@ std::vector<Plan*> g_plan_list;                                 // by id, under 
 std::unordered_set<std::string> g_metadata_only, g_fresh_input;
 std::unordered_map<std::string, std::pair<std::vector<uint32_t>, int64_t>> g_undeclared;
 std::unordered_map<std::string, std::string> g_rng_ops;  // base name -> its draw condition ("": none)
+std::unordered_set<std::string> g_grad_result_ops, g_grad_inplace_ops;  // base names (configure_grad_ops)
 
 bool tensor_type(const c10::TypePtr& t, bool& is_list) {
   auto kind = t->kind();
@@ -157,6 +161,7 @@ Plan* build_plan(const c10::FunctionSchema& schema) {
   p->fresh_input = g_fresh_input.count(base) > 0;
   p->is_lift = p->name == "aten::lift_fresh" || p->name == "aten::lift";
   p->is_detach = p->name == "aten::detach_";
+  p->grad_kind = g_grad_result_ops.count(base) ? 1 : g_grad_inplace_ops.count(base) ? 2 : 0;
   auto u = g_undeclared.find(base);
   if (u != g_undeclared.end()) {
     p->undeclared = u->second.first;
@@ -974,6 +979,7 @@ struct KeyContext {
   int64_t timeline = 0;
   std::vector<int64_t> clock;
   PyObject* ctx = nullptr;  // owned
+  bool single = false;      // the session has one timeline (no mutex can order anything)
 };
 std::unordered_map<int64_t, KeyContext> g_contexts;  // valid until control returns to Python
 
@@ -993,7 +999,7 @@ const KeyContext& context_of(int64_t key) {
     PyErr_Clear();  // Python's own path meets the same problem and reports it
   } else if (res == Py_False) {
     kc.kind = 1;
-  } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 3 && PyList_Check(PyTuple_GET_ITEM(res, 1))) {
+  } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) >= 3 && PyList_Check(PyTuple_GET_ITEM(res, 1))) {
     kc.kind = 2;
     kc.timeline = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 0));
     PyObject* clock = PyTuple_GET_ITEM(res, 1);
@@ -1001,6 +1007,7 @@ const KeyContext& context_of(int64_t key) {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(clock); ++i) kc.clock[i] = PyLong_AsLongLong(PyList_GET_ITEM(clock, i));
     kc.ctx = PyTuple_GET_ITEM(res, 2);
     Py_INCREF(kc.ctx);
+    kc.single = PyTuple_GET_SIZE(res) > 3 && PyTuple_GET_ITEM(res, 3) == Py_True;
     if (PyErr_Occurred()) {
       PyErr_Clear();
       kc.kind = 0;
@@ -1115,6 +1122,81 @@ shadow::Entry* storage_entry(const AccRec& a, PyObject* site, bool seen_only) {
   return e;
 }
 
+// ---- gradients the engine installed (Namer.note_grad, for records applied natively) ------
+// Which storage holds which parameter's gradient, so that naming can call it
+// ``model.fc1.weight.grad`` without reading ``.grad``; and which parameters the engine
+// accumulated into (naming never reads their ``.grad``: see Namer.note_installed_grads).
+// Weak references keep the addresses from reuse. Used under the GIL only.
+struct GradSpan {
+  c10::TensorImpl* param;  // one weak reference
+  int64_t lo, hi;
+};
+struct GradEntry {
+  c10::StorageImpl* storage;  // one weak reference
+  std::vector<GradSpan> spans;
+};
+std::unordered_map<uintptr_t, GradEntry> g_grad_spans;
+std::unordered_set<c10::TensorImpl*> g_engine_params;  // one weak reference each
+size_t g_next_grad_sweep = 1024;
+
+bool weak_tensor_alive(c10::TensorImpl* p) { return c10::raw::intrusive_ptr::use_count(p) > 0; }
+void release_weak_tensor(c10::TensorImpl* p) { c10::weak_intrusive_ptr<c10::TensorImpl>::reclaim(p); }
+
+void sweep_grad_notes() {
+  for (auto it = g_grad_spans.begin(); it != g_grad_spans.end();) {
+    if (weak_storage_alive(it->second.storage)) {
+      ++it;
+      continue;
+    }
+    for (const GradSpan& g : it->second.spans) release_weak_tensor(g.param);
+    release_weak_storage(it->second.storage);
+    it = g_grad_spans.erase(it);
+  }
+  for (auto it = g_engine_params.begin(); it != g_engine_params.end();) {
+    if (weak_tensor_alive(*it)) {
+      ++it;
+      continue;
+    }
+    release_weak_tensor(*it);
+    it = g_engine_params.erase(it);
+  }
+  g_next_grad_sweep = std::max<size_t>(1024, 2 * (g_grad_spans.size() + g_engine_params.size()));
+}
+
+// Namer.note_grad for a gradient accumulation applied natively: the parameter is one the
+// engine accumulates into; the op's result or first written argument is now its gradient.
+void note_grad_natively(ThreadBuf* b, const OpRec& r) {
+  const uint64_t acap = b->accs.size();
+  if (g_engine_params.insert(r.param).second) c10::raw::weak_intrusive_ptr::incref(r.param);
+  const AccRec* t = nullptr;
+  if (r.plan->grad_kind == 1) {
+    if (r.nout == 1) t = &b->accs[(r.acc_begin + r.nacc) % acap];
+  } else if (r.plan->grad_kind == 2 && !r.plan->metadata_only) {
+    for (uint32_t j = 0; j < r.nacc && t == nullptr; ++j) {
+      const AccRec& a = b->accs[(r.acc_begin + j) % acap];
+      if (weak_storage_alive(a.storage) && (a.flags & F_WRITE)) t = &a;
+    }
+  }
+  if (t != nullptr && t->tensor != nullptr && weak_tensor_alive(t->tensor)) {
+    const int64_t lo = t->offset * t->itemsize;
+    const int64_t hi = lo + std::max<int64_t>(t->numel, 1) * t->itemsize;
+    auto [it, fresh] = g_grad_spans.try_emplace(reinterpret_cast<uintptr_t>(t->storage));
+    GradEntry& e = it->second;
+    if (fresh) {
+      c10::raw::weak_intrusive_ptr::incref(t->storage);
+      e.storage = t->storage;
+    }
+    bool found = false;
+    for (GradSpan& g : e.spans)
+      if (g.param == r.param) g.lo = lo, g.hi = hi, found = true;
+    if (!found) {
+      c10::raw::weak_intrusive_ptr::incref(r.param);
+      e.spans.push_back({r.param, lo, hi});
+    }
+  }
+  if (g_grad_spans.size() + g_engine_params.size() > g_next_grad_sweep) sweep_grad_notes();
+}
+
 // Applies what it can of the record natively. Python: the record (when ``python`` is empty) or
 // the accesses and outputs flagged in ``python`` must be applied by Python, right after the
 // ones applied here (nothing else runs in between).
@@ -1133,8 +1215,7 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   // naming), fresh-input ops, TorchScript sites, threads it has not named yet, shared memory.
   // (A random draw goes to the hazards in Python, with just the accesses that need Python: the
   // hazards change no clock and no tensor's shadow.)
-  if (r.param != nullptr || r.plan->fresh_input || shared_mode == 2 || r.nacc + r.nout > kMaxFastAccesses)
-    return Verdict::Python;
+  if (r.plan->fresh_input || shared_mode == 2 || r.nacc + r.nout > kMaxFastAccesses) return Verdict::Python;
   const uint64_t fcap = b->frames.size();
   for (uint32_t j = 0; j < r.nframes; ++j)
     if (b->frames[(r.frame_begin + j) % fcap].code == nullptr) return Verdict::Python;
@@ -1144,6 +1225,9 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
     ++g_fast_unwatched;
     return Verdict::Dropped;
   }
+  // A gradient accumulation natively only while the session has one timeline: then the
+  // engine's per-parameter mutex, which the Python engine models as a lock, orders nothing.
+  if (r.param != nullptr && !kc.single) return Verdict::Python;
   const shadow::Clock clock{kc.clock.data(), kc.clock.size()};
   const int64_t epoch = clock.at(kc.timeline);
   python.assign(r.nacc + r.nout, 0);
@@ -1208,6 +1292,10 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
     if (g_table->find(key) != nullptr) continue;  // not new memory
     created[ncreated++] = &a;
   }
+  if (r.param != nullptr && any_python) {  // Python names the gradient: it makes every access
+    python.clear();
+    return Verdict::Python;
+  }
   if (n + ncreated > 0) {  // remember them as hb.py would
     PyObject* site = site_tuple(b, r);
     if (site == nullptr) {
@@ -1235,6 +1323,7 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   }
   g_fast_dead += dead;
   if (any_python) return Verdict::Python;  // Python counts the op
+  if (r.param != nullptr) note_grad_natively(b, r);
   ++g_fast_ops;
   return Verdict::Applied;
 }
@@ -1479,6 +1568,62 @@ PyObject* py_plan(PyObject*, PyObject* arg) {
                        p->fresh_input ? Py_True : Py_False);
 }
 
+// configure_grad_ops(result_ops, inplace_ops): naming's _GRAD_RESULT_OPS and _GRAD_INPLACE_OPS
+// (base names). Call before install: plans already built keep what they were built with.
+PyObject* py_configure_grad_ops(PyObject*, PyObject* args) {
+  PyObject *result_ops, *inplace_ops;
+  if (!PyArg_ParseTuple(args, "OO", &result_ops, &inplace_ops)) return nullptr;
+  std::lock_guard<std::mutex> g(g_plan_mu);
+  for (auto [src, dst] : {std::pair{result_ops, &g_grad_result_ops}, std::pair{inplace_ops, &g_grad_inplace_ops}}) {
+    PyObject* it = PyObject_GetIter(src);
+    if (!it) return nullptr;
+    while (PyObject* item = PyIter_Next(it)) {
+      const char* name = PyUnicode_AsUTF8(item);
+      if (name) dst->insert(name);
+      Py_DECREF(item);
+    }
+    Py_DECREF(it);
+  }
+  if (PyErr_Occurred()) return nullptr;
+  Py_RETURN_NONE;
+}
+
+// grad_spans(storage address) -> [(parameter, lo, hi)]: the live parameters whose gradient a
+// natively applied accumulation put in that storage, and where (Namer._noted_grads).
+PyObject* py_grad_spans(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  auto it = g_grad_spans.find(static_cast<uintptr_t>(key));
+  if (it == g_grad_spans.end() || !weak_storage_alive(it->second.storage)) return out;
+  for (const GradSpan& g : it->second.spans) {
+    PyObject* param = tensor_or_none(g.param);
+    if (param == nullptr) return Py_DECREF(out), nullptr;
+    if (param == Py_None) {
+      Py_DECREF(param);
+      continue;
+    }
+    PyObject* item = Py_BuildValue("(NLL)", param, (long long)g.lo, (long long)g.hi);
+    if (item == nullptr || PyList_Append(out, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  return out;
+}
+
+// engine_param(tensor address) -> whether a natively applied accumulation went into that
+// parameter (its TensorImpl, Tensor._cdata) while it lives.
+PyObject* py_engine_param(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  auto* p = reinterpret_cast<c10::TensorImpl*>(static_cast<uintptr_t>(key));
+  return PyBool_FromLong(g_engine_params.count(p) && weak_tensor_alive(p));
+}
+
 // Waits (without the GIL) until a buffer is half full or ``timeout`` seconds passed.
 PyObject* py_wait(PyObject*, PyObject* arg) {
   double timeout = PyFloat_AsDouble(arg);
@@ -1525,6 +1670,10 @@ PyMethodDef g_methods[] = {
      "install(metadata_only, fresh_input, undeclared, cap_ops, cap_accesses, cap_frames): start recording"},
     {"configure_rng", py_configure_rng, METH_O,
      "configure_rng({op: draw condition or None}): the ops that draw from a random generator"},
+    {"configure_grad_ops", py_configure_grad_ops, METH_VARARGS,
+     "configure_grad_ops(result_ops, inplace_ops): the ops that install a parameter's gradient"},
+    {"grad_spans", py_grad_spans, METH_O, "grad_spans(storage address) -> [(parameter, lo, hi)]"},
+    {"engine_param", py_engine_param, METH_O, "engine_param(tensor address) -> accumulated into natively"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
     {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},

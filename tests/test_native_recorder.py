@@ -284,6 +284,37 @@ def test_a_gradient_accumulated_natively_is_noted_for_naming(rec):
     assert to_python <= 1, to_python
 
 
+def test_gradient_accumulations_of_several_threads_stay_native(rec):
+    # Two threads: the accumulation mutex is kept natively (grad_mutex), so accumulations are
+    # applied natively too; two backward passes into one parameter are ordered by it (no race).
+    events = []
+    session = Session(events.append)
+    backend = NativeBackend(rec, CAPACITY)
+    backend.attach(session)
+    session.adopt_thread(threading.current_thread(), None)
+    try:
+        model = torch.nn.Linear(4, 2)
+        tid = session.fork()
+        backend.drain()
+        before = backend.records_to_python
+
+        def worker():
+            session.adopt_thread(threading.current_thread(), tid)
+            model(torch.ones(3, 4)).sum().backward()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        model(torch.ones(3, 4)).sum().backward()
+        t.join()
+        backend.drain()
+        to_python = backend.records_to_python - before
+    finally:
+        backend.stop()
+    races = [e["finding"] for e in events if e["type"] == "finding"]
+    assert to_python == 0 and not races, (to_python, races)
+    assert model.weight.grad.sum().item() == 2 * 3 * 4 * 2
+
+
 def test_cache_key_changes_with_the_torch_version():
     assert build.build_dir("2.13.0+cpu") != build.build_dir("2.14.0+cpu")
     assert build.build_dir() == build.build_dir(torch.__version__)

@@ -276,3 +276,36 @@ def test_whole_tensors_and_their_transposes_are_one_range(native) -> None:
     assert native.byte_range(w[3]) == (3 * 32 * 4, 4 * 32 * 4)
     assert native.byte_range(w.expand(2, 64, 32)) == (0, 64 * 32 * 4)
     assert native.byte_range(w[:, :4]) is None  # 64 runs: the Python engine keeps them exact
+
+
+mutex_op = st.tuples(timeline, st.integers(0, 1), st.sampled_from(["acquire", "release", "tick"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(mutex_op, max_size=40))
+def test_gradient_mutexes_kept_natively_move_clocks_as_the_python_engine(native, ops) -> None:
+    # grad_mutex() keeps the engine's per-parameter accumulation mutexes natively and acts on the
+    # Python engine's own clock lists: the same clocks as HappensBefore.acquire/release with a
+    # SyncVar per parameter. ("tick": a release of some other lock, which moves only the clock.)
+    import torch
+
+    params = [torch.zeros(1), torch.zeros(1)]  # live tensors: grad_mutex keys on their TensorImpl
+    oracle = HappensBefore()
+    mine = HappensBefore()
+    for _ in range(TIMELINES):
+        oracle.new_timeline()
+        mine.new_timeline()
+    vars_ = [SyncVar(), SyncVar()]
+    other = SyncVar()
+    for tid, param, kind in ops:
+        if kind == "tick":
+            oracle.release(tid, other)
+            mine.release(tid, other)
+            continue
+        getattr(oracle, kind)(tid, vars_[param])
+        native.grad_mutex(params[param]._cdata, mine.clock(tid), tid, kind == "release")
+        for t in range(TIMELINES):
+            want = oracle.clock(t)
+            got = mine.clock(t)
+            width = max(len(want), len(got))
+            assert want + [0] * (width - len(want)) == got + [0] * (width - len(got))

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import _thread
 import os
-import weakref
 from typing import Any
 
 from ...engine.hb import AccessRecord, CreationRecord, ShadowStorage, SyncVar
 from ..identity import present_as
 from ..naming import GRAD_INPLACE_OPS, GRAD_RESULT_OPS, OpInfo, StorageMeta, StorageRef
 from ..rng_ops import draw_conditions
-from ..stacks import first_user_location
+from ..stacks import first_user_location, set_native_site_capture
 from ..torch_ops import FRESH_INPUT, METADATA_ONLY, UNDECLARED_WRITES, byte_ranges
 
 # Per-thread capacities: records, tensor accesses (inputs and outputs), frames.
@@ -111,7 +110,6 @@ class NativeBackend:
         self.dead_accesses = 0  # accesses to storages freed before their record was drained
         self.unwatched_records = 0  # ops of Python threads raceguard does not watch
         self._lost_reported = 0
-        self._grad_vars: dict[int, tuple[Any, Any]] = {}
         self._script_frames: dict[int, ScriptFrame] = {}
         self._open_calls: list[_NativeCall] = []
         self._undo: list = []
@@ -140,6 +138,8 @@ class NativeBackend:
         self.module.configure_rng(draw_conditions())
         self.module.configure_grad_ops(sorted(GRAD_RESULT_OPS), sorted(GRAD_INPLACE_OPS))
         session.namer.native_grads = self.module
+        set_native_site_capture(self.module.current_site)
+        self._undo.append(lambda: set_native_site_capture(None))
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
         _thread.start_new_thread(self._drain_loop, ())
         os.register_at_fork(after_in_child=self._after_fork_in_child)
@@ -254,13 +254,19 @@ class NativeBackend:
                         self._give_back(s, rec)
                 except Exception as exc:
                     s.hook_failed("applying a natively recorded tensor op", exc, ordering=True)
-            ops, dead, unwatched, slow, _ = module.fast_counts()
+            ops, dead, unwatched, slow, _, mutex_failures = module.fast_counts()
             s.ops += ops
             self.dead_accesses += dead
             self.unwatched_records += unwatched
             self.records_to_python += slow
             if s._dead:
                 s._reap()
+            if mutex_failures:
+                s.hook_failed(
+                    "applying natively recorded tensor ops",
+                    RuntimeError(f"{mutex_failures} gradient accumulation mutex releases failed"),
+                    ordering=True,
+                )
             lost = module.stats()[0]
             if lost and not self._lost_reported:
                 self._lost_reported = lost
@@ -424,13 +430,12 @@ class NativeBackend:
         races: list = []
         inputs: list[int] = []
         accessed: list = []
-        var = None
         s.ops += 1
         if s._dead:
             s._reap()
-        if param is not None and hb.timelines > 1:
-            var = self._grad_var(param)  # the engine's per-parameter accumulation mutex
-            hb.acquire(tid, var)
+        mutex = param is not None and hb.timelines > 1
+        if mutex:  # the engine's per-parameter accumulation mutex, kept natively (grad_mutex)
+            self.module.grad_mutex(param._cdata, hb.clock(tid), tid, False)
         if metadata_only:
             accs = ()
         if fresh_input:
@@ -476,22 +481,11 @@ class NativeBackend:
         if param is not None:
             out = outs[0][9] if len(outs) == 1 else None
             s.namer.note_grad(param, name, accessed, out)
-            if var is not None:
-                hb.release(tid, var)
+            if mutex:
+                self.module.grad_mutex(param._cdata, hb.clock(tid), tid, True)
         if races:
             s.report_races(races)
         return races
-
-    def _grad_var(self, param: Any) -> Any:
-        entry = self._grad_vars.get(id(param))
-        if entry is not None and entry[0]() is param:
-            return entry[1]
-        if len(self._grad_vars) > 4096:
-            for k in [k for k, (ref, _) in self._grad_vars.items() if ref() is None]:
-                del self._grad_vars[k]
-        var = SyncVar()
-        self._grad_vars[id(param)] = (weakref.ref(param), var)
-        return var
 
     def _fresh(self, s: Any, a: tuple, info: Any, tid: int, inputs: Any) -> None:
         """``Session._fresh`` for an output known from a record."""

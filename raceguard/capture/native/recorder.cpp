@@ -297,13 +297,47 @@ struct BufOwner {
 };
 thread_local BufOwner t_owner;
 
-inline ThreadBuf* buf() {
-  ThreadBuf* b = t_owner.buf;
-  if (C10_LIKELY(b != nullptr)) return b;
-  b = new ThreadBuf();
+// Buffers of threads that ended, drained empty, kept for the next threads (a server starting a
+// thread per request would otherwise allocate and touch ~8.5 MB per thread). Under g_mu.
+constexpr size_t kMaxFreeBufs = 8;
+std::vector<ThreadBuf*> g_free_bufs;
+
+ThreadBuf* new_buf() {
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    while (!g_free_bufs.empty()) {
+      ThreadBuf* b = g_free_bufs.back();
+      g_free_bufs.pop_back();
+      if (b->ops.size() == g_cap_ops && b->accs.size() == g_cap_accs && b->frames.size() == g_cap_frames) return b;
+      delete b;  // made before install() changed the capacities
+    }
+  }
+  auto* b = new ThreadBuf();
   b->ops.resize(g_cap_ops);
   b->accs.resize(g_cap_accs);
   b->frames.resize(g_cap_frames);
+  return b;
+}
+
+// A drained buffer of a thread that ended, made ready for another thread (the code objects
+// its cache names stay pinned for the life of the process).
+void recycle_buf(ThreadBuf* b) {
+  b->exited = false;
+  b->op_head.store(0);
+  b->op_tail.store(0);
+  b->acc_head = b->frame_head = 0;
+  b->acc_tail.store(0);
+  b->frame_tail.store(0);
+  b->lost.store(0);
+  b->open = false;
+  b->depth = b->backward_depth = 0;
+  b->stack.clear();
+}
+
+inline ThreadBuf* buf() {
+  ThreadBuf* b = t_owner.buf;
+  if (C10_LIKELY(b != nullptr)) return b;
+  b = new_buf();
   PyThreadState* ts = PyGILState_GetThisThreadState();  // thread-local, no GIL needed
   if (ts != nullptr)
     b->key = static_cast<int64_t>(ts->thread_id);
@@ -829,7 +863,12 @@ void release_snapshot(Snapshot& snap) {
       ThreadBuf* b = *it;
       if (b->exited && b->op_head.load() == b->op_tail.load()) {
         it = g_bufs.erase(it);
-        delete b;
+        if (g_free_bufs.size() < kMaxFreeBufs) {
+          recycle_buf(b);
+          g_free_bufs.push_back(b);
+        } else {
+          delete b;
+        }
       } else {
         ++it;
       }
@@ -845,21 +884,22 @@ void release_snapshot(Snapshot& snap) {
 constexpr size_t kMaxSites = 1 << 16;
 std::unordered_multimap<uint64_t, PyObject*>* g_sites = new std::unordered_multimap<uint64_t, PyObject*>();
 
-PyObject* site_tuple(ThreadBuf* b, const OpRec& r) {
-  const uint64_t cap = b->frames.size();
-  uint64_t h = 1469598103934665603ull ^ r.nframes;
-  for (uint32_t j = 0; j < r.nframes; ++j) {
-    const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+// ``frame_at(j)`` for j < n: the frames, innermost first.
+template <class FrameAt>
+PyObject* intern_site(uint32_t n, FrameAt frame_at) {
+  uint64_t h = 1469598103934665603ull ^ n;
+  for (uint32_t j = 0; j < n; ++j) {
+    const FrameRec& f = frame_at(j);
     h = (h ^ reinterpret_cast<uintptr_t>(f.code)) * 1099511628211ull;
     h = (h ^ static_cast<uint32_t>(f.lasti)) * 1099511628211ull;
   }
   auto range = g_sites->equal_range(h);
   for (auto it = range.first; it != range.second; ++it) {
     PyObject* t = it->second;
-    if (PyTuple_GET_SIZE(t) != 2 * static_cast<Py_ssize_t>(r.nframes)) continue;
+    if (PyTuple_GET_SIZE(t) != 2 * static_cast<Py_ssize_t>(n)) continue;
     bool same = true;
-    for (uint32_t j = 0; j < r.nframes && same; ++j) {
-      const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+    for (uint32_t j = 0; j < n && same; ++j) {
+      const FrameRec& f = frame_at(j);
       PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;
       same = PyTuple_GET_ITEM(t, 2 * j) == code && PyLong_AsLong(PyTuple_GET_ITEM(t, 2 * j + 1)) == f.lasti;
     }
@@ -868,10 +908,10 @@ PyObject* site_tuple(ThreadBuf* b, const OpRec& r) {
       return t;
     }
   }
-  PyObject* site = PyTuple_New(2 * r.nframes);
+  PyObject* site = PyTuple_New(2 * n);
   if (!site) return nullptr;
-  for (uint32_t j = 0; j < r.nframes; ++j) {
-    const FrameRec& f = b->frames[(r.frame_begin + j) % cap];
+  for (uint32_t j = 0; j < n; ++j) {
+    const FrameRec& f = frame_at(j);
     PyObject* code = f.code ? reinterpret_cast<PyObject*>(f.code) : Py_None;  // None: a script frame
     Py_INCREF(code);
     PyTuple_SET_ITEM(site, 2 * j, code);
@@ -882,6 +922,29 @@ PyObject* site_tuple(ThreadBuf* b, const OpRec& r) {
     g_sites->emplace(h, site);
   }
   return site;
+}
+
+PyObject* site_tuple(ThreadBuf* b, const OpRec& r) {
+  const uint64_t cap = b->frames.size();
+  return intern_site(r.nframes, [&](uint32_t j) -> const FrameRec& { return b->frames[(r.frame_begin + j) % cap]; });
+}
+
+// current_site() -> the calling thread's Python stack as a recorded op's site: the interned
+// (code, lasti, ...) tuple of at most kMaxFrames frames, innermost first (stacks.op_site_function
+// uses it while the recorder runs: cheaper than torch's gather_traceback). Needs the GIL; the
+// tuple holds the code objects, so none is pinned.
+PyObject* py_current_site(PyObject*, PyObject*) {
+  PyThreadState* ts = PyThreadState_Get();
+  FrameRec frames[kMaxFrames];
+  uint32_t n = 0;
+  for (_PyInterpreterFrame* f = ts->cframe ? ts->cframe->current_frame : nullptr; f != nullptr && n < kMaxFrames;
+       f = f->previous) {
+    if (_PyFrame_IsIncomplete(f)) continue;
+    frames[n].code = f->f_code;
+    frames[n].lasti = _PyInterpreterFrame_LASTI(f) * static_cast<int32_t>(sizeof(_Py_CODEUNIT));
+    ++n;
+  }
+  return intern_site(n, [&](uint32_t j) -> const FrameRec& { return frames[j]; });
 }
 
 // The random draw of a record: None, or (its generator, None for the device's default one,
@@ -972,6 +1035,7 @@ size_t g_fast_pos = 0;
 std::vector<uint8_t> g_python_part;  // what of the current record Python applies (empty: all)
 bool g_fast_active = false;
 uint64_t g_fast_ops = 0, g_fast_dead = 0, g_fast_unwatched = 0, g_fast_slow = 0;
+uint64_t g_fast_mutex_failures = 0;  // a gradient mutex's release that failed (ordering lost)
 std::unordered_map<int64_t, std::pair<const Plan*, uintptr_t>> g_prev_op;  // per thread key
 
 struct KeyContext {
@@ -979,16 +1043,20 @@ struct KeyContext {
   int64_t timeline = 0;
   std::vector<int64_t> clock;
   PyObject* ctx = nullptr;  // owned
+  PyObject* clock_list = nullptr;  // owned: the Python engine's own clock of the timeline
   bool single = false;      // the session has one timeline (no mutex can order anything)
 };
 std::unordered_map<int64_t, KeyContext> g_contexts;  // valid until control returns to Python
 
 void forget_contexts() {
-  for (auto& kv : g_contexts) Py_XDECREF(kv.second.ctx);
+  for (auto& kv : g_contexts) {
+    Py_XDECREF(kv.second.ctx);
+    Py_XDECREF(kv.second.clock_list);
+  }
   g_contexts.clear();
 }
 
-const KeyContext& context_of(int64_t key) {
+KeyContext& context_of(int64_t key) {
   auto it = g_contexts.find(key);
   if (it != g_contexts.end()) return it->second;
   KeyContext kc;
@@ -1003,6 +1071,8 @@ const KeyContext& context_of(int64_t key) {
     kc.kind = 2;
     kc.timeline = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 0));
     PyObject* clock = PyTuple_GET_ITEM(res, 1);
+    kc.clock_list = clock;
+    Py_INCREF(clock);
     kc.clock.resize(PyList_GET_SIZE(clock));
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(clock); ++i) kc.clock[i] = PyLong_AsLongLong(PyList_GET_ITEM(clock, i));
     kc.ctx = PyTuple_GET_ITEM(res, 2);
@@ -1197,6 +1267,76 @@ void note_grad_natively(ThreadBuf* b, const OpRec& r) {
   if (g_grad_spans.size() + g_engine_params.size() > g_next_grad_sweep) sweep_grad_notes();
 }
 
+// ---- the engine's per-parameter accumulation mutex, as a lock of the Python engine --------
+// AccumulateGrad runs under a mutex of its node: one accumulation into a parameter happens
+// before the next, whatever thread runs it. Its clock (engine/hb.py's SyncVar) is kept here for
+// both drains: acquire joins it into the timeline's clock, release joins the timeline's clock
+// into it and advances the timeline, as HappensBefore.acquire/release do, on the Python
+// engine's own clock list.
+struct GradVar {
+  std::vector<int64_t> clock;
+  bool set = false;
+};
+std::unordered_map<c10::TensorImpl*, GradVar> g_grad_vars;  // one weak reference per key
+size_t g_next_var_sweep = 1024;
+
+GradVar& grad_var(c10::TensorImpl* param) {
+  auto [it, fresh] = g_grad_vars.try_emplace(param);
+  if (fresh) {
+    c10::raw::weak_intrusive_ptr::incref(param);
+    if (g_grad_vars.size() > g_next_var_sweep) {
+      for (auto j = g_grad_vars.begin(); j != g_grad_vars.end();) {
+        if (j->first != param && !weak_tensor_alive(j->first)) {
+          release_weak_tensor(j->first);
+          j = g_grad_vars.erase(j);
+        } else {
+          ++j;
+        }
+      }
+      g_next_var_sweep = std::max<size_t>(1024, 2 * g_grad_vars.size());
+    }
+  }
+  return it->second;
+}
+
+// False with a Python exception set.
+bool list_set(PyObject* list, Py_ssize_t i, int64_t v) {
+  while (PyList_GET_SIZE(list) <= i) {
+    PyObject* zero = PyLong_FromLong(0);
+    if (zero == nullptr || PyList_Append(list, zero) < 0) return Py_XDECREF(zero), false;
+    Py_DECREF(zero);
+  }
+  PyObject* value = PyLong_FromLongLong(v);
+  return value != nullptr && PyList_SetItem(list, i, value) == 0;
+}
+
+bool grad_acquire(const GradVar& var, PyObject* clock) {
+  if (!var.set) return true;
+  for (size_t i = 0; i < var.clock.size(); ++i) {
+    const int64_t mine = static_cast<Py_ssize_t>(i) < PyList_GET_SIZE(clock) ? PyLong_AsLongLong(PyList_GET_ITEM(clock, i)) : 0;
+    if (var.clock[i] > mine && !list_set(clock, static_cast<Py_ssize_t>(i), var.clock[i])) return false;
+  }
+  return !PyErr_Occurred();
+}
+
+bool grad_release(GradVar& var, PyObject* clock, int64_t timeline) {
+  const Py_ssize_t n = PyList_GET_SIZE(clock);
+  if (var.clock.size() < static_cast<size_t>(n)) var.clock.resize(n, 0);
+  for (Py_ssize_t i = 0; i < n; ++i) var.clock[i] = std::max<int64_t>(var.clock[i], PyLong_AsLongLong(PyList_GET_ITEM(clock, i)));
+  var.set = true;
+  if (PyErr_Occurred()) return false;
+  const int64_t mine = timeline < n ? PyLong_AsLongLong(PyList_GET_ITEM(clock, timeline)) : 0;
+  return list_set(clock, timeline, mine + 1);
+}
+
+// The context's copy of its clock, after the Python list changed.
+bool refresh_clock(KeyContext& kc) {
+  const Py_ssize_t n = PyList_GET_SIZE(kc.clock_list);
+  kc.clock.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) kc.clock[i] = PyLong_AsLongLong(PyList_GET_ITEM(kc.clock_list, i));
+  return !PyErr_Occurred();
+}
+
 // Applies what it can of the record natively. Python: the record (when ``python`` is empty) or
 // the accesses and outputs flagged in ``python`` must be applied by Python, right after the
 // ones applied here (nothing else runs in between).
@@ -1219,15 +1359,12 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   const uint64_t fcap = b->frames.size();
   for (uint32_t j = 0; j < r.nframes; ++j)
     if (b->frames[(r.frame_begin + j) % fcap].code == nullptr) return Verdict::Python;
-  const KeyContext& kc = context_of(b->key);
+  KeyContext& kc = context_of(b->key);
   if (kc.kind == 0) return Verdict::Python;
   if (kc.kind == 1) {
     ++g_fast_unwatched;
     return Verdict::Dropped;
   }
-  // A gradient accumulation natively only while the session has one timeline: then the
-  // engine's per-parameter mutex, which the Python engine models as a lock, orders nothing.
-  if (r.param != nullptr && !kc.single) return Verdict::Python;
   const shadow::Clock clock{kc.clock.data(), kc.clock.size()};
   const int64_t epoch = clock.at(kc.timeline);
   python.assign(r.nacc + r.nout, 0);
@@ -1296,6 +1433,20 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
     python.clear();
     return Verdict::Python;
   }
+  // A gradient accumulation holds its parameter's mutex (which orders nothing while the
+  // session has one timeline, as in the Python engine): the accesses come after the last
+  // accumulation into the parameter on any thread. (The acquire never raises the timeline's own
+  // entry: the epoch stays.)
+  GradVar* var = nullptr;
+  if (r.param != nullptr && !kc.single) {
+    var = &grad_var(r.param);
+    if (!grad_acquire(*var, kc.clock_list) || !refresh_clock(kc)) {
+      PyErr_Clear();
+      python.clear();
+      return Verdict::Python;  // (a join that was made is harmless: Python acquires again)
+    }
+  }
+  const shadow::Clock held{kc.clock.data(), kc.clock.size()};
   if (n + ncreated > 0) {  // remember them as hb.py would
     PyObject* site = site_tuple(b, r);
     if (site == nullptr) {
@@ -1310,7 +1461,7 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
       // first sight: hb.py's seen_only StorageMeta, no interval yet
       shadow::Entry* e = fa.entry != nullptr ? fa.entry : storage_entry(*fa.a, rec.site, true);
       rec.write = fa.a->flags & F_WRITE;
-      e->apply(fa.lo, fa.hi, rec, clock);
+      e->apply(fa.lo, fa.hi, rec, held);
     }
     rec.write = true;
     rec.creates = true;
@@ -1324,6 +1475,10 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   g_fast_dead += dead;
   if (any_python) return Verdict::Python;  // Python counts the op
   if (r.param != nullptr) note_grad_natively(b, r);
+  if (var != nullptr && (!grad_release(*var, kc.clock_list, kc.timeline) || !refresh_clock(kc))) {
+    PyErr_Clear();  // the Python engine's clock may be half advanced: counted as ordering lost
+    ++g_fast_mutex_failures;
+  }
   ++g_fast_ops;
   return Verdict::Applied;
 }
@@ -1529,12 +1684,12 @@ PyObject* py_give(PyObject*, PyObject* args) {
 }
 
 // fast_counts() -> (ops applied natively, dead accesses, ops of unwatched threads, records sent
-// to Python, native shadows): the first four are reset.
+// to Python, native shadows, gradient mutex releases that failed): all but the shadows are reset.
 PyObject* py_fast_counts(PyObject*, PyObject*) {
-  PyObject* out = Py_BuildValue("(KKKKK)", (unsigned long long)g_fast_ops, (unsigned long long)g_fast_dead,
+  PyObject* out = Py_BuildValue("(KKKKKK)", (unsigned long long)g_fast_ops, (unsigned long long)g_fast_dead,
                                 (unsigned long long)g_fast_unwatched, (unsigned long long)g_fast_slow,
-                                (unsigned long long)g_table->size());
-  g_fast_ops = g_fast_dead = g_fast_unwatched = g_fast_slow = 0;
+                                (unsigned long long)g_table->size(), (unsigned long long)g_fast_mutex_failures);
+  g_fast_ops = g_fast_dead = g_fast_unwatched = g_fast_slow = g_fast_mutex_failures = 0;
   return out;
 }
 
@@ -1624,6 +1779,20 @@ PyObject* py_engine_param(PyObject*, PyObject* arg) {
   return PyBool_FromLong(g_engine_params.count(p) && weak_tensor_alive(p));
 }
 
+// grad_mutex(parameter address, clock list, timeline, release): HappensBefore.acquire (release
+// False) or release (True) of the parameter's accumulation mutex on ``clock list``, the
+// timeline's own clock in the Python engine (its records applied by Python).
+PyObject* py_grad_mutex(PyObject*, PyObject* args) {
+  unsigned long long key;
+  PyObject* clock;
+  long long timeline;
+  int release;
+  if (!PyArg_ParseTuple(args, "KO!Lp", &key, &PyList_Type, &clock, &timeline, &release)) return nullptr;
+  GradVar& var = grad_var(reinterpret_cast<c10::TensorImpl*>(static_cast<uintptr_t>(key)));
+  if (!(release ? grad_release(var, clock, timeline) : grad_acquire(var, clock))) return nullptr;
+  Py_RETURN_NONE;
+}
+
 // Waits (without the GIL) until a buffer is half full or ``timeout`` seconds passed.
 PyObject* py_wait(PyObject*, PyObject* arg) {
   double timeout = PyFloat_AsDouble(arg);
@@ -1672,6 +1841,8 @@ PyMethodDef g_methods[] = {
      "configure_rng({op: draw condition or None}): the ops that draw from a random generator"},
     {"configure_grad_ops", py_configure_grad_ops, METH_VARARGS,
      "configure_grad_ops(result_ops, inplace_ops): the ops that install a parameter's gradient"},
+    {"current_site", py_current_site, METH_NOARGS, "current_site() -> the calling thread's stack as an op's site"},
+    {"grad_mutex", py_grad_mutex, METH_VARARGS, "grad_mutex(parameter address, clock, timeline, release)"},
     {"grad_spans", py_grad_spans, METH_O, "grad_spans(storage address) -> [(parameter, lo, hi)]"},
     {"engine_param", py_engine_param, METH_O, "engine_param(tensor address) -> accumulated into natively"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
@@ -1688,7 +1859,7 @@ PyMethodDef g_methods[] = {
     {"byte_range", py_byte_range, METH_O, "byte_range(tensor) -> (lo, hi) if the fast drain takes it as one"},
     {"shadow_create", py_shadow_create, METH_VARARGS, "shadow_create(...): new memory (tests)"},
     {"shadow_drop", py_shadow_drop, METH_O, "shadow_drop(address): the memory died (tests)"},
-    {"fast_counts", py_fast_counts, METH_NOARGS, "fast_counts() -> (ops, dead, unwatched, to Python, shadows)"},
+    {"fast_counts", py_fast_counts, METH_NOARGS, "fast_counts() -> (ops, dead, unwatched, to Python, shadows, mutex failures)"},
     {"plan", py_plan, METH_O, "plan(id) -> (name, metadata_only, fresh_input)"},
     {"wait", py_wait, METH_O, "wait(timeout) -> whether a producer asked for a drain"},
     {"wake", py_wake, METH_NOARGS, "wake(): end a wait()"},

@@ -11,7 +11,7 @@ When: every use of the session's lock drains first (:class:`DrainingLock`). Ever
 synchronisation event, thread start and end, lock, queue, hazard and report goes through that
 lock, so each thread's ops are applied before anything that changes its clock, and a thread's
 locks and origin at drain time are those it had when it ran them. A background thread drains
-when a buffer is half full, and the session's statistics (the heartbeat, the exit) drain too.
+when a buffer is 1/16 full, and the session's statistics (the heartbeat, the exit) drain too.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "private_heap.h"
+
 namespace shadow {
 
 // A timeline's vector clock as the Python engine holds it (missing entries are 0).
@@ -81,17 +83,17 @@ struct Access {
 // The storage's one interval [lo, hi): its last write and the reads since, as hb.py's _Cell.
 // reads: none, one access (totally ordered reads), or per timeline in first-read order (hb.py's
 // dict, once two reads were concurrent).
-struct Entry {
+struct Entry : private_heap::Allocated {
   void* weak = nullptr;  // the recorder's weak reference to the StorageImpl (null in tests)
   bool has_interval = false;
   int64_t lo = 0, hi = 0;
   Access write;
-  std::vector<Access> reads;
+  std::vector<Access, private_heap::Allocator<Access>> reads;
   bool reads_per_timeline = false;
   // what naming needs, should the storage be handed to Python
   int8_t dtype = 0;
   bool seen_only = false;
-  std::vector<int64_t> shape;
+  std::vector<int64_t, private_heap::Allocator<int64_t>> shape;
   PyObject* alloc_site = nullptr;  // owned
 
   Entry() = default;
@@ -198,6 +200,8 @@ struct Entry {
 // (it knows their type); the table only stores them.
 class Table {
  public:
+  using Map = std::unordered_map<uintptr_t, Entry*, std::hash<uintptr_t>, std::equal_to<uintptr_t>,
+                                 private_heap::Allocator<std::pair<const uintptr_t, Entry*>>>;
   using Release = void (*)(void*);
   using Alive = bool (*)(void*);
 
@@ -226,7 +230,7 @@ class Table {
     auto it = map_.find(key);
     if (it != map_.end()) drop(it);
     map_.emplace(key, e);
-    if (map_.size() > next_sweep_) sweep();
+    if (++placed_since_sweep_ > next_sweep_) sweep();
     return e;
   }
 
@@ -257,7 +261,10 @@ class Table {
         ++it;
       }
     }
-    next_sweep_ = std::max<size_t>(4096, 2 * map_.size());
+    // Dead entries pin their StorageImpl objects (not the data): few, so that the target's heap
+    // around them can be reused; amortised O(1) per entry placed.
+    next_sweep_ = std::max<size_t>(256, map_.size());
+    placed_since_sweep_ = 0;
   }
 
   void clear() {
@@ -266,13 +273,14 @@ class Table {
   }
 
  private:
-  void drop(std::unordered_map<uintptr_t, Entry*>::iterator it) {
+  void drop(Map::iterator it) {
     destroy(it->second);
     map_.erase(it);
   }
 
-  std::unordered_map<uintptr_t, Entry*> map_;
-  size_t next_sweep_ = 4096;
+  Map map_;
+  size_t next_sweep_ = 256;
+  size_t placed_since_sweep_ = 0;
   Release release_;
   Alive alive_;
 };

@@ -222,6 +222,12 @@ def measure(mode: str, run: Callable[[], None], module: Any) -> Sample:
     from raceguard.capture import torch_ops
 
     if mode == "record":
+        # Configured as NativeBackend.attach does: plans are built once, by whichever mode runs first.
+        from raceguard.capture.naming import GRAD_INPLACE_OPS, GRAD_RESULT_OPS
+        from raceguard.capture.rng_ops import draw_conditions
+
+        module.configure_rng(draw_conditions())
+        module.configure_grad_ops(sorted(GRAD_RESULT_OPS), sorted(GRAD_INPLACE_OPS))
         module.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT),
                        dict(torch_ops.UNDECLARED_WRITES), *RECORD_CAPACITY)
         try:

@@ -17,6 +17,7 @@ from raceguard.capture import native, torch_ops
 from raceguard.capture.rng_ops import device_of, draw_conditions, is_rng_op, rng_generator
 from raceguard.capture.native import build
 from raceguard.capture.native.backend import NativeBackend
+from raceguard.capture.naming import GRAD_INPLACE_OPS, GRAD_RESULT_OPS
 from raceguard.capture.session import Session
 
 CAPACITY = (1 << 14, 1 << 15, 1 << 17)
@@ -29,6 +30,7 @@ def rec():
         pytest.skip(f"native recorder unavailable: {result.reason}")
     module = result.module
     module.configure_rng(draw_conditions())  # before install: plans keep what they were built with
+    module.configure_grad_ops(sorted(GRAD_RESULT_OPS), sorted(GRAD_INPLACE_OPS))
     module.install(sorted(torch_ops.METADATA_ONLY), sorted(torch_ops.FRESH_INPUT), dict(torch_ops.UNDECLARED_WRITES), *CAPACITY)
     module.drain()
     yield module

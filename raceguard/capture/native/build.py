@@ -26,9 +26,8 @@ from typing import Any
 
 MODULE = "_raceguard_recorder"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorder.cpp")
-# Every file the build reads (recorder.cpp includes shadow.h, which includes private_heap.h):
-# all of them key the cache.
-SOURCES = (SOURCE, *(os.path.join(os.path.dirname(SOURCE), h) for h in ("shadow.h", "private_heap.h")))
+# Every file the build reads (recorder.cpp includes shadow.h): all of them key the cache.
+SOURCES = (SOURCE, os.path.join(os.path.dirname(SOURCE), "shadow.h"))
 # A failed build is not retried for this long (every checked process would pay for it again).
 FAILURE_TTL_S = 24 * 3600
 BUILD_TIMEOUT_S = 300

@@ -54,15 +54,6 @@
 
 namespace {
 
-// Containers the drain keeps (always used with the GIL held) live on the private heap, away from
-// the target's malloc heap (see private_heap.h).
-template <class T>
-using PVector = std::vector<T, private_heap::Allocator<T>>;
-template <class K, class V>
-using PMap = std::unordered_map<K, V, std::hash<K>, std::equal_to<K>, private_heap::Allocator<std::pair<const K, V>>>;
-template <class K>
-using PSet = std::unordered_set<K, std::hash<K>, std::equal_to<K>, private_heap::Allocator<K>>;
-
 // ---- the op's schema without a copy: RecordFunction::fn_ is private and operator_schema()
 // copies the whole FunctionSchema per op. Explicit instantiation may name private members.
 using FnVariant = std::variant<std::string, at::RecordFunction::schema_ref_t>;
@@ -825,9 +816,9 @@ struct DrainItem {
   uint64_t idx;
 };
 struct Snapshot {
-  PVector<ThreadBuf*> bufs;
-  PVector<uint64_t> heads;  // per buffer: the first record not in the snapshot
-  PVector<DrainItem> items;
+  std::vector<ThreadBuf*> bufs;
+  std::vector<uint64_t> heads;  // per buffer: the first record not in the snapshot
+  std::vector<DrainItem> items;
 };
 
 void take_snapshot(Snapshot& snap, uint64_t limit) {
@@ -898,9 +889,7 @@ void release_snapshot(Snapshot& snap) {
 // Sites: the (code, lasti, ...) tuple of a record's frames, interned so that every op at one
 // stack shares one tuple (bounded: past kMaxSites distinct stacks, new ones are not kept).
 constexpr size_t kMaxSites = 1 << 16;
-using SiteMap = std::unordered_multimap<uint64_t, PyObject*, std::hash<uint64_t>, std::equal_to<uint64_t>,
-                                        private_heap::Allocator<std::pair<const uint64_t, PyObject*>>>;
-SiteMap* g_sites = new SiteMap();
+std::unordered_multimap<uint64_t, PyObject*>* g_sites = new std::unordered_multimap<uint64_t, PyObject*>();
 
 // ``frame_at(j)`` for j < n: the frames, innermost first.
 template <class FrameAt>
@@ -1054,17 +1043,17 @@ std::vector<uint8_t> g_python_part;  // what of the current record Python applie
 bool g_fast_active = false;
 uint64_t g_fast_ops = 0, g_fast_dead = 0, g_fast_unwatched = 0, g_fast_slow = 0;
 uint64_t g_fast_mutex_failures = 0;  // a gradient mutex's release that failed (ordering lost)
-PMap<int64_t, std::pair<const Plan*, uintptr_t>> g_prev_op;  // per thread key
+std::unordered_map<int64_t, std::pair<const Plan*, uintptr_t>> g_prev_op;  // per thread key
 
 struct KeyContext {
   int kind = 0;  // 0: Python decides, 1: a thread raceguard does not watch, 2: watched
   int64_t timeline = 0;
-  PVector<int64_t> clock;
+  std::vector<int64_t> clock;
   PyObject* ctx = nullptr;  // owned
   PyObject* clock_list = nullptr;  // owned: the Python engine's own clock of the timeline
   bool single = false;      // the session has one timeline (no mutex can order anything)
 };
-PMap<int64_t, KeyContext> g_contexts;  // valid until control returns to Python
+std::unordered_map<int64_t, KeyContext> g_contexts;  // valid until control returns to Python
 
 void forget_contexts() {
   for (auto& kv : g_contexts) {
@@ -1221,10 +1210,10 @@ struct GradSpan {
 };
 struct GradEntry {
   c10::StorageImpl* storage;  // one weak reference
-  PVector<GradSpan> spans;
+  std::vector<GradSpan> spans;
 };
-PMap<uintptr_t, GradEntry> g_grad_spans;
-PSet<c10::TensorImpl*> g_engine_params;  // one weak reference each
+std::unordered_map<uintptr_t, GradEntry> g_grad_spans;
+std::unordered_set<c10::TensorImpl*> g_engine_params;  // one weak reference each
 // Swept often: a dead gradient's StorageImpl object, pinned here by its weak reference, sat
 // between the target's freed chunks and grew a two-thread training's peak RSS from 366 to 490 MB.
 size_t g_next_grad_sweep = 64;
@@ -1294,10 +1283,10 @@ void note_grad_natively(ThreadBuf* b, const OpRec& r) {
 // into it and advances the timeline, as HappensBefore.acquire/release do, on the Python
 // engine's own clock list.
 struct GradVar {
-  PVector<int64_t> clock;
+  std::vector<int64_t> clock;
   bool set = false;
 };
-PMap<c10::TensorImpl*, GradVar> g_grad_vars;  // one weak reference per key
+std::unordered_map<c10::TensorImpl*, GradVar> g_grad_vars;  // one weak reference per key
 size_t g_next_var_sweep = 1024;
 
 GradVar& grad_var(c10::TensorImpl* param) {

@@ -21,8 +21,6 @@
 #include <utility>
 #include <vector>
 
-#include "private_heap.h"
-
 namespace shadow {
 
 // A timeline's vector clock as the Python engine holds it (missing entries are 0).
@@ -83,17 +81,17 @@ struct Access {
 // The storage's one interval [lo, hi): its last write and the reads since, as hb.py's _Cell.
 // reads: none, one access (totally ordered reads), or per timeline in first-read order (hb.py's
 // dict, once two reads were concurrent).
-struct Entry : private_heap::Allocated {
+struct Entry {
   void* weak = nullptr;  // the recorder's weak reference to the StorageImpl (null in tests)
   bool has_interval = false;
   int64_t lo = 0, hi = 0;
   Access write;
-  std::vector<Access, private_heap::Allocator<Access>> reads;
+  std::vector<Access> reads;
   bool reads_per_timeline = false;
   // what naming needs, should the storage be handed to Python
   int8_t dtype = 0;
   bool seen_only = false;
-  std::vector<int64_t, private_heap::Allocator<int64_t>> shape;
+  std::vector<int64_t> shape;
   PyObject* alloc_site = nullptr;  // owned
 
   Entry() = default;
@@ -200,8 +198,7 @@ struct Entry : private_heap::Allocated {
 // (it knows their type); the table only stores them.
 class Table {
  public:
-  using Map = std::unordered_map<uintptr_t, Entry*, std::hash<uintptr_t>, std::equal_to<uintptr_t>,
-                                 private_heap::Allocator<std::pair<const uintptr_t, Entry*>>>;
+  using Map = std::unordered_map<uintptr_t, Entry*>;
   using Release = void (*)(void*);
   using Alive = bool (*)(void*);
 

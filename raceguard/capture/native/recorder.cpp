@@ -42,6 +42,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <type_traits>
 #include <unordered_set>
 #include <variant>
 #include <vector>
@@ -247,6 +248,24 @@ struct OpRec {
                                   // null: the device's default generator
 };
 
+static_assert(std::is_trivially_default_constructible_v<OpRec> && std::is_trivially_default_constructible_v<AccRec> &&
+              std::is_trivially_default_constructible_v<FrameRec>, "ring records are left uninitialised");
+
+// A ring's storage, left uninitialised: the pages a thread never reaches are never touched
+// (a thread that serves one request uses a few hundred KiB of its ~8.5 MB).
+template <class T>
+struct Ring {
+  std::unique_ptr<T[]> data;
+  size_t n = 0;
+  void resize(size_t count) {
+    data.reset(new T[count]);  // default-initialised: trivial types stay untouched
+    n = count;
+  }
+  size_t size() const { return n; }
+  T& operator[](size_t i) { return data[i]; }
+  const T& operator[](size_t i) const { return data[i]; }
+};
+
 struct ThreadBuf {
   int64_t key = 0;  // Python thread ident (> 0) or -(native index)
   bool exited = false;
@@ -254,9 +273,9 @@ struct ThreadBuf {
   std::atomic<uint64_t> op_head{0}, op_tail{0};
   uint64_t acc_head = 0, frame_head = 0;  // producer-private; published with op_head
   std::atomic<uint64_t> acc_tail{0}, frame_tail{0};
-  std::vector<OpRec> ops;
-  std::vector<AccRec> accs;
-  std::vector<FrameRec> frames;
+  Ring<OpRec> ops;
+  Ring<AccRec> accs;
+  Ring<FrameRec> frames;
   std::atomic<uint64_t> lost{0};
   // open record (written at the op's start, published at its end with the outputs)
   bool open = false;

@@ -41,7 +41,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..multiprocess.crosscheck import CrossProcessCheck
 
 ENV_VAR = "RACEGUARD_WORKERS"
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
@@ -152,6 +151,10 @@ class WorkerHub:
         self.workers: list[_Worker] = []
         self.readers: list[threading.Thread] = []
         self._closing = False
+        # Imported here, not at the top: the listener is made before the target's process starts
+        # (raceguard.process.prestart), and this import (~18 ms) would delay that start.
+        from ..multiprocess.crosscheck import CrossProcessCheck
+
         self.cross = CrossProcessCheck()
         self._accepter = threading.Thread(target=self._accept, name="raceguard-workers", daemon=True)
         self._accepter.start()

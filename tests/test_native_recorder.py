@@ -7,6 +7,7 @@ CPython these tests skip with the reason the backend gives.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -315,6 +316,19 @@ def test_gradient_accumulations_of_several_threads_stay_native(rec):
     races = [e["finding"] for e in events if e["type"] == "finding"]
     assert to_python == 0 and not races, (to_python, races)
     assert model.weight.grad.sum().item() == 2 * 3 * 4 * 2
+
+
+def test_threads_that_come_and_go_while_records_are_drained_do_not_crash_the_target(rec):
+    # Storages die on the target's threads while others drain (tests/data/native_drain_churn.py,
+    # which killed its process with a corrupted heap in one of three 20-second runs while the
+    # table could be swept in the middle of applying a record).
+    import subprocess
+    import sys
+
+    program = os.path.join(os.path.dirname(__file__), "data", "native_drain_churn.py")
+    proc = subprocess.run([sys.executable, program, "10"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) >= 1
 
 
 def test_cache_key_changes_with_the_torch_version():

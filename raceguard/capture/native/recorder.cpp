@@ -1009,6 +1009,15 @@ PyObject* record_tuple(ThreadBuf* b, const OpRec& r, const std::vector<uint8_t>&
                        (int)r.backward, site, acc_tuple, out_tuple, param, draw_tuple(r));
 }
 
+// A fast drain is under way (fast_drain() returned a record to Python and holds a snapshot):
+// drain() and discard() would release the same records a second time.
+bool g_fast_active = false;
+
+PyObject* refuse_during_fast_drain() {
+  PyErr_SetString(PyExc_RuntimeError, "a fast drain is under way: finish it with fast_drain() first");
+  return nullptr;
+}
+
 // drain(limit_seq) -> [(seq, thread key, plan id, backward, site, accesses, outputs, param, draw)]
 // for every published record with seq < limit_seq (all when 0), sorted by seq. Needs the GIL.
 PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -1016,6 +1025,7 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (PyErr_Occurred()) return nullptr;
   std::unique_lock<std::mutex> dg(g_drain_mu, std::try_to_lock);
   if (!dg.owns_lock()) return PyList_New(0);  // another thread is draining
+  if (g_fast_active) return refuse_during_fast_drain();
   Snapshot snap;
   take_snapshot(snap, limit);
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(snap.items.size()));
@@ -1038,6 +1048,7 @@ PyObject* py_drain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // the recording alone with it).
 PyObject* py_discard(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> dg(g_drain_mu);
+  if (g_fast_active) return refuse_during_fast_drain();
   Snapshot snap;
   take_snapshot(snap, 0);
   release_snapshot(snap);
@@ -1059,7 +1070,6 @@ PyObject* g_py_shadows = nullptr;  // the Python engine's shadows (a dict keyed 
 Snapshot g_fast;                   // the snapshot being drained, across fast_drain() calls
 size_t g_fast_pos = 0;
 std::vector<uint8_t> g_python_part;  // what of the current record Python applies (empty: all)
-bool g_fast_active = false;
 uint64_t g_fast_ops = 0, g_fast_dead = 0, g_fast_unwatched = 0, g_fast_slow = 0;
 uint64_t g_fast_mutex_failures = 0;  // a gradient mutex's release that failed (ordering lost)
 std::unordered_map<int64_t, std::pair<const Plan*, uintptr_t>> g_prev_op;  // per thread key
@@ -1370,6 +1380,7 @@ bool refresh_clock(KeyContext& kc) {
 // ones applied here (nothing else runs in between).
 Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<uint8_t>& python) {
   python.clear();
+  g_table->maybe_sweep();  // here, before this record holds any entry
   const uint64_t acap = b->accs.size();
   auto acc_at = [&](uint32_t j) -> const AccRec& { return b->accs[(r.acc_begin + j) % acap]; };
   const uintptr_t first = r.nacc + r.nout ? reinterpret_cast<uintptr_t>(acc_at(0).storage) : 0;

@@ -227,8 +227,15 @@ class Table {
     auto it = map_.find(key);
     if (it != map_.end()) drop(it);
     map_.emplace(key, e);
-    if (++placed_since_sweep_ > next_sweep_) sweep();
+    ++placed_since_sweep_;
     return e;
+  }
+
+  // Sweeps once max(256, live entries) entries were placed since the last sweep. Called only
+  // where no entry pointer is held: a sweep while a record is applied could free an entry of that
+  // record whose storage died meanwhile on the target's thread.
+  void maybe_sweep() {
+    if (placed_since_sweep_ > next_sweep_) sweep();
   }
 
   // Hands the entry over: removed from the table, the caller deletes it (and its weak reference).

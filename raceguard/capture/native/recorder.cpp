@@ -1406,6 +1406,16 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   }
   const shadow::Clock clock{kc.clock.data(), kc.clock.size()};
   const int64_t epoch = clock.at(kc.timeline);
+  // The site before any entry of this record is held: making its tuple may run the garbage
+  // collector, whose finalizers are Python code that may hand a storage to Python (take()).
+  struct OwnedRef {
+    PyObject* p;
+    ~OwnedRef() { Py_XDECREF(p); }
+  } site{site_tuple(b, r)};
+  if (site.p == nullptr) {
+    PyErr_Clear();
+    return Verdict::Python;
+  }
   python.assign(r.nacc + r.nout, 0);
   bool any_python = r.draws;
   FastAccess accesses[kMaxFastAccesses];
@@ -1487,14 +1497,7 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
   }
   const shadow::Clock held{kc.clock.data(), kc.clock.size()};
   if (n + ncreated > 0) {  // remember them as hb.py would
-    PyObject* site = site_tuple(b, r);
-    if (site == nullptr) {
-      PyErr_Clear();
-      python.clear();
-      return Verdict::Python;
-    }
-    shadow::Access rec(kc.timeline, epoch, r.plan->id, false, false, site, kc.ctx);
-    Py_DECREF(site);  // rec holds it
+    shadow::Access rec(kc.timeline, epoch, r.plan->id, false, false, site.p, kc.ctx);
     for (uint32_t k = 0; k < n; ++k) {
       const FastAccess& fa = accesses[k];
       // first sight: hb.py's seen_only StorageMeta, no interval yet

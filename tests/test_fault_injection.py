@@ -70,6 +70,17 @@ def test_a_failing_native_random_draw_leaves_the_target_unchanged(tmp_path: Path
     assert draws and "InjectedFault" in draws[0]["message"]
 
 
+def test_a_failing_native_site_capture_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    plain = _plain("native-site", env=NATIVE_ENV)
+    assert plain.returncode == 0, plain.stderr
+    proc, report = _checked(tmp_path, "native-site", env=NATIVE_ENV)
+    if not report["stats"].get("capture_backend", "").startswith("native"):
+        pytest.skip(f"native recorder unavailable: {report['stats'].get('capture_backend')}")
+    _assert_unchanged_and_incomplete(plain, proc, report)
+    sites = [e for e in report["incomplete"]["errors"] if "InjectedFault" in e["traceback"] and "capture" in e["traceback"]]
+    assert sites, report["incomplete"]["errors"]
+
+
 def _assert_unchanged_and_incomplete(plain: subprocess.CompletedProcess, proc: subprocess.CompletedProcess, report: dict) -> None:
     assert proc.stdout == plain.stdout
     assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)

@@ -281,9 +281,10 @@ class NativeBackend:
             self._draining.discard(me)
 
     def _context_of(self, key: int) -> Any:
-        """What the fast drain needs of a thread's records: (timeline, its clock, (locks,
-        origin)); False for a Python thread raceguard does not watch; None where Python must
-        decide (a C++ thread seen for the first time)."""
+        """What the fast drain needs of a thread's records: (timeline, its clock (the Python
+        engine's own list, which a gradient accumulation's mutex advances in place), (locks,
+        origin), whether the session has one timeline); False for a Python thread raceguard does
+        not watch; None where Python must decide (a C++ thread seen for the first time)."""
         s = self.session
         try:
             state = s.states.get(key) if key > 0 else self._native_states.get(key)

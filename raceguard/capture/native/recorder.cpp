@@ -1064,7 +1064,7 @@ void release_weak_storage(void* p) {
 bool weak_storage_alive(void* p) { return c10::raw::intrusive_ptr::use_count(static_cast<c10::StorageImpl*>(p)) > 0; }
 
 shadow::Table* g_table = new shadow::Table(&release_weak_storage, &weak_storage_alive);
-PyObject* g_context_of = nullptr;  // key -> (timeline, clock list, context) | False | None
+PyObject* g_context_of = nullptr;  // key -> (timeline, clock list, context, one timeline) | False | None
 PyObject* g_adopt = nullptr;       // hands a storage's shadow to the Python engine
 PyObject* g_py_shadows = nullptr;  // the Python engine's shadows (a dict keyed by address)
 Snapshot g_fast;                   // the snapshot being drained, across fast_drain() calls

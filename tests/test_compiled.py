@@ -36,16 +36,25 @@ NATIVE = "native" if build.supported() is None else "python"
 def _check(
     path: Path, tmp_path: Path, backend: str | None = None, env: dict | None = None
 ) -> tuple[subprocess.CompletedProcess, dict]:
-    """``raceguard check`` with ``backend`` ("python"; None: the default, the native recorder)."""
+    """``raceguard check`` with ``backend`` ("python"; None: the default, the native recorder).
+
+    Run again, once, when the target died the way torch 2.13.0+cpu itself kills these programs
+    now and then at exit ("terminate called without an active exception", SIGABRT): plain python
+    aborted so on ``compiled_training_locked.py`` in 1 of 7 runs beside other compile-heavy work.
+    Any other death, or that one twice, stays a failure."""
     out = tmp_path / f"report-{backend or 'default'}.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,  # a hang fails here instead of stalling the suite
-        env={**_env(backend), **(env or {})},
-    )
+    for attempt in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out), str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,  # a hang fails here instead of stalling the suite
+            env={**_env(backend), **(env or {})},
+        )
+        torch_abort = "terminate called without an active exception" in proc.stderr and "SIGABRT" in proc.stderr
+        if not torch_abort or attempt == 1:
+            break
     assert out.exists(), f"no report written; stderr:\n{proc.stderr}"
     report = json.loads(out.read_text())
     validate_report(report)
@@ -54,12 +63,21 @@ def _check(
 
 def _both_backends(path: Path, tmp_path: Path, env: dict | None = None) -> dict:
     """{backend: (process, report)}: the default (the native recorder) and the Python mode give
-    the same findings, stdout and exit status."""
-    runs = {NATIVE: _check(path, tmp_path, None, env), "python": _check(path, tmp_path, "python", env)}
-    (proc_native, native), (proc_py, python) = runs[NATIVE], runs["python"]
+    the same findings, stdout and exit status.
+
+    Which pairs of lines a race is reported between can depend on the interleaving, under either
+    backend: ``compiled_served_while_training.py`` also reported its trainer's line 29 with the
+    server's line 36, beside lines 30 and 36, in about one run in three on a busy 2-core machine,
+    from the Python mode as often as from the native recorder. So when the two runs' places
+    differ, both run once more, and those two must agree."""
+    for attempt in range(2):
+        runs = {NATIVE: _check(path, tmp_path, None, env), "python": _check(path, tmp_path, "python", env)}
+        (proc_native, native), (proc_py, python) = runs[NATIVE], runs["python"]
+        by_place_native, by_place_python = _by_place(native), _by_place(python)
+        if by_place_native.keys() == by_place_python.keys():
+            break
     assert native["stats"]["capture_backend"].startswith(NATIVE + " ("), native["stats"]["capture_backend"]
     assert not native.get("incomplete"), native.get("incomplete")
-    by_place_native, by_place_python = _by_place(native), _by_place(python)
     assert by_place_native.keys() == by_place_python.keys(), (by_place_native, by_place_python)
     for place, fingerprints in by_place_native.items():
         assert fingerprints & by_place_python[place], (place, fingerprints, by_place_python[place])

@@ -59,26 +59,27 @@ def test_a_failing_hook_family_leaves_the_target_unchanged(family: str, tmp_path
     _assert_unchanged_and_incomplete(plain, proc, report)
 
 
-def test_a_failing_native_random_draw_leaves_the_target_unchanged(tmp_path: Path) -> None:
-    plain = _plain("rng-draw", env=NATIVE_ENV)
+def _native_family_errors(tmp_path: Path, family: str) -> list[dict]:
+    """Run ``family`` under the native recorder (skip without one): the target stays unchanged,
+    the report incomplete; its errors."""
+    plain = _plain(family, env=NATIVE_ENV)
     assert plain.returncode == 0, plain.stderr
-    proc, report = _checked(tmp_path, "rng-draw", env=NATIVE_ENV)
+    proc, report = _checked(tmp_path, family, env=NATIVE_ENV)
     if not report["stats"].get("capture_backend", "").startswith("native"):
         pytest.skip(f"native recorder unavailable: {report['stats'].get('capture_backend')}")
     _assert_unchanged_and_incomplete(plain, proc, report)
-    draws = [e for e in report["incomplete"]["errors"] if "recording a random draw" in e["message"]]
+    return report["incomplete"]["errors"]
+
+
+def test_a_failing_native_random_draw_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    draws = [e for e in _native_family_errors(tmp_path, "rng-draw") if "recording a random draw" in e["message"]]
     assert draws and "InjectedFault" in draws[0]["message"]
 
 
 def test_a_failing_native_site_capture_leaves_the_target_unchanged(tmp_path: Path) -> None:
-    plain = _plain("native-site", env=NATIVE_ENV)
-    assert plain.returncode == 0, plain.stderr
-    proc, report = _checked(tmp_path, "native-site", env=NATIVE_ENV)
-    if not report["stats"].get("capture_backend", "").startswith("native"):
-        pytest.skip(f"native recorder unavailable: {report['stats'].get('capture_backend')}")
-    _assert_unchanged_and_incomplete(plain, proc, report)
-    sites = [e for e in report["incomplete"]["errors"] if "InjectedFault" in e["traceback"] and "capture" in e["traceback"]]
-    assert sites, report["incomplete"]["errors"]
+    errors = _native_family_errors(tmp_path, "native-site")
+    sites = [e for e in errors if "InjectedFault" in e["traceback"] and "capture" in e["traceback"]]
+    assert sites, errors
 
 
 def _assert_unchanged_and_incomplete(plain: subprocess.CompletedProcess, proc: subprocess.CompletedProcess, report: dict) -> None:

@@ -318,6 +318,42 @@ def test_gradient_accumulations_of_several_threads_stay_native(rec):
     assert model.weight.grad.sum().item() == 2 * 3 * 4 * 2
 
 
+def test_the_scan_between_backward_passes_never_reads_a_gradient_the_engine_made(rec):
+    # Naming reads .grad between backward passes only where the engine did not make it (reading
+    # one that another thread's ops use crashed targets; a benchmark with the recorder paused
+    # died of SIGSEGV in it). The native notes say which the engine made once their records are
+    # applied: the scan applies what is pending first, and reads nothing while nothing records.
+    session = Session(lambda event: None)
+    backend = NativeBackend(rec, CAPACITY)
+    backend._drain_loop = lambda: None  # no background drain: only the scan's own applies them
+    backend.attach(session)
+    session.adopt_thread(threading.current_thread(), None)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # the scan runs only while several threads do
+    other.start()
+    namer = session.namer
+    try:
+        engine_made, installed = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+        installed.weight.grad = torch.zeros(2, 4)  # the program's own: the scan notes it
+        namer.modules.add(engine_made)
+        namer.modules.add(installed)
+        engine_made(torch.ones(3, 4)).sum().backward()
+        pending = rec.pending()
+        namer.note_installed_grads()
+        recording = set(namer._seen_grads)
+        namer._seen_grads.clear()
+        rec.pause()
+        namer.note_installed_grads()
+        paused = set(namer._seen_grads)
+    finally:
+        stop.set()
+        other.join()
+        backend.stop()
+    assert pending
+    assert id(installed.weight) in recording and id(engine_made.weight) not in recording
+    assert not paused
+
+
 def test_threads_that_come_and_go_while_records_are_drained_do_not_crash_the_target(rec):
     # Storages die on the target's threads while others drain (tests/data/native_drain_churn.py,
     # which killed its process with a corrupted heap in one of three 20-second runs while the

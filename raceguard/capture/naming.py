@@ -161,6 +161,10 @@ class Namer:
         # The native recorder's notes of the same, for accumulations it applied itself (its
         # grad_spans() and engine_param()); None under the Python mode.
         self.native_grads: Any = None
+        # Called before the scan between backward passes reads any .grad (the native backend:
+        # apply the records still pending, so that engine_param() knows every accumulation of
+        # the passes that ended); False: which gradients the engine made is unknown, read none.
+        self.before_grad_scan: Callable[[], bool] | None = None
         self.modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self.optimizers: list[weakref.ref] = []  # creation order matters for labels
         observer = weakref.WeakMethod(self.note_installed_grads)
@@ -192,6 +196,9 @@ class Namer:
         (``p.grad = torch.zeros(...)``), so that its name never depends on whether a race on it
         is reported while another thread is inside backward. Only while several threads run."""
         if threading.active_count() < 2:
+            return
+        settle = self.before_grad_scan
+        if settle is not None and not settle():
             return
         seen = self._seen_grads
         others_inside = backward.others_inside

@@ -138,6 +138,7 @@ class NativeBackend:
         self.module.configure_rng(draw_conditions())
         self.module.configure_grad_ops(sorted(GRAD_RESULT_OPS), sorted(GRAD_INPLACE_OPS))
         session.namer.native_grads = self.module
+        session.namer.before_grad_scan = self._settle_grad_notes
         set_native_site_capture(self.module.current_site)
         self._undo.append(lambda: set_native_site_capture(None))
         self.module.install(sorted(METADATA_ONLY), sorted(FRESH_INPUT), dict(UNDECLARED_WRITES), *self.capacity)
@@ -203,6 +204,17 @@ class NativeBackend:
                     s.hb.acquire(call.tid, var)
         except Exception as exc:
             self.session.hook_failed("joining a native call's threads", exc, ordering=True)
+
+    def _settle_grad_notes(self) -> bool:
+        """Before naming's scan between backward passes reads ``.grad``: apply what is pending,
+        so that ``engine_param()`` covers every accumulation of the passes that ended (reading
+        an engine-made gradient from another thread crashed targets). False once the recorder
+        no longer records: the engine's accumulations are then unknown, so no gradient is read."""
+        if self._stopped or not self.module.recording():
+            return False
+        with self.session.lock:  # drains
+            pass
+        return not self._stopped
 
     def stop(self) -> None:
         for undo in self._undo:

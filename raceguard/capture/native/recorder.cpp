@@ -794,6 +794,8 @@ PyObject* py_pause(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_recording(PyObject*, PyObject*) { return PyBool_FromLong(g_enabled.load()); }
+
 PyObject* new_tuple_of(const int64_t* v, int n) {
   PyObject* t = PyTuple_New(n);
   for (int i = 0; i < n; ++i) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(v[i]));
@@ -1888,6 +1890,7 @@ PyMethodDef g_methods[] = {
     {"grad_spans", py_grad_spans, METH_O, "grad_spans(storage address) -> [(parameter, lo, hi)]"},
     {"engine_param", py_engine_param, METH_O, "engine_param(tensor address) -> accumulated into natively"},
     {"pause", py_pause, METH_NOARGS, "pause(): stop recording (the observer stays registered, disabled)"},
+    {"recording", py_recording, METH_NOARGS, "recording() -> whether ops are recorded (installed, not paused)"},
     {"drain", (PyCFunction)(void (*)(void))py_drain, METH_FASTCALL, "drain([limit_seq]) -> records, sorted"},
     {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},
     {"discard", py_discard, METH_NOARGS, "discard(): drop every published record"},

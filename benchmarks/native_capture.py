@@ -11,7 +11,9 @@ in one process, repetitions interleaved so that machine noise hits every mode al
   them): forward and backward without a lock, the optimizer step under a lock. The unlocked
   reads of weights another thread's step writes are races (the Hogwild pattern), so this one
   also measures accesses several timelines share and reporting; the findings column says how
-  many were reported per repetition.
+  many were reported per repetition;
+* ``pool16``: sixteen threads, each running ``add_`` on its own 16x16 tensor, ``--iters`` ops
+  apiece (a request pool): what each recording thread's buffers cost, mostly in peak RSS.
 
 Threads are started and joined inside every timed repetition, in every mode, after the session
 is activated, so raceguard sees their start, join and lock as the checked process would.
@@ -51,9 +53,10 @@ from typing import Any, Callable
 import torch
 
 MODES = ("plain", "python", "record", "native")
-WORKLOADS = ("add_", "mlp", "mlp4-own", "mlp4-shared")
+WORKLOADS = ("add_", "mlp", "mlp4-own", "mlp4-shared", "pool16")
 GROUPS = {"mlp4": ("mlp4-own", "mlp4-shared")}  # --only names that stand for several workloads
 THREADS = 4
+POOL_THREADS = 16
 STEP_ITERS = 20  # --iters counts add_ ops; an MLP step is worth this many of them
 # Record capacities per thread (records, accesses, frames) of ``record``, which never drains:
 # no repetition fills them. ``native`` uses the backend's own, as ``raceguard check`` does.
@@ -193,8 +196,27 @@ def mlp4_shared_loop(iters: int) -> Workload:
                     f"{THREADS} threads x {steps} steps of {per_step} ops, one model, optimizer step locked")
 
 
+def pool16_loop(iters: int) -> Workload:
+    tensors = [torch.zeros(16, 16) for _ in range(POOL_THREADS)]
+
+    def work(i: int) -> None:
+        x = tensors[i]
+        for _ in range(iters):
+            x.add_(1)
+
+    def run() -> None:
+        threads = [threading.Thread(target=work, args=(i,), name=f"request-{i}") for i in range(POOL_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return Workload(run, POOL_THREADS * iters, f"{POOL_THREADS} threads x {iters} x.add_(1), 16x16, a tensor each")
+
+
 FACTORIES: dict[str, Callable[[int], Workload]] = {
     "add_": add_loop, "mlp": mlp_loop, "mlp4-own": mlp4_own_loop, "mlp4-shared": mlp4_shared_loop,
+    "pool16": pool16_loop,
 }
 
 

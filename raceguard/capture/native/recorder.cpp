@@ -34,6 +34,8 @@
 #undef Py_BUILD_CORE
 
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -251,19 +253,60 @@ struct OpRec {
 static_assert(std::is_trivially_default_constructible_v<OpRec> && std::is_trivially_default_constructible_v<AccRec> &&
               std::is_trivially_default_constructible_v<FrameRec>, "ring records are left uninitialised");
 
-// A ring's storage, left uninitialised: the pages a thread never reaches are never touched
-// (a thread that serves one request uses a few hundred KiB of its ~8.5 MB).
+// A ring's storage: its own anonymous mapping, left uninitialised, so the pages a thread never
+// reaches are never touched; and the pages of records already drained are handed back to the
+// kernel (release_drained), so a thread's resident share stays near what is pending rather
+// than the whole ~8.5 MB its positions sweep through as they go round.
+constexpr size_t kReleaseBytes = size_t(64) << 10;  // at most one madvise per 64 KiB drained
 template <class T>
 struct Ring {
-  std::unique_ptr<T[]> data;
+  T* data = nullptr;
   size_t n = 0;
+  size_t bytes = 0;
+  uint64_t released = 0;  // consumer-private: records before it were handed back (or never touched)
+  Ring() = default;
+  Ring(const Ring&) = delete;
+  Ring& operator=(const Ring&) = delete;
+  ~Ring() { unmap(); }
+  void unmap() {
+    if (data != nullptr) munmap(data, bytes);
+    data = nullptr;
+    n = bytes = 0;
+  }
   void resize(size_t count) {
-    data.reset(new T[count]);  // default-initialised: trivial types stay untouched
+    unmap();
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t want = (count * sizeof(T) + page - 1) / page * page;
+    void* m = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    data = static_cast<T*>(m);  // zero pages on first touch; trivial types need no constructor
     n = count;
+    bytes = want;
+    released = 0;
   }
   size_t size() const { return n; }
   T& operator[](size_t i) { return data[i]; }
   const T& operator[](size_t i) const { return data[i]; }
+  // Hands back the whole pages of the records in [released, tail) (all drained). Called by
+  // the consumer before it publishes ``tail``: until then the producer cannot reach those
+  // slots again, and a slot it reaches later is a fresh zero page.
+  void release_drained(uint64_t tail) {
+    if (tail < released + 1 || (tail - released) * sizeof(T) < kReleaseBytes) return;
+    if (tail - released >= n) released = tail - n;  // every slot at most once
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t lo = static_cast<size_t>(released % n), hi = static_cast<size_t>(tail % n);
+    if (lo < hi) {
+      release_bytes(lo * sizeof(T), hi * sizeof(T), page);
+    } else {  // wrapped (or the whole ring)
+      release_bytes(lo * sizeof(T), n * sizeof(T), page);
+      release_bytes(0, hi * sizeof(T), page);
+    }
+    released = tail;
+  }
+  void release_bytes(size_t from, size_t to, size_t page) {
+    const size_t a = (from + page - 1) / page * page, b = to / page * page;  // whole pages only
+    if (a < b) madvise(reinterpret_cast<char*>(data) + a, b - a, MADV_DONTNEED);
+  }
 };
 
 struct ThreadBuf {
@@ -347,6 +390,7 @@ void recycle_buf(ThreadBuf* b) {
   b->acc_head = b->frame_head = 0;
   b->acc_tail.store(0);
   b->frame_tail.store(0);
+  b->ops.released = b->accs.released = b->frames.released = 0;
   b->lost.store(0);
   b->open = false;
   b->depth = b->backward_depth = 0;
@@ -881,6 +925,9 @@ void release_snapshot(Snapshot& snap) {
       acc_end = r.acc_begin + r.nacc + r.nout;
       frame_end = r.frame_begin + r.nframes;
     }
+    b->accs.release_drained(acc_end);
+    b->frames.release_drained(frame_end);
+    b->ops.release_drained(snap.heads[k]);
     b->acc_tail.store(acc_end, std::memory_order_release);
     b->frame_tail.store(frame_end, std::memory_order_release);
     b->op_tail.store(snap.heads[k], std::memory_order_release);

@@ -354,6 +354,48 @@ def test_the_scan_between_backward_passes_never_reads_a_gradient_the_engine_made
     assert not paused
 
 
+def test_a_new_session_starts_without_the_native_state_of_the_last(rec):
+    # The native memory, gradient notes and accumulation mutexes live in the process. A mutex's
+    # clock kept from an earlier session (indexed by that session's timelines) would order the
+    # next session's threads: here it hid the race on x.
+    model = torch.nn.Linear(4, 2)
+
+    def run(race: bool) -> list:
+        events = []
+        session = Session(events.append)
+        backend = NativeBackend(rec, CAPACITY)
+        backend.attach(session)
+        session.adopt_thread(threading.current_thread(), None)
+        try:
+            x = torch.zeros(4)
+            tid = session.fork()
+            backend.drain()
+            if race:
+                x.add_(1)
+            else:  # the main thread's accumulations advance the mutex's clock
+                for _ in range(6):
+                    model(torch.ones(3, 4)).sum().backward()
+
+            def worker():
+                session.adopt_thread(threading.current_thread(), tid)
+                model(torch.ones(3, 4)).sum().backward()  # acquires the parameters' mutexes
+                if race:
+                    x.add_(1)
+
+            t = threading.Thread(target=worker)
+            t.start()
+            t.join()
+            backend.drain()
+        finally:
+            backend.stop()
+        return [e["finding"] for e in events if e["type"] == "finding"]
+
+    assert run(race=False) == []
+    races = run(race=True)
+    assert [f["kind"] for f in races] == ["data-race"], races
+    assert races[0]["resource"].startswith("tensor float32[4]"), races[0]["resource"]
+
+
 def test_threads_that_come_and_go_while_records_are_drained_do_not_crash_the_target(rec):
     # Storages die on the target's threads while others drain (tests/data/native_drain_churn.py,
     # which killed its process with a corrupted heap in one of three 20-second runs while the

@@ -1575,9 +1575,31 @@ Verdict apply_fast(ThreadBuf* b, const OpRec& r, int shared_mode, std::vector<ui
 }
 
 // configure_fast(context_of, adopt, shadows): the session's callbacks for fast_drain().
+// What the drains kept for a session: its native memory, gradient notes, accumulation
+// mutexes (whose clocks are indexed by that session's timelines) and thread contexts. A new
+// session starts without them. Under g_drain_mu, outside a fast drain.
+void forget_session_state() {
+  g_table->clear();
+  for (auto& kv : g_grad_spans) {
+    for (const GradSpan& g : kv.second.spans) release_weak_tensor(g.param);
+    release_weak_storage(kv.second.storage);
+  }
+  g_grad_spans.clear();
+  for (c10::TensorImpl* p : g_engine_params) release_weak_tensor(p);
+  g_engine_params.clear();
+  for (auto& kv : g_grad_vars) release_weak_tensor(kv.first);
+  g_grad_vars.clear();
+  forget_contexts();
+}
+
 PyObject* py_configure_fast(PyObject*, PyObject* args) {
   PyObject *context, *adopt_fn, *shadows;
   if (!PyArg_ParseTuple(args, "OOO!", &context, &adopt_fn, &PyDict_Type, &shadows)) return nullptr;
+  if (g_fast_active) return refuse_during_fast_drain();
+  {
+    std::lock_guard<std::mutex> dg(g_drain_mu);
+    forget_session_state();
+  }
   Py_INCREF(context);
   Py_INCREF(adopt_fn);
   Py_INCREF(shadows);
@@ -1942,7 +1964,7 @@ PyMethodDef g_methods[] = {
     {"script_frame", py_script_frame, METH_O, "script_frame(id) -> (file, line, function)"},
     {"discard", py_discard, METH_NOARGS, "discard(): drop every published record"},
     {"configure_fast", py_configure_fast, METH_VARARGS,
-     "configure_fast(context_of, adopt, shadows): the session's callbacks for fast_drain()"},
+     "configure_fast(context_of, adopt, shadows): a new session's callbacks for fast_drain(); forgets the last one's state"},
     {"fast_drain", py_fast_drain, METH_O, "fast_drain(shared_mode) -> the next record for Python, or None"},
     {"pending", py_pending, METH_NOARGS, "pending() -> whether a drain has anything to do"},
     {"take", py_take, METH_O, "take(address) -> whether a native shadow was handed to Python"},

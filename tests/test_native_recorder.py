@@ -47,6 +47,17 @@ def _ops(module):
     return out
 
 
+def _attached(rec, events=None, drainer=True):
+    """A session that the native recorder records for, the calling thread adopted as its main
+    thread: (session, backend, that thread's state). ``drainer=False``: no background drain."""
+    session = Session(events.append if events is not None else (lambda event: None))
+    backend = NativeBackend(rec, CAPACITY)
+    if not drainer:
+        backend._drain_loop = lambda: None
+    backend.attach(session)
+    return session, backend, session.adopt_thread(threading.current_thread(), None)
+
+
 def test_views_in_place_and_out_are_recorded_with_exact_ranges(rec):
     x = torch.zeros(10, 10)
     cd = x.untyped_storage()._cdata
@@ -206,10 +217,7 @@ def test_an_exception_while_draining_never_reaches_the_target(rec, monkeypatch, 
     # storage kept natively, then handed to Python (the same view); hb.clock: what the fast
     # drain asks of the thread (_context_of).
     events = []
-    session = Session(events.append)
-    backend = NativeBackend(rec, CAPACITY)
-    backend.attach(session)
-    session.adopt_thread(threading.current_thread(), None)
+    session, backend, _ = _attached(rec, events)
 
     def broken(*args):
         raise RuntimeError("injected drain failure")
@@ -233,10 +241,7 @@ def test_an_exception_while_draining_never_reaches_the_target(rec, monkeypatch, 
 
 def test_drained_records_find_the_race_the_dispatch_mode_finds(rec):
     events = []
-    session = Session(events.append)
-    backend = NativeBackend(rec, CAPACITY)
-    backend.attach(session)
-    main = session.adopt_thread(threading.current_thread(), None)
+    session, backend, main = _attached(rec, events)
     try:
         counter = torch.zeros(4)
         tid = session.fork()
@@ -261,10 +266,7 @@ def test_drained_records_find_the_race_the_dispatch_mode_finds(rec):
 def test_a_gradient_accumulated_natively_is_noted_for_naming(rec):
     # One timeline: the engine's per-parameter mutex orders nothing, so the accumulation is
     # applied natively, and what Namer.note_grad would note is kept natively for naming.
-    session = Session(lambda event: None)
-    backend = NativeBackend(rec, CAPACITY)
-    backend.attach(session)
-    session.adopt_thread(threading.current_thread(), None)
+    session, backend, _ = _attached(rec)
     try:
         model = torch.nn.Linear(4, 2)
         step = torch.tensor(0.0)  # an optimizer's step counter: torch.tensor's lift_fresh
@@ -291,10 +293,7 @@ def test_gradient_accumulations_of_several_threads_stay_native(rec):
     # Two threads: the accumulation mutex is kept natively (grad_mutex), so accumulations are
     # applied natively too; two backward passes into one parameter are ordered by it (no race).
     events = []
-    session = Session(events.append)
-    backend = NativeBackend(rec, CAPACITY)
-    backend.attach(session)
-    session.adopt_thread(threading.current_thread(), None)
+    session, backend, _ = _attached(rec, events)
     try:
         model = torch.nn.Linear(4, 2)
         tid = session.fork()
@@ -323,11 +322,7 @@ def test_the_scan_between_backward_passes_never_reads_a_gradient_the_engine_made
     # one that another thread's ops use crashed targets; a benchmark with the recorder paused
     # died of SIGSEGV in it). The native notes say which the engine made once their records are
     # applied: the scan applies what is pending first, and reads nothing while nothing records.
-    session = Session(lambda event: None)
-    backend = NativeBackend(rec, CAPACITY)
-    backend._drain_loop = lambda: None  # no background drain: only the scan's own applies them
-    backend.attach(session)
-    session.adopt_thread(threading.current_thread(), None)
+    session, backend, _ = _attached(rec, drainer=False)  # only the scan's own drain applies them
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)  # the scan runs only while several threads do
     other.start()
@@ -362,10 +357,7 @@ def test_a_new_session_starts_without_the_native_state_of_the_last(rec):
 
     def run(race: bool) -> list:
         events = []
-        session = Session(events.append)
-        backend = NativeBackend(rec, CAPACITY)
-        backend.attach(session)
-        session.adopt_thread(threading.current_thread(), None)
+        session, backend, _ = _attached(rec, events)
         try:
             x = torch.zeros(4)
             tid = session.fork()

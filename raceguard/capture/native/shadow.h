@@ -231,7 +231,7 @@ class Table {
     return e;
   }
 
-  // Sweeps once max(256, live entries) entries were placed since the last sweep. Called only
+  // Sweeps once max(32, live entries / 8) entries were placed since the last sweep. Called only
   // where no entry pointer is held: a sweep while a record is applied could free an entry of that
   // record whose storage died meanwhile on the target's thread.
   void maybe_sweep() {
@@ -266,8 +266,10 @@ class Table {
       }
     }
     // Dead entries pin their StorageImpl objects (not the data): few, so that the target's heap
-    // around them can be reused; amortised O(1) per entry placed.
-    next_sweep_ = std::max<size_t>(256, map_.size());
+    // around them can be reused (a four-thread server's peak RSS: 263 MB sweeping after
+    // max(256, live) placements, 253 MB after max(32, live / 8), 242 MB plain); amortised
+    // eight liveness checks per entry placed.
+    next_sweep_ = std::max<size_t>(32, map_.size() / 8);
     placed_since_sweep_ = 0;
   }
 
@@ -283,7 +285,7 @@ class Table {
   }
 
   Map map_;
-  size_t next_sweep_ = 256;
+  size_t next_sweep_ = 32;
   size_t placed_since_sweep_ = 0;
   Release release_;
   Alive alive_;

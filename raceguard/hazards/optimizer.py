@@ -31,7 +31,7 @@ def _optimizer_pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
         state_of = opt.state
         fresh: list[int] = []
         seen: list[int] = []
-        with s.lock:
+        with getattr(s, "quiet_lock", s.lock):  # the location's slots only: no op record needed first
             for group in opt.param_groups:
                 for p in group["params"]:
                     if p.grad is None:

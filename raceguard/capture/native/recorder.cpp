@@ -1128,8 +1128,8 @@ bool weak_storage_alive(void* p) {
 // A pending record holds a weak reference to each storage it accessed until it is drained. A
 // storage that dies meanwhile keeps its StorageImpl object (not its data) allocated between the
 // target's freed chunks, which the C library then cannot merge: a one-thread training's peak
-// RSS grew by 15-18 MB. A native thread (no GIL) drops those references every few ms; the
-// drain finds such an access dead, as it would have anyway (a storage that died stays dead).
+// RSS grew by 15-18 MB. A native thread (no GIL) drops those references soon after; the drain
+// finds such an access dead, as it would have anyway (a storage that died stays dead).
 // Every 1 ms while ops are recorded (one pass over ~1,000 pending records takes a few µs), every
 // 50 ms while none are (an idle server's process should not wake 1,000 times a second).
 constexpr auto kReapPeriod = std::chrono::milliseconds(1);

@@ -82,6 +82,12 @@ def test_a_failing_native_site_capture_leaves_the_target_unchanged(tmp_path: Pat
     assert sites, errors
 
 
+def test_a_failing_native_drain_before_reading_gradients_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    errors = _native_family_errors(tmp_path, "native-settle")
+    scans = [e for e in errors if "noting gradients between backward passes" in e["message"]]
+    assert scans and "InjectedFault" in scans[0]["message"], errors
+
+
 def _assert_unchanged_and_incomplete(plain: subprocess.CompletedProcess, proc: subprocess.CompletedProcess, report: dict) -> None:
     assert proc.stdout == plain.stdout
     assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)

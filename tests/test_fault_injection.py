@@ -88,6 +88,14 @@ def test_a_failing_native_drain_before_reading_gradients_leaves_the_target_uncha
     assert scans and "InjectedFault" in scans[0]["message"], errors
 
 
+def test_a_failing_wait_for_ended_threads_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    plain = _plain("thread-exits")
+    proc, report = _checked(tmp_path, "thread-exits")
+    _assert_unchanged_and_incomplete(plain, proc, report)
+    waits = [e for e in report["incomplete"]["errors"] if "waiting for ended threads" in e["message"]]
+    assert waits and "InjectedFault" in waits[0]["message"], report["incomplete"]["errors"]
+
+
 def _assert_unchanged_and_incomplete(plain: subprocess.CompletedProcess, proc: subprocess.CompletedProcess, report: dict) -> None:
     assert proc.stdout == plain.stdout
     assert _target_stderr(proc.stderr) == _target_stderr(plain.stderr)

@@ -9,6 +9,7 @@ a list under the Python API). Instrumented primitives (:mod:`.sync`) and the dis
 from __future__ import annotations
 
 import _thread
+import collections
 import os
 import threading
 import time
@@ -134,6 +135,9 @@ class Session:
         self.waitfor = WaitForGraph()
         self.lock_refs: dict[int, weakref.ref] = {}
         self.sync_events = 0  # progress counter for the "everyone blocked" watchdog
+        # OS ids of the threads that ended most recently (the process waits for them to be gone
+        # before it finalizes: raceguard.process.thread_exits)
+        self.ended_threads: collections.deque[int] = collections.deque(maxlen=1024)
         # Called after a deadlock finding was emitted; the child process ends the run there.
         self.on_deadlock: Callable[[], None] | None = None
         self._deadlock_reported = False
@@ -217,6 +221,7 @@ class Session:
                     self.hb.release(state.tid, end_var)
                 state.last_name = state.name
                 self.states.pop(_get_ident(), None)
+                self.ended_threads.append(threading.get_native_id())
                 self.waitfor.timeline_finished(state.tid)
                 self.sync_events += 1
         except Exception as exc:

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ..capture.identity import present_as
+from .thread_exits import wait_until_gone
 
 ENV_VAR = "RACEGUARD_CHILD"
 
@@ -285,6 +286,15 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
     return session, main_state
 
 
+def wait_for_ended_threads(session: Any) -> None:
+    """Let threads that ended finish their C++ thread-local destructors before finalization
+    (see raceguard.process.thread_exits); a failure here costs nothing but that wait."""
+    try:
+        wait_until_gone(list(session.ended_threads))
+    except Exception as exc:
+        session.hook_failed("waiting for ended threads to leave the process", exc)
+
+
 def main() -> None:
     own_modules = set(sys.modules)  # what the child imports beyond these is hidden from the target
     config = json.loads(os.environ.pop(ENV_VAR))
@@ -330,6 +340,7 @@ def main() -> None:
         finally:
             session.wait_end(token)
     finally:
+        wait_for_ended_threads(session)
         session.report_lock_cycles()
         session.leave_thread(main_state, None)
         sink({"type": "exit", "code": exit_code, "outcome": outcome, "stats": session.stats()})

@@ -88,6 +88,7 @@ def _activate(sink: ProcessSink, config: dict) -> None:
     def at_exit() -> None:
         # Registered first, so it runs last: after the worker's own atexit handlers. Contained:
         # an escape would print "Exception ignored in atexit callback" on the worker's stderr.
+        child.wait_for_ended_threads(session)
         try:
             session.report_lock_cycles()
             session.leave_thread(state, None)

@@ -235,6 +235,37 @@ def test_timeout_reports_what_was_found(tmp_path: Path) -> None:
     assert proc.returncode == 1
 
 
+def test_a_target_blocked_in_cpp_dies_of_sigterm_as_under_plain_python(tmp_path: Path) -> None:
+    """No signal handler of raceguard's in the target: a Python handler runs only when the main
+    thread runs Python code, and this one waits in C++ with the GIL released. Under plain python
+    SIGTERM ends it at once (exit -15); a handler would have kept it alive for ever."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [*RACEGUARD, "check", "--format", "json", "--output", str(out), str(TARGETS / "blocked_in_cpp.py")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        target_pid = int(proc.stdout.readline())
+        time.sleep(0.5)  # into the wait
+        os.kill(target_pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    report = json.loads(out.read_text())
+    assert report["target_outcome"]["kind"] == "signal", stderr
+    assert report["target_outcome"]["signal"] == "SIGTERM"
+
+
+def test_a_timeout_reports_the_lock_order_cycles_of_a_target_blocked_in_cpp(tmp_path: Path) -> None:
+    """The supervisor asks for the cycles before it ends the tree; the heartbeat thread answers
+    while the main thread waits in C++ (a signal handler could not run there)."""
+    proc, report = run_check(TARGETS / "lock_cycle_then_blocked.py", tmp_path, "--timeout", "5")
+    assert proc.stdout == "inverted\n"
+    assert report["target_outcome"]["kind"] == "timeout"
+    assert [f["kind"] for f in report["findings"]] == ["lock-order-cycle"], proc.stderr
+    assert not report.get("incomplete"), report.get("incomplete")
+
+
 def test_ctrl_c_writes_the_report_so_far(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     proc = subprocess.Popen(

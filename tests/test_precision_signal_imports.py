@@ -1,10 +1,10 @@
-"""What a signal handler runs imports nothing when it runs.
+"""What reports lock-order cycles when the run is being ended imports nothing when it runs.
 
-The SIGTERM handler of the checked process and of its workers (``Pool.terminate()`` sends one to
-each worker) reports the lock-order cycles seen so far. An import inside that path can run while
-the same module is half-initialised — the signal interrupted its import, or another thread is in
-the middle of it — and then fails (``cannot import name ... from partially initialized module``),
-losing the cycles of that process. So every function on the path imports at module level only.
+When the supervisor is about to end the tree (a timeout, SIGTERM to raceguard), each checked
+process's heartbeat thread reports the lock-order cycles seen so far. The main thread may then
+be stuck anywhere, halfway through importing a module included; a lazy import of that module on
+the heartbeat's path would wait for that import's lock and the cycles of that process would be
+lost. So every function on the path imports at module level only.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from raceguard.capture.session import Session
 from raceguard.process import child, child_worker
 from raceguard.report import finding
 
-# The handler (child._flush_on_sigterm's inner function) and what it calls.
+# The heartbeat and what it calls to report.
 HANDLER_PATH = [
-    child._flush_on_sigterm,
+    child._heartbeat,
     Session.report_lock_cycles,
     Session.report_deadlock,
     Session.emit,
@@ -58,14 +58,14 @@ def _imports_inside(obj: object) -> list[str]:
     return sorted(set(found))
 
 
-def test_nothing_on_the_sigterm_handler_path_imports_lazily() -> None:
+def test_nothing_on_the_flush_path_imports_lazily() -> None:
     lazy = [where for obj in HANDLER_PATH for where in _imports_inside(obj)]
-    assert lazy == [], f"imports run when the handler runs: {lazy}"
+    assert lazy == [], f"imports run when the cycles are reported: {lazy}"
 
 
 def test_the_lock_report_is_loaded_with_the_session() -> None:
-    """A fresh interpreter: once the session's module is loaded (before any handler can be
-    installed), so is everything the handler reports with."""
+    """A fresh interpreter: once the session's module is loaded (before the heartbeat starts),
+    so is everything the heartbeat reports with."""
     code = (
         "import sys, raceguard.capture.session\n"
         "missing = [m for m in ('raceguard.capture.lockreport', 'raceguard.engine.lockgraph', "

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..capture.identity import present_as
 from .thread_exits import wait_until_gone
+from .workers import FLUSH_REQUEST
 
 ENV_VAR = "RACEGUARD_CHILD"
 
@@ -91,11 +92,29 @@ class AllBlocked:
         return None
 
 
-def _heartbeat(session: Any, sink: PipeSink, period: float) -> None:
-    """Statistics for the supervisor, and the watchdog for "every thread blocked forever"."""
+# How often the heartbeat looks for the supervisor's flush request (a file's existence).
+FLUSH_POLL = 0.1
+
+
+def _heartbeat(session: Any, sink: PipeSink, period: float, flush_path: str | None = None) -> None:
+    """Statistics for the supervisor, the watchdog for "every thread blocked forever", and the
+    lock-order cycles seen so far once the supervisor asks (``flush_path`` exists: it is about to
+    end the tree). This thread answers even while the main thread is blocked in C++, where a
+    signal handler would never run."""
     blocked = AllBlocked(session)
+    next_stats = time.monotonic() + period
     while not sink.broken:
-        time.sleep(period)
+        time.sleep(FLUSH_POLL if flush_path is not None else period)
+        if flush_path is not None and os.path.exists(flush_path):
+            flush_path = None  # once
+            try:
+                session.report_lock_cycles()
+            except Exception as exc:
+                session.hook_failed("reporting lock-order cycles before the process is ended", exc)
+            sink({"type": "cycles-flushed"})
+        if time.monotonic() < next_stats:
+            continue
+        next_stats = time.monotonic() + period
         try:
             sink({"type": "stats", "stats": session.stats()})
             deadlock = blocked.poll()
@@ -166,36 +185,6 @@ def _report_before_os_exit(session: Any) -> None:
     os._exit = present_as(_exit, _real_os_exit)
 
 
-def _flush_on_sigterm(session: Any) -> None:
-    """The supervisor's timeout sends SIGTERM: report lock-order cycles seen so far, then die
-    of SIGTERM exactly as without the handler. The handler is invisible to the program:
-    ``signal.getsignal(SIGTERM)`` and the previous handler ``signal.signal`` returns say what
-    they say under plain python, so code that chains to the previous handler (training loops'
-    graceful shutdown) never calls raceguard's, and a program that installs its own replaces it."""
-    set_handler, get_handler = signal.signal, signal.getsignal
-    before = get_handler(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        try:
-            session.report_lock_cycles()
-        except Exception as exc:  # a signal handler: an escape would raise in the target's code
-            session.hook_failed("reporting lock-order cycles on SIGTERM", exc)
-        set_handler(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def getsignal(signalnum: Any) -> Any:
-        current = get_handler(signalnum)
-        return before if current is handler else current
-
-    def set_signal(signalnum: Any, new: Any) -> Any:
-        old = set_handler(signalnum, new)
-        return before if old is handler else old
-
-    set_handler(signal.SIGTERM, handler)
-    signal.getsignal = present_as(getsignal, get_handler)
-    signal.signal = present_as(set_signal, set_handler)
-
-
 def _track_constructions(session: Any) -> None:
     """Kept for callers outside the package (benchmarks); see :func:`.install.track_constructions`."""
     from .install import track_constructions
@@ -248,9 +237,19 @@ def import_torch_quietly() -> tuple[list, list]:
     return import_warnings, torch_filters
 
 
+def _flush_path(config: dict) -> str | None:
+    """Where the supervisor's flush request appears: the target's process is told, a worker
+    looks in its socket's directory (raceguard.process.workers.FLUSH_REQUEST)."""
+    if config.get("flush_request"):
+        return config["flush_request"]
+    if config.get("socket"):
+        return os.path.join(os.path.dirname(config["socket"]), FLUSH_REQUEST)
+    return None
+
+
 def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, list]) -> tuple[Any, Any]:
     """The session of a checked process (the target's, or a worker's), active in its main thread:
-    deadlocks end the run, SIGTERM reports lock-order cycles, a heartbeat streams statistics, and
+    deadlocks end the run, a heartbeat streams statistics (and lock-order cycles when asked), and
     torch with what came with it stays out of sys.modules until the program imports it (then
     its held-back warnings and filters arrive, as under plain python). (session, main state)."""
     import threading
@@ -271,9 +270,8 @@ def start_session(sink: Any, config: dict, own_modules: set, held: tuple[list, l
     # Never deactivated: the program runs instrumented until the process ends (atexit included).
     main_state = activate(session, thread=threading.main_thread()).state
     session.on_deadlock = lambda: _end_run_after_deadlock(session, sink)
-    _flush_on_sigterm(session)
     _report_before_os_exit(session)
-    _thread.start_new_thread(_heartbeat, (session, sink, 0.5))
+    _thread.start_new_thread(_heartbeat, (session, sink, 0.5, _flush_path(config)))
     import_warnings, torch_filters = held
 
     def torch_imported() -> None:

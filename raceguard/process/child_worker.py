@@ -3,8 +3,8 @@
 Started by ``raceguard/process/bootstrap/sitecustomize.py`` in every Python the target starts
 with ``sys.executable`` (see :mod:`raceguard.workers`), before the worker's ``__main__``. It sets up
 what :mod:`raceguard.process.child` sets up for the target's own process (instrumented
-primitives, the dispatch mode in the main thread, the heartbeat and its deadlock watchdog,
-lock-order cycles on SIGTERM), with two differences: the worker's own interpreter runs its
+primitives, the dispatch mode in the main thread, the heartbeat with its deadlock watchdog and
+lock-order cycles when the supervisor asks), with two differences: the worker's own interpreter runs its
 ``__main__`` (nothing to run here), and every finding's accesses carry the process they
 happened in (``rank 1``, else ``process PID``), so that one report can say where.
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import prestart
+from .workers import FLUSH_REQUEST
 from ..report.document import NOT_STARTED
 from ..report.finding import Finding
 
@@ -30,6 +31,12 @@ KILL_GRACE = 3.0
 # After the target's process ended, how long its Python children may go on streaming findings
 # before the report is written without the rest (torchrun and spawn wait for theirs anyway).
 WORKER_GRACE = 5.0
+# Before a timeout or raceguard's own SIGTERM ends the tree, every checked process is asked to
+# report the lock-order cycles it has seen (its heartbeat thread looks for the request every
+# 0.1 s, see raceguard.process.child) and gets this long to answer. No signal handler in the
+# target does it: one runs only when the main thread runs Python code, so a target blocked in
+# C++ (a collective, a future's wait) would no longer die of SIGTERM as under plain python.
+FLUSH_WAIT = 1.0
 
 
 @dataclass
@@ -55,6 +62,7 @@ class _Collector:
         self.exit_message: dict | None = None
         self.target_exception: str | None = None
         self.target_started = False  # the child is about to run the target's first line
+        self.cycles_flushed = False  # the target's process answered the flush request
         self.on_finding = on_finding
         # The target's process and its Python children (raceguard.workers) report concurrently.
         self.lock = threading.Lock()
@@ -90,6 +98,8 @@ class _Collector:
             self.target_exception = event.get("exception")
         elif kind == "target-started":
             self.target_started = True
+        elif kind == "cycles-flushed":
+            self.cycles_flushed = True
 
     def read(self, fd: int) -> None:
         from .workers import for_each_json_line
@@ -154,6 +164,10 @@ def run_target(
         _signal(proc, sig)
         if hub is not None:
             hub.signal_all(sig)
+
+    # Where the flush request goes: the workers look in their socket's directory.
+    flush_path = os.path.join(hub.listener.dir, FLUSH_REQUEST) if hub is not None else crash.name + ".flush"
+    config["flush_request"] = flush_path
     try:
         child.send(config)
     except OSError:
@@ -184,8 +198,10 @@ def run_target(
         on_sigint(signal.SIGINT, None)
     elif early == "SIGTERM":
         on_sigterm(signal.SIGTERM, None)
-    # Ending the tree with SIGTERM, then SIGKILL after KILL_GRACE: on --timeout or our own SIGTERM.
+    # Ending the tree on --timeout or our own SIGTERM: a flush request, answered or FLUSH_WAIT
+    # passed, then SIGTERM, then SIGKILL after KILL_GRACE.
     timed_out = terminating = False
+    flush_until = None
     forwarded = killed = False
     kill_at = killed_at = 0.0
     if on_started is not None:
@@ -227,9 +243,16 @@ def run_target(
             if deadline is not None and now > deadline and not target_done and not terminating:
                 timed_out = True
             if (timed_out or terminated["at"] is not None) and not terminating:
-                terminating = True
-                signal_tree(signal.SIGTERM)
-                kill_at = now + KILL_GRACE
+                if flush_until is None:
+                    flush_until = now + FLUSH_WAIT
+                    _touch(flush_path)
+                answered = (collector.cycles_flushed or target_done or not collector.target_started) and (
+                    hub is None or not hub.unflushed()
+                )
+                if answered or now > flush_until:
+                    terminating = True
+                    signal_tree(signal.SIGTERM)
+                    kill_at = now + KILL_GRACE
             if terminating and not killed and now > kill_at:
                 signal_tree(signal.SIGKILL)
                 killed, killed_at = True, now
@@ -247,6 +270,8 @@ def run_target(
     result.wall_seconds = time.monotonic() - started
     rc = proc.returncode
     crash_text = _read_and_remove(crash.name)
+    if hub is None:
+        _read_and_remove(flush_path)
 
     if result.usage_error is not None:
         result.outcome = {"kind": "usage-error", "code": 2, "signal": None, "detail": result.usage_error}
@@ -356,6 +381,14 @@ def _signal_name(num: int) -> str:
         return signal.Signals(num).name
     except ValueError:
         return f"signal {num}"
+
+
+def _touch(path: str) -> None:
+    try:
+        with open(path, "w"):
+            pass
+    except OSError:  # the processes then get FLUSH_WAIT and end without answering
+        pass
 
 
 def _read_and_remove(path: str) -> str:

@@ -43,6 +43,9 @@ from typing import Any, Callable
 
 
 ENV_VAR = "RACEGUARD_WORKERS"
+# In the workers' socket directory: created by the supervisor to ask every checked process to
+# report the lock-order cycles it has seen, before it ends the tree (a timeout, its own SIGTERM).
+FLUSH_REQUEST = "flush-request"
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
@@ -122,7 +125,7 @@ def scrub_environment(environ: Any = os.environ) -> None:
 
 
 class _Worker:
-    __slots__ = ("pid", "label", "stats", "exited", "done", "conn", "records_only", "index")
+    __slots__ = ("pid", "label", "stats", "exited", "done", "conn", "records_only", "index", "flushed")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
@@ -133,6 +136,7 @@ class _Worker:
         self.done = False  # its connection ended: the process is gone (or closed it)
         self.records_only = False  # the target's own process: shared-storage accesses only
         self.index = 0
+        self.flushed = False  # it reported its lock-order cycles when asked (FLUSH_REQUEST)
 
 
 class WorkerHub:
@@ -227,6 +231,8 @@ class WorkerHub:
                 worker.exited = True
         elif kind in ("also_on", "hook-error", "internal-error"):
             self.handle(event)
+        elif kind == "cycles-flushed":
+            worker.flushed = True
         # usage-error and target-exception describe the target's own process only
 
     def pids(self) -> list[int]:
@@ -239,6 +245,11 @@ class WorkerHub:
         """Whether a worker is still connected (still alive, or still being read)."""
         with self.lock:
             return any(not w.done for w in self.workers)
+
+    def unflushed(self) -> int:
+        """Workers still connected that have not yet answered a flush request."""
+        with self.lock:
+            return sum(1 for w in self.workers if not (w.done or w.flushed or w.records_only))
 
     def signal_all(self, sig: int) -> None:
         """End the tree: the target's own process is signalled by the supervisor."""

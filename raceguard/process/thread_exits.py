@@ -20,9 +20,10 @@ from time import monotonic, sleep  # bound now: a target that patches time.sleep
 from typing import Iterable
 
 TASKS = "/proc/self/task"
-# Long enough for a thread's thread-local destructors (microseconds), short enough that a
-# thread id the kernel reused for a thread that lives on costs the exit little.
-LIMIT_S = 0.25
+# Ample for a thread's thread-local destructors (microseconds; a Python __del__ they run may take
+# longer on a loaded machine), short enough that a thread id the kernel reused for a thread that
+# lives on costs the exit little.
+LIMIT_S = 1.0
 POLL_S = 0.001
 
 

@@ -106,6 +106,29 @@ def test_the_environments_own_sitecustomize_still_runs_in_the_target_and_its_chi
 
 
 # -- Ctrl-C and SIGTERM during a multi-process check --------------------------------------------
+def test_sigterm_to_raceguard_reports_the_cycles_of_a_worker_blocked_in_cpp(tmp_path):
+    """Before ending the tree the supervisor asks every process for its lock-order cycles; the
+    worker's heartbeat thread answers although its main thread waits in C++."""
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raceguard", "check", "--format", "json", "--output", str(out),
+         str(ROOT / "fixtures" / "targets" / "worker_cycle_then_blocked.py")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "worker inverted"
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    report = json.loads(out.read_text())
+    assert report["target_outcome"]["signal"] == "SIGTERM", stderr
+    cycles = [f for f in report["findings"] if f["kind"] == "lock-order-cycle"]
+    assert len(cycles) == 1, stderr
+    assert cycles[0]["details"]["processes"][0].startswith("process "), cycles[0]["details"]
+
+
+
 STOPPED = ROOT / "fixtures" / "targets" / "workers_race_then_sleep.py"
 PACKAGE_DIR = str(Path(raceguard.__file__).resolve().parent)
 

@@ -90,6 +90,15 @@ def test_sigterm_handler_looks_as_under_plain_python() -> None:
     assert "installed SIG_DFL" in got.stdout
 
 
+def test_the_fault_handler_looks_as_under_plain_python() -> None:
+    # raceguard's own fault handler (the crash log of the report) is not the program's.
+    expected = plain("faulthandler_state.py", cwd=TARGETS)
+    got = raceguard("check", "-q", "faulthandler_state.py", cwd=TARGETS)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == expected.stdout
+    assert got.stdout.startswith("at start False\n")
+
+
 def test_target_stdout_is_untouched_and_report_goes_to_stderr() -> None:
     got = raceguard("check", str(TARGETS / "exits_3.py"))
     assert got.stdout == "about to exit\n"

@@ -192,6 +192,29 @@ def _track_constructions(session: Any) -> None:
     track_constructions(session)
 
 
+def _hide_crash_dump() -> None:
+    """The fault handler that writes the crash log for the report is raceguard's: the program
+    sees ``faulthandler.is_enabled()`` as under plain python (False) until it enables or
+    disables the handler itself, which replaces raceguard's as it would any earlier one."""
+    real_is_enabled, real_enable, real_disable = faulthandler.is_enabled, faulthandler.enable, faulthandler.disable
+    ours = [True]
+
+    def is_enabled() -> bool:
+        return False if ours[0] else real_is_enabled()
+
+    def enable(*args: Any, **kwargs: Any) -> None:
+        ours[0] = False
+        return real_enable(*args, **kwargs)
+
+    def disable() -> None:
+        ours[0] = False
+        return real_disable()
+
+    faulthandler.is_enabled = present_as(is_enabled, real_is_enabled)
+    faulthandler.enable = present_as(enable, real_enable)
+    faulthandler.disable = present_as(disable, real_disable)
+
+
 def _hide_bootstrap_frames() -> None:
     """The ``python -c`` line that called us is raceguard's, not the target's: never report it."""
     from ..capture.stacks import hide_code
@@ -382,6 +405,7 @@ def _prepare(config: dict, own_modules: set) -> tuple[PipeSink, Any, Any, Any]:
     if crash_log:
         try:
             faulthandler.enable(file=open(crash_log, "w"), all_threads=True)
+            _hide_crash_dump()
         except OSError:
             pass
 

@@ -65,12 +65,21 @@ def run_script(path: str, code: Any, args: tuple[str, ...]) -> None:
     )
     sys.modules["__main__"] = module
     sys.argv = [path, *args]
+    _set_orig_argv(path, *args)
     sys.path[0] = os.path.dirname(abspath)
     exec(code, module.__dict__)
 
 
+def _set_orig_argv(*argv: str) -> None:
+    """``sys.orig_argv`` as ``python ARGV...`` would give it (programs that restart themselves
+    use it), not the command that started raceguard's process."""
+    if hasattr(sys, "orig_argv"):  # CPython 3.10+
+        sys.orig_argv = [sys.orig_argv[0] if sys.orig_argv else sys.executable, *argv]
+
+
 def run_module(name: str, args: tuple[str, ...]) -> None:
     sys.argv = ["-m", *args]
+    _set_orig_argv("-m", name, *args)
     sys.path[0] = os.getcwd()
     runpy._run_module_as_main(name, alter_argv=True)  # type: ignore[attr-defined]
 

@@ -99,13 +99,6 @@ def test_the_fault_handler_looks_as_under_plain_python() -> None:
     assert got.stdout.startswith("at start False\n")
 
 
-def test_the_default_thread_excepthook_looks_and_works_as_under_plain_python(tmp_path: Path) -> None:
-    expected = plain(str(TARGETS / "excepthook_restored.py"))
-    proc, report = run_check(TARGETS / "excepthook_restored.py", tmp_path)
-    assert proc.stdout == expected.stdout == "default True\nrestored True\n"
-    assert [f["kind"] for f in report["findings"]] == ["thread-exception"], proc.stderr
-
-
 def test_target_stdout_is_untouched_and_report_goes_to_stderr() -> None:
     got = raceguard("check", str(TARGETS / "exits_3.py"))
     assert got.stdout == "about to exit\n"

@@ -78,9 +78,6 @@ _MODULE_PATCHES = [
     (threading, "Event", Event),
     (threading, "Barrier", Barrier),
     (threading, "excepthook", _excepthook),
-    # Python's own default too, so that ``threading.excepthook is threading.__excepthook__`` holds
-    # as under plain python, and a program restoring the default keeps the report of its threads.
-    (threading, "__excepthook__", _excepthook),
     (queue, "Queue", Queue),
     (queue, "LifoQueue", LifoQueue),
     (queue, "PriorityQueue", PriorityQueue),
